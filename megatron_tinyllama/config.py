@@ -1,0 +1,377 @@
+"""Typed configuration of a job: one frozen dataclass per concern, loaded from YAML.
+
+This module owns every knob a recipe can turn. A recipe file is a YAML (or JSON) mapping whose
+top-level sections match the fields of :class:`JobConfig`; ``section.field=value`` overrides from
+the command line are cast to the field's type. An unknown key, a wrong type or an inconsistent
+value is an error that names the file and the dotted field. Builders take only their slice
+(``build_model(cfg.model, ...)``); nothing reads global state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be turned into a valid :class:`JobConfig`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of a decoder-only Llama-style transformer.
+
+    Start from a named preset (``preset: tinyllama-1.1b``) and override single fields.
+    """
+
+    preset: Optional[str] = None
+    """Name in :mod:`megatron_tinyllama.model.presets`; its values fill the fields not given."""
+    hidden_size: int = 2048
+    """Width of the residual stream."""
+    ffn_hidden_size: int = 5632
+    """Inner width of the SwiGLU MLP (each of gate and up projections)."""
+    num_layers: int = 22
+    num_attention_heads: int = 32
+    """Query heads."""
+    num_query_groups: int = 4
+    """Key/value heads (GQA groups). Equal to num_attention_heads for plain multi-head attention."""
+    vocab_size: int = 32000
+    """Tokenizer vocabulary; the embedding is padded for tensor parallelism and cut back on export."""
+    seq_length: int = 2048
+    """Context length in tokens."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    rope_base: float = 10000.0
+    untie_embeddings: bool = True
+    """Separate input embedding and output projection (TinyLlama and Llama 2 do not tie them)."""
+    qk_layernorm: bool = False
+    """Normalise queries and keys per head before RoPE (the over-training testbed uses it)."""
+    z_loss_weight: float = 0.0
+    """Weight of the z-loss, mean of log(sum(exp(logits)))^2; 1e-4 in the over-training testbed."""
+    init_method_std: float = 0.02
+    attention_backend: Literal["auto", "sdpa", "flash_attn", "math"] = "auto"
+    """Core attention: 'auto' picks flash-attn when importable on GPU, else torch SDPA."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer layer in backward to save activation memory."""
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_query_groups={self.num_query_groups} must divide "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} must divide "
+                f"model.hidden_size={self.hidden_size}"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ConfigError("model: head dimension must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def num_parameters(self, padded_vocab_size: Optional[int] = None) -> int:
+        """Exact parameter count of the model this config builds (unpadded vocab by default)."""
+        vocab = padded_vocab_size or self.vocab_size
+        d, kv = self.hidden_size, self.num_query_groups * self.head_dim
+        norm = d if self.normalization == "RMSNorm" else 2 * d
+        attn = d * (d + 2 * kv) + d * d
+        mlp = 2 * d * self.ffn_hidden_size + self.ffn_hidden_size * d
+        qk_norm = 2 * (self.head_dim if self.normalization == "RMSNorm" else 2 * self.head_dim)
+        layer = attn + mlp + 2 * norm + (qk_norm if self.qk_layernorm else 0)
+        embeddings = vocab * d * (2 if self.untie_embeddings else 1)
+        return self.num_layers * layer + norm + embeddings
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How the model and the data are split over ranks."""
+
+    tensor_parallel_size: int = 1
+    """megatron-core tensor parallelism; ranks of one TP group are consecutive (same node)."""
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    hpz_partition_size: int = 1
+    """ZeRO++ hierarchical partitioning: keep a secondary parameter shard within groups of this many
+    ranks (GPUs per node for TinyLlama v1.1's node-local sharding). 1 disables it; 0 means the
+    launcher's local world size."""
+    ds_config: Optional[str] = None
+    """Base DeepSpeed JSON (in ds_configs/); batch, precision, ZeRO stage are filled from this config."""
+    seed: int = 1234
+    """Seed for weights (identical across TP layouts), dropout and data order."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("parallel.tensor_parallel_size must be >= 1")
+        if self.hpz_partition_size < 0:
+            raise ConfigError("parallel.hpz_partition_size must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixtureWarmupConfig:
+    """Mixture weights that move linearly from the stage's start blend to ``blend`` over tokens.
+
+    TinyLlama v1.1's continual domain pretraining raises a domain's share over the first 6B tokens.
+    """
+
+    start_weights: tuple[float, ...] = ()
+    """Weights at the start of the stage, one per dataset of ``data.blend``, in the same order."""
+    warmup_tokens: int = 0
+    """Tokens (counted from the start of the stage) over which weights move to data.blend's."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where training samples come from and how they are drawn."""
+
+    blend: tuple[str, ...] = ()
+    """Megatron-style weighted prefixes: ('0.7', 'data/slim_text_document', '0.3', 'data/star')
+    or a single prefix. The string form '0.7 a 0.3 b' is accepted too."""
+    valid_blend: tuple[str, ...] = ()
+    """Held-out datasets for validation loss; empty disables validation."""
+    mixture_warmup: Optional[MixtureWarmupConfig] = None
+    tokenizer_model: Optional[str] = None
+    """sentencepiece .model (or HF tokenizer.json) used to build the data; copied to HF exports."""
+    cache_dir: Optional[str] = None
+    """Where sample indices are cached; defaults to beside the first dataset."""
+    num_workers: int = 0
+    seed: Optional[int] = None
+    """Data-order seed; defaults to parallel.seed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """AdamW and the learning-rate schedule, indexed by tokens so batch-size changes keep the curve."""
+
+    lr: float = 4e-4
+    min_lr: float = 4e-5
+    warmup_tokens: int = 2000 * 2048 * 1024
+    """Linear warm-up length (TinyLlama v1: 2000 steps of ~2M tokens)."""
+    decay_tokens: Optional[int] = None
+    """Cosine decay ends here (defaults to train.train_tokens); constant min_lr afterwards."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optimizer.min_lr={self.min_lr} exceeds optimizer.lr={self.lr}")
+        if self.warmup_tokens < 0:
+            raise ConfigError("optimizer.warmup_tokens must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Length of the run, batch geometry, precision and failure handling."""
+
+    train_tokens: int = 3 * 10**12
+    global_batch_tokens: int = 2048 * 1024
+    """Tokens per optimizer step over all data-parallel ranks (micro x accumulation x DP x seq)."""
+    micro_batch_size: int = 8
+    """Sequences per data-parallel rank per forward pass."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    max_consecutive_nonfinite: int = 5
+    """A NaN/inf loss skips its step; this many in a row halt the run."""
+    start_tokens: int = 0
+    """Tokens already consumed when this stage starts (for multi-stage recipes without a resume)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    save_interval_steps: int = 1000
+    load_dir: Optional[str] = None
+    """Resume from here (defaults to save_dir when it has a 'latest')."""
+    init_from: Optional[str] = None
+    """Start weights only (e.g. a converted HF checkpoint); optimizer and data start fresh."""
+    keep_last: int = 2
+    save_at_end: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    log_interval_steps: int = 10
+    tensorboard_dir: Optional[str] = None
+    eval_interval_steps: int = 1000
+    eval_tokens: int = 2048 * 256
+    """Tokens per validation pass."""
+    peak_tflops_per_device: Optional[float] = None
+    """For MFU; by default guessed from the device name (989 for H100/H200 bf16)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    """Everything one training run needs; saved next to its checkpoints."""
+
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.global_batch_tokens % self.model.seq_length:
+            raise ConfigError(
+                f"train.global_batch_tokens={self.train.global_batch_tokens} is not a multiple of "
+                f"model.seq_length={self.model.seq_length}"
+            )
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step."""
+        return self.train.global_batch_tokens // self.model.seq_length
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: nested dicts -> dataclasses, with casting and errors that name the field.
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _cast(value: Any, tp: Any, where: str) -> Any:
+    tp, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: may not be null")
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:
+            if value == choice or str(value) == str(choice):
+                return choice
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = value.split()
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_cast(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if not math.isfinite(as_float) or as_float != int(as_float):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    if cls is ModelConfig and data.get("preset"):
+        from megatron_tinyllama.model.presets import preset_values
+
+        data = {**preset_values(str(data["preset"])), **data}
+    kwargs = {k: _cast(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Turn ``['train.micro_batch_size=4', ...]`` into (dotted key, YAML-parsed value) pairs."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected section.field=value")
+        parsed.append((key.lstrip("-"), yaml.safe_load(raw) if raw else ""))
+    return parsed
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: str = "") -> JobConfig:
+    """Build a :class:`JobConfig` from a nested mapping plus dotted overrides."""
+    tree = json.loads(json.dumps(data or {}))  # deep copy, plain types
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    try:
+        return _build(JobConfig, tree, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}" if source else str(err)) from None
+
+
+def load_config(path: Union[str, Path], overrides: list[str] = ()) -> JobConfig:
+    """Load a recipe file (YAML or JSON) and apply ``section.field=value`` overrides."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read recipe ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    return config_from_dict(data, overrides, source=str(path))
+
+
+def save_config(cfg: JobConfig, path: Union[str, Path]) -> None:
+    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+    Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))

@@ -1,0 +1,56 @@
+"""Installs megatron_tinyllama and its console scripts.
+
+torch must be installed first (a CPU or CUDA build of your choice), and deepspeed with
+``--no-build-isolation`` so that its build step does not pull another torch; see README.md.
+"""
+
+import sys
+
+from setuptools import find_packages, setup
+
+# megatron-core 0.17+ requires Python 3.12; on 3.11 the newest is 0.16.x.
+MCORE = "megatron-core>=0.16,<0.20" if sys.version_info >= (3, 12) else "megatron-core>=0.16,<0.17"
+
+setup(
+    name="megatron-tinyllama",
+    version="0.1.0",
+    description="TinyLlama-class pretraining with megatron-core layers and DeepSpeed ZeRO-3",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_tinyllama", "megatron_tinyllama.*"]),
+    install_requires=[
+        "torch>=2.4",
+        MCORE,
+        "deepspeed>=0.16,<0.20",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "transformers>=4.45",
+        "pyyaml>=6",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "matplotlib>=3.7",
+        "zstandard>=0.22",
+        "pyarrow>=14",
+        "einops",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # Optional accelerators; each is used only when importable (see the log line "backend:").
+        "flash": ["flash-attn>=2.5"],
+        "te": ["transformer-engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "tinyllama-pretrain=megatron_tinyllama.train.pretrain:main",
+            "tinyllama-preprocess-data=megatron_tinyllama.data.preprocess:main",
+            "tinyllama-merge-datasets=megatron_tinyllama.data.merge:main",
+            "tinyllama-convert-to-hf=megatron_tinyllama.checkpoint.convert:main_to_hf",
+            "tinyllama-convert-from-hf=megatron_tinyllama.checkpoint.convert:main_from_hf",
+            "tinyllama-scaling=megatron_tinyllama.scaling.cli:main",
+            "tinyllama-demo=megatron_tinyllama.demo:main",
+        ]
+    },
+)
