@@ -1,0 +1,131 @@
+"""Process groups and seeds: the one place that reads the launcher's environment.
+
+The ``deepspeed`` launcher (like torchrun) describes each process through environment variables
+(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE/LOCAL_SIZE, MASTER_ADDR, MASTER_PORT). We read them
+here once into a :class:`DistributedEnv`; everything else receives that object or the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_tinyllama.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Offsets as in megatron-core's model_parallel_cuda_manual_seed, so that a TP rank's stream is the
+# same whichever of our entry points seeded it.
+_TP_SEED_OFFSET = 2718
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """Where this process sits in the job, as the launcher told it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def read_launcher_env() -> DistributedEnv:
+    """Read rank and sizes from the launcher's environment (single process when absent)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", str(world))))
+    return DistributedEnv(
+        rank=int(env.get("RANK", "0")),
+        world_size=world,
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        local_world_size=local_world,
+    )
+
+
+def set_thread_env_defaults(num_threads: int | None = None) -> None:
+    """On CPU, several ranks share the cores: default OMP_NUM_THREADS to cores/local ranks."""
+    if torch.cuda.is_available():
+        return
+    launcher = read_launcher_env()
+    wanted = num_threads or max(1, (os.cpu_count() or 1) // max(1, launcher.local_world_size))
+    current = os.environ.get("OMP_NUM_THREADS")
+    if current is not None and int(current) != wanted:
+        logger.info("OMP_NUM_THREADS=%s from the environment kept (default would be %d)", current, wanted)
+        wanted = int(current)
+    torch.set_num_threads(wanted)
+
+
+def initialize_distributed(timeout_minutes: int = 30) -> DistributedEnv:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) through DeepSpeed, once per process."""
+    import datetime
+
+    import deepspeed
+
+    env = read_launcher_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    else:
+        # DeepSpeed's CPU accelerator otherwise JIT-compiles a shared-memory all-reduce op (~65 s,
+        # needs g++) at init; gloo is all we need for correctness on CPU.
+        import deepspeed.ops
+
+        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return env
+
+
+def initialize_model_parallel(tensor_parallel_size: int, seed: int) -> None:
+    """Create megatron-core's TP/DP groups (TP ranks consecutive) and seed every RNG stream.
+
+    Raises:
+        ConfigError: when the world size is not a multiple of the TP degree.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_tinyllama.parallel.cpu_shim import apply_cpu_shim
+
+    world = dist.get_world_size()
+    if world % tensor_parallel_size:
+        raise ConfigError(
+            f"parallel.tensor_parallel_size={tensor_parallel_size} does not divide the "
+            f"world size {world}"
+        )
+    on_cpu = apply_cpu_shim()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel_size,
+        # On CPU the default groups already are gloo; duplicates would only cost start-up time.
+        create_gloo_process_groups=not on_cpu,
+    )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed torch's default RNG identically on every rank (so CPU-initialised weights agree across
+    TP layouts) and the tracked model-parallel stream per TP rank (dropout inside TP regions)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    torch.manual_seed(seed)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        tracker.reset()
+        tracker.add("model-parallel-rng", seed + _TP_SEED_OFFSET + tp_rank)
