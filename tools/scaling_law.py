@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Scaling-law toolkit (plan, fit, predict, reproduce, plot); same as the ``tinyllama-scaling`` script.
+
+Example: ``python tools/scaling_law.py reproduce``
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from megatron_tinyllama.scaling.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
