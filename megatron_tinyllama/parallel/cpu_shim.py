@@ -7,9 +7,10 @@ these places that our model and training path reach:
    ``torch.cuda.get_rng_state``/``manual_seed`` (used by dropout forks and by activation
    recomputation, which replays the forward with the saved "CUDA" RNG state).
    -> :class:`CPURNGStatesTracker` and CPU versions of ``_get_cuda_rng_state``/``_set_cuda_rng_state``.
-2. ``transformer.utils.get_default_causal_mask`` builds the default causal mask with
-   ``device="cuda"`` (reached through megatron's own unfused attention, which we only use as the
-   baseline in benchmarks) -> the same mask on the CPU.
+2. megatron's own unfused ``DotProductAttention`` (only our baseline in tests and benchmarks) takes
+   the default causal mask from ``transformer.utils.get_default_causal_mask``, built with
+   ``device="cuda"``, and its score buffer from ``GlobalMemoryBuffer.get_tensor`` on
+   ``torch.cuda.current_device()`` -> the same mask on the CPU; the buffer call wrapped as in 3.
 3. ``RotaryEmbedding.get_emb`` moves its inverse frequencies to ``torch.cuda.current_device()`` on
    the first forward -> wrapped so that, inside it only, the current device is the CPU.
    Layer initialisation calls ``current_device()`` too unless ``use_cpu_initialization`` is set,
@@ -121,6 +122,7 @@ def apply_cpu_shim() -> bool:
         return True
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.utils import GlobalMemoryBuffer
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer import utils as mcore_transformer_utils
 
@@ -130,8 +132,9 @@ def apply_cpu_shim() -> bool:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_transformer_utils.get_default_causal_mask = _cpu_default_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
-    if not getattr(RotaryEmbedding.get_emb, "__wrapped_by_cpu_shim__", False):
-        RotaryEmbedding.get_emb = _on_cpu(RotaryEmbedding.get_emb)
+    for owner, name in ((RotaryEmbedding, "get_emb"), (GlobalMemoryBuffer, "get_tensor")):
+        if not getattr(getattr(owner, name), "__wrapped_by_cpu_shim__", False):
+            setattr(owner, name, _on_cpu(getattr(owner, name)))
     _APPLIED = True
     return True
 

@@ -1,0 +1,141 @@
+"""Our model-weights checkpoint: one safetensors file per TP rank plus the model config.
+
+Layout of a model directory::
+
+    tinyllama_model.json               {"format_version", "model": ModelConfig, "tensor_parallel_size"}
+    model-tp00-of-02.safetensors       rank 0's megatron-core state (no optimizer)
+    model-tp01-of-02.safetensors
+
+The trainer writes one next to each DeepSpeed checkpoint (gathered from ZeRO-3 shards), the HF
+converter reads and writes it, and ``checkpoint.init_from`` starts training from it. Directories
+are written under a temporary name and renamed when complete, so a crash never leaves a directory
+that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_tinyllama.checkpoint.hf import ConversionError
+from megatron_tinyllama.config import ModelConfig
+
+MODEL_INDEX = "tinyllama_model.json"
+FORMAT_VERSION = 1
+
+
+def shard_filename(tp_rank: int, tp_size: int) -> str:
+    return f"model-tp{tp_rank:02d}-of-{tp_size:02d}.safetensors"
+
+
+def clean_state(state: dict) -> dict[str, torch.Tensor]:
+    """Tensors only (megatron-core adds ``_extra_state`` entries for TE compatibility), contiguous."""
+    return {k: v.detach().contiguous() for k, v in state.items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Union[str, Path], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it to ``final`` only if the block succeeds.
+
+    Raises:
+        FileExistsError: ``final`` exists and ``overwrite`` is False.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists (pass overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model_files(directory: Path, model_cfg: ModelConfig, tp_rank: int, tp_size: int,
+                      state: dict[str, torch.Tensor]) -> None:
+    """Write one TP rank's weights (and, from rank 0, the index) into an existing directory."""
+    save_file(clean_state(state), str(directory / shard_filename(tp_rank, tp_size)),
+              metadata={"format": "pt"})
+    if tp_rank == 0:
+        index = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(model_cfg),
+                 "tensor_parallel_size": tp_size}
+        (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def save_model_checkpoint(directory: Union[str, Path], model_cfg: ModelConfig,
+                          shards: list[dict[str, torch.Tensor]], overwrite: bool = False) -> Path:
+    """Write all TP shards from one process (converter use)."""
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        for rank, state in enumerate(shards):
+            write_model_files(tmp, model_cfg, rank, len(shards), state)
+    return Path(directory)
+
+
+def read_model_index(directory: Union[str, Path]) -> tuple[ModelConfig, int]:
+    """The model config and TP degree of a model directory.
+
+    Raises:
+        ConversionError: no index, or an index that is not ours.
+    """
+    path = Path(directory) / MODEL_INDEX
+    if not path.is_file():
+        raise ConversionError(f"{directory}: not a model checkpoint (no {MODEL_INDEX})")
+    try:
+        index = json.loads(path.read_text())
+        model_cfg = ModelConfig(**index["model"])
+        tp_size = int(index["tensor_parallel_size"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConversionError(f"{path}: unreadable model index ({err})") from None
+    return model_cfg, tp_size
+
+
+def load_model_shard(directory: Union[str, Path], tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+    path = Path(directory) / shard_filename(tp_rank, tp_size)
+    if not path.is_file():
+        raise ConversionError(f"{directory}: missing {path.name}")
+    return load_file(str(path))
+
+
+def load_model_checkpoint(directory: Union[str, Path]) -> tuple[ModelConfig, list[dict[str, torch.Tensor]]]:
+    """All TP shards and the config of a model directory."""
+    model_cfg, tp_size = read_model_index(directory)
+    return model_cfg, [load_model_shard(directory, r, tp_size) for r in range(tp_size)]
+
+
+def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "") -> None:
+    """Copy a rank's weights into a built model; every parameter must be covered, shapes equal.
+
+    Raises:
+        ConversionError: a missing, unexpected or mis-shaped tensor (named).
+    """
+    own = clean_state(model.state_dict())
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ConversionError(f"{source}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise ConversionError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(own[key].shape)}"
+            )
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,69 @@
+"""Shared fixtures: megatron-core parallel state on CPU, a tiny Llama-style tokenizer, rank spawning."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Several ranks share two cores in CI: one thread each keeps spawned tests from thrashing.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def mcore_cpu():
+    """A 1-rank gloo group with megatron-core parallel state (TP=1), torn down afterwards."""
+    from megatron_tinyllama.parallel.cpu_shim import single_rank_cpu
+
+    with single_rank_cpu(tensor_parallel_size=1, seed=1234):
+        yield
+
+
+def train_llama_style_spm(out_dir: Path, vocab_size: int = 512) -> Path:
+    """A small sentencepiece BPE model with Llama's settings (ids unk=0, bos=1, eos=2)."""
+    import pydoc_data.topics
+    import sentencepiece as spm
+
+    corpus = out_dir / "spm_corpus.txt"
+    corpus.write_text("\n".join(list(pydoc_data.topics.topics.values())[:120]))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out_dir / "tok"), vocab_size=vocab_size,
+        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        minloglevel=2, num_threads=1,
+    )
+    return out_dir / "tok.model"
+
+
+@pytest.fixture(scope="session")
+def llama_spm(tmp_path_factory) -> Path:
+    return train_llama_style_spm(tmp_path_factory.mktemp("spm"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+TESTBED_DIR = REPO_ROOT.parent / "shared" / "scaling_testbed" / "exp_data"
+
+
+@pytest.fixture(scope="session")
+def testbed_models() -> dict[str, int]:
+    """Released parameter count per open_lm shape, read in place from ../shared (never copied)."""
+    import json
+
+    assert TESTBED_DIR.is_dir(), f"released testbed not found at {TESTBED_DIR}"
+    counts = {}
+    for path in sorted((TESTBED_DIR / "models").glob("*.json")):
+        hyper = json.loads(path.read_text())["hyperparameters"]
+        shape = Path(hyper["model"]).stem if "/" in hyper["model"] else hyper["model"]
+        counts[shape] = hyper["params"]
+    return counts
