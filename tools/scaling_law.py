@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Scaling-law toolkit (plan, fit, predict, reproduce, plot); same as the ``tinyllama-scaling`` script.
+"""Scaling-law toolkit (plan, fit, predict, reproduce, plot), the same as ``tinyllama-scaling``.
 
 Example: ``python tools/scaling_law.py reproduce``
 """
@@ -7,7 +7,9 @@ Example: ``python tools/scaling_law.py reproduce``
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # run from a checkout without installing
 
 from megatron_tinyllama.scaling.cli import main  # noqa: E402
 

@@ -4,6 +4,7 @@ the released testbed or on this stack's own runs, and predict larger runs.
 
 * :mod:`.fit`: the laws and their fits (pure functions on arrays).
 * :mod:`.runs`: reading the released testbed in place and this stack's run folders.
+* :mod:`.protocol`: the paper's fit/check protocol on runs, and fit files.
 * :mod:`.planner`: training recipes for shapes x token multipliers, with their compute.
 * :mod:`.plots`: PNG plots. :mod:`.cli`: the ``tinyllama-scaling`` command.
 """

@@ -41,7 +41,9 @@ class FitError(ScalingError):
 # this module's (E, a, b, η) parametrisation. On the paper's runs every start lands on the same
 # optimum; the grid is there for users' own runs, where the surface may be less kind.
 LOSS_INIT_GRID: tuple[tuple[float, float, float, float], ...] = tuple(
-    itertools.product((0.0, 1.0, 2.0, 10.0), (1e2, 3e2, 1e3, 3e3), (1e2, 3e2, 1e3, 3e3), (0.05, 0.15))
+    itertools.product(
+        (0.0, 1.0, 2.0, 10.0), (1e2, 3e2, 1e3, 3e3), (1e2, 3e2, 1e3, 3e3), (0.05, 0.15)
+    )
 )
 # Eq. 5 starts (ε, k, γ). The paper fits from scipy's default (1, 1, 1), which is in the grid; some
 # starts collapse to a flat line at the mean error, which the lowest-residual rule discards.
@@ -140,7 +142,7 @@ def _as_points(name: str, columns: dict[str, Sequence[float]], min_points: int) 
         raise FitError(
             f"{name}: needs at least {min_points} points (one more than its parameters), got {n}"
         )
-    for key, arr in zip(columns, arrays):
+    for key, arr in zip(columns, arrays, strict=True):
         bad = np.flatnonzero(~np.isfinite(arr))
         if bad.size:
             raise FitError(f"{name}: {key} is not finite at point(s) {bad.tolist()}")
@@ -193,7 +195,9 @@ def fit_loss_law(
         FitError: fewer than 5 points, a single multiplier (a and b are then not identifiable),
             non-finite or non-positive inputs, or no start converged.
     """
-    C, M, L = _as_points("Eq. 4 fit", {"compute": compute, "multiplier": multiplier, "loss": loss}, 5)
+    C, M, L = _as_points(
+        "Eq. 4 fit", {"compute": compute, "multiplier": multiplier, "loss": loss}, 5
+    )
     for key, arr in (("compute", C), ("multiplier", M), ("loss", L)):
         if np.any(arr <= 0):
             raise FitError(f"Eq. 4 fit: {key} must be positive, got {arr[arr <= 0].tolist()}")
@@ -242,7 +246,8 @@ def fit_error_law(
     L, Err = _as_points("Eq. 5 fit", {"loss": loss, "error": error}, 4)
     if np.any((Err < 0) | (Err > 1)):
         raise FitError(
-            f"Eq. 5 fit: errors must be fractions in [0, 1], got {Err[(Err < 0) | (Err > 1)].tolist()}"
+            "Eq. 5 fit: errors must be fractions in [0, 1], got "
+            f"{Err[(Err < 0) | (Err > 1)].tolist()}"
         )
     if np.unique(L).size < 3:
         raise FitError("Eq. 5 fit: needs at least 3 distinct losses to fit 3 parameters")
@@ -287,11 +292,15 @@ def extrapolation_notes(
     c_lo, c_hi = loss_fit.compute_range
     m_lo, m_hi = loss_fit.multiplier_range
     if compute > c_hi:
-        notes.append(f"compute C={compute:.3g} is {compute / c_hi:.3g}x the largest fitted ({c_hi:.3g})")
+        notes.append(
+            f"compute C={compute:.3g} is {compute / c_hi:.3g}x the largest fitted ({c_hi:.3g})"
+        )
     elif compute < c_lo:
         notes.append(f"compute C={compute:.3g} is below the smallest fitted ({c_lo:.3g})")
     if not m_lo <= multiplier <= m_hi:
-        notes.append(f"token multiplier M={multiplier:.4g} is outside the fitted range [{m_lo:g}, {m_hi:g}]")
+        notes.append(
+            f"token multiplier M={multiplier:.4g} is outside the fitted range [{m_lo:g}, {m_hi:g}]"
+        )
     if error_fit is not None and predicted_loss is not None:
         l_lo, l_hi = error_fit.loss_range
         if not l_lo <= predicted_loss <= l_hi:
@@ -390,7 +399,9 @@ def bootstrap_predictions(
                 pred_err = fit_error_law(eL[jdx], eE[jdx], starts=error_starts).law(pred_loss)
         except FitError:
             continue
-        if not np.all(np.isfinite(pred_loss)) or (error_points is not None and not np.all(np.isfinite(pred_err))):
+        if not np.all(np.isfinite(pred_loss)) or (
+            error_points is not None and not np.all(np.isfinite(pred_err))
+        ):
             continue
         loss_preds.append(pred_loss)
         if error_points is not None:
@@ -405,12 +416,17 @@ def bootstrap_predictions(
 
     def intervals(estimates: np.ndarray, draws: list[np.ndarray]) -> tuple[Interval, ...]:
         lo, hi = np.percentile(np.vstack(draws), [tail, 100 - tail], axis=0)
-        return tuple(Interval(float(e), float(a), float(b)) for e, a, b in zip(estimates, lo, hi))
+        return tuple(
+            Interval(float(e), float(a), float(b))
+            for e, a, b in zip(estimates, lo, hi, strict=True)
+        )
 
     point_loss = loss_fit.law(tC, tM)
     return BootstrapResult(
         loss=intervals(point_loss, loss_preds),
-        error=intervals(error_fit.law(point_loss), error_preds) if error_points is not None else None,
+        error=intervals(error_fit.law(point_loss), error_preds)
+        if error_points is not None
+        else None,
         confidence=confidence,
         replicates=len(loss_preds),
         requested=replicates,

@@ -24,7 +24,12 @@ from megatron_tinyllama.model.presets import get_preset
 from megatron_tinyllama.scaling.fit import ScalingError
 from megatron_tinyllama.scaling.runs import RunPoint, preset_for_shape
 
-TESTBED_PRESETS = ("testbed-d96-l8-h4", "testbed-d512-l8-h4", "testbed-d576-l24-h8", "testbed-d1024-l24-h8")
+TESTBED_PRESETS = (
+    "testbed-d96-l8-h4",
+    "testbed-d512-l8-h4",
+    "testbed-d576-l24-h8",
+    "testbed-d1024-l24-h8",
+)
 PAPER_MULTIPLIERS = (5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 
 
@@ -201,7 +206,11 @@ def plan_testbed(
         if preset not in hyperparams:
             raise PlanError(f"no hyperparameters for preset {preset!r}")
         for mult in multipliers:
-            recipes.append(plan_recipe(preset, mult, hyperparams[preset], overrides=overrides, save_root=save_root))
+            recipes.append(
+                plan_recipe(
+                    preset, mult, hyperparams[preset], overrides=overrides, save_root=save_root
+                )
+            )
     return sorted(recipes, key=lambda r: r.compute)
 
 
@@ -228,15 +237,18 @@ def plan_summary(recipes: Sequence[TestbedRecipe], gpu_flops: Optional[float] = 
         tail += f", {total / gpu_flops / 3600:.1f} GPU-hours at {gpu_flops:.3g} FLOP/s"
     lines.append(tail)
     lines.append(
-        "N is this stack's parameter count; for the testbed shapes it is slightly above open_lm's 'params' "
-        "(megatron-core's LayerNorm has a bias, open_lm's is gain-only), and D = M*N, C = 6ND follow it."
+        "N is this stack's parameter count; for the testbed shapes it is slightly above "
+        "open_lm's 'params' (megatron-core's LayerNorm has a bias, open_lm's is gain-only); "
+        "D = M*N and C = 6ND follow it."
     )
     notes = sorted({n for r in recipes for n in r.hyperparams.notes})
     lines.extend(f"note: {n}" for n in notes)
     return "\n".join(lines)
 
 
-def save_plan(recipes: Sequence[TestbedRecipe], out_dir: Union[str, Path], summary: str = "") -> list[Path]:
+def save_plan(
+    recipes: Sequence[TestbedRecipe], out_dir: Union[str, Path], summary: str = ""
+) -> list[Path]:
     """Write one ``<name>.yaml`` per recipe (loadable with ``load_config``) and ``plan.txt``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

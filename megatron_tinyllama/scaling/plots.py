@@ -54,21 +54,50 @@ def plot_loss_vs_compute(law, targets: Sequence[Target], path: Union[str, Path])
     c_hi = max(C.max(), tC.max() if tC.size else 0.0) * 2
     styles = _target_styles(plt, targets)
 
-    fig, axes = plt.subplots(1, 2 if targets else 1, figsize=(12 if targets else 7, 5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if targets else 1, figsize=(12 if targets else 7, 5), squeeze=False
+    )
     for i, ax in enumerate(axes[0]):
         lo = C.min() / 2 if i == 0 else tC.min() / 3
         hi = c_hi if i == 0 else tC.max() * 3
         grid = np.geomspace(lo, hi, 200)
         for m in all_M:
-            ax.plot(grid, law.loss_fit.law(grid, m), color=cmap(norm(m)), lw=1.2, label=f"Eq. 4, M={m:.4g}")
+            ax.plot(
+                grid,
+                law.loss_fit.law(grid, m),
+                color=cmap(norm(m)),
+                lw=1.2,
+                label=f"Eq. 4, M={m:.4g}",
+            )
         if i == 0:
-            ax.scatter(C, L, c=[cmap(norm(m)) for m in M], edgecolors="k", s=45, zorder=3, label="fitted runs")
-        for (n, d, meas, _err, label), c, m, (marker, color) in zip(targets, tC, tM, styles):
+            ax.scatter(
+                C,
+                L,
+                c=[cmap(norm(m)) for m in M],
+                edgecolors="k",
+                s=45,
+                zorder=3,
+                label="fitted runs",
+            )
+        for (*_, meas, _err, label), c, m, (marker, color) in zip(
+            targets, tC, tM, styles, strict=True
+        ):
             pred = float(law.loss_fit.law(c, m))
             text = f"{label}: pred {pred:.3f}" + (f", meas {meas:.3f}" if meas is not None else "")
-            ax.scatter([c], [pred], marker=marker, s=110, color=color, edgecolors="k", zorder=4, label=text)
+            ax.scatter(
+                [c], [pred], marker=marker, s=110, color=color, edgecolors="k", zorder=4, label=text
+            )
             if meas is not None:
-                ax.scatter([c], [meas], marker=marker, s=110, facecolors="none", edgecolors=color, linewidths=1.5, zorder=4)
+                ax.scatter(
+                    [c],
+                    [meas],
+                    marker=marker,
+                    s=110,
+                    facecolors="none",
+                    edgecolors=color,
+                    linewidths=1.5,
+                    zorder=4,
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
@@ -100,15 +129,32 @@ def plot_error_vs_loss(law, targets: Sequence[Target], path: Union[str, Path]) -
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.plot(grid, law.error_fit.law(grid), color="tab:blue", label="Eq. 5 fit")
     ax.scatter(L, E, color="tab:blue", edgecolors="k", zorder=3, label="fitted runs")
-    for (n, d, meas_L, meas_E, label), pl, (marker, color) in zip(targets, pred_L, _target_styles(plt, targets)):
+    for (*_, meas_L, meas_E, label), pl, (marker, color) in zip(
+        targets, pred_L, _target_styles(plt, targets), strict=True
+    ):
         pe = float(law.error_fit.law(pl))
         text = f"{label}: pred {pe:.3f}" + (f", meas {meas_E:.3f}" if meas_E is not None else "")
-        ax.scatter([pl], [pe], marker=marker, s=110, color=color, edgecolors="k", zorder=4, label=text)
+        ax.scatter(
+            [pl], [pe], marker=marker, s=110, color=color, edgecolors="k", zorder=4, label=text
+        )
         if meas_L is not None and meas_E is not None:
-            ax.scatter([meas_L], [meas_E], marker=marker, s=110, facecolors="none", edgecolors=color, linewidths=1.5, zorder=4)
+            ax.scatter(
+                [meas_L],
+                [meas_E],
+                marker=marker,
+                s=110,
+                facecolors="none",
+                edgecolors=color,
+                linewidths=1.5,
+                zorder=4,
+            )
     ax.set_xlabel(f"loss ({law.eval_set})")
     ax.set_ylabel(f"average top-1 error ({len(law.tasks)} tasks)")
-    ax.set_title(f"Err(L) = ε − k·exp(−γL)   [{law.description}]\nfilled: chained prediction, hollow: measured", fontsize=9)
+    ax.set_title(
+        f"Err(L) = ε − k·exp(−γL)   [{law.description}]\n"
+        "filled: chained prediction, hollow: measured",
+        fontsize=9,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return _save(fig, plt, path)

@@ -188,12 +188,14 @@ def _positive_number(value: Any, where: str) -> float:
 
 
 def eval_set_key(val_data_path: str) -> str:
-    """Short key of a ``results[*].val_data`` path: its folder (``.../c4_val/shard-*.tar`` → c4_val)."""
+    """Short key of a ``results[*].val_data`` path: its folder (``.../c4_val/x.tar`` → c4_val)."""
     parts = val_data_path.replace("\\", "/").split("/")
     return parts[-2] if len(parts) >= 2 else parts[-1]
 
 
-def load_testbed_run(path: Union[str, Path], eval_dir: Optional[Union[str, Path]] = None) -> RunPoint:
+def load_testbed_run(
+    path: Union[str, Path], eval_dir: Optional[Union[str, Path]] = None
+) -> RunPoint:
     """Read one ``models/<name>.json`` of the testbed (and its downstream evals when present).
 
     Args:
@@ -210,8 +212,12 @@ def load_testbed_run(path: Union[str, Path], eval_dir: Optional[Union[str, Path]
     if not isinstance(data, dict):
         raise RunFileError(f"{path}: expected a JSON object")
     hp = _get(data, "hyperparameters", path, dict)
-    params = _positive_number(_get(data, "hyperparameters.params", path, (int, float)), f"{path}: hyperparameters.params")
-    tokens = _positive_number(_get(data, "hyperparameters.tokens", path, (int, float)), f"{path}: hyperparameters.tokens")
+    params = _positive_number(
+        _get(data, "hyperparameters.params", path, (int, float)), f"{path}: hyperparameters.params"
+    )
+    tokens = _positive_number(
+        _get(data, "hyperparameters.tokens", path, (int, float)), f"{path}: hyperparameters.tokens"
+    )
     shape = Path(_get(data, "hyperparameters.model", path, str)).stem
     losses: dict[str, float] = {}
     for i, result in enumerate(_get(data, "results", path, list)):
@@ -234,7 +240,8 @@ def load_testbed_run(path: Union[str, Path], eval_dir: Optional[Union[str, Path]
         for task, acc in icl.items():
             if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0 <= acc <= 1:
                 raise RunFileError(
-                    f"{eval_path}: eval_metrics.icl.{task} = {acc!r} is not an accuracy fraction in [0, 1]"
+                    f"{eval_path}: eval_metrics.icl.{task} = {acc!r} is not an accuracy "
+                    "fraction in [0, 1]"
                 )
             accuracies[task] = float(acc)
     return RunPoint(
@@ -252,8 +259,10 @@ def load_testbed_run(path: Union[str, Path], eval_dir: Optional[Union[str, Path]
     )
 
 
-def load_testbed(testbed_dir: Union[str, Path], datasets: Optional[Iterable[str]] = None) -> list[RunPoint]:
-    """All runs of the testbed in ``testbed_dir`` (an ``exp_data`` folder), optionally by dataset."""
+def load_testbed(
+    testbed_dir: Union[str, Path], datasets: Optional[Iterable[str]] = None
+) -> list[RunPoint]:
+    """Runs of the testbed in ``testbed_dir`` (an ``exp_data`` folder), all or of ``datasets``."""
     testbed_dir = Path(testbed_dir)
     paths = sorted((testbed_dir / "models").glob("*.json"))
     if not paths:
@@ -287,24 +296,37 @@ def load_random_baselines(testbed_dir: Union[str, Path]) -> dict[str, float]:
         raise RunFileError(f"{path}: missing or bad column ({err})") from None
 
 
-def select_runs(runs: Sequence[RunPoint], dataset: str, shape_multipliers: Iterable[tuple[str, float]]) -> list[RunPoint]:
+def select_runs(
+    runs: Sequence[RunPoint], dataset: str, shape_multipliers: Iterable[tuple[str, float]]
+) -> list[RunPoint]:
     """The runs of ``dataset`` matching each (shape, M), in that order; each must exist once."""
     chosen = []
     for shape, mult in shape_multipliers:
         hits = [
-            r for r in runs
-            if r.dataset == dataset and r.shape == shape and math.isclose(r.multiplier, mult, rel_tol=1e-3)
+            r
+            for r in runs
+            if r.dataset == dataset
+            and r.shape == shape
+            and math.isclose(r.multiplier, mult, rel_tol=1e-3)
         ]
         if len(hits) != 1:
-            raise RunFileError(f"testbed: expected one run of {dataset} {shape} at M={mult:g}, found {len(hits)}")
+            raise RunFileError(
+                f"testbed: expected one run of {dataset} {shape} at M={mult:g}, found {len(hits)}"
+            )
         chosen.append(hits[0])
     return chosen
 
 
-def held_out_runs(runs: Sequence[RunPoint], dataset: str, exclude: Sequence[RunPoint]) -> list[RunPoint]:
+def held_out_runs(
+    runs: Sequence[RunPoint], dataset: str, exclude: Sequence[RunPoint]
+) -> list[RunPoint]:
     """The paper's extrapolation targets: the 1.4B and 6.9B runs of ``dataset`` not fitted on."""
     names = {r.name for r in exclude}
-    picked = [r for r in runs if r.dataset == dataset and r.shape in PAPER_LARGE_SHAPES and r.name not in names]
+    picked = [
+        r
+        for r in runs
+        if r.dataset == dataset and r.shape in PAPER_LARGE_SHAPES and r.name not in names
+    ]
     return sorted(picked, key=lambda r: r.compute)
 
 
@@ -334,7 +356,9 @@ def load_stack_run(path: Union[str, Path]) -> RunPoint:
         run_dir = run_dir.parent
     config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
     if not config_path.is_file():
-        raise RunFileError(f"{config_path}: missing (a run folder holds config.yaml and metrics.jsonl)")
+        raise RunFileError(
+            f"{config_path}: missing (a run folder holds config.yaml and metrics.jsonl)"
+        )
     try:
         cfg = load_config(config_path)
     except ConfigError as err:
@@ -362,10 +386,14 @@ def load_stack_run(path: Union[str, Path]) -> RunPoint:
             float(_positive_number(record["valid_loss"], f"{where}: field 'valid_loss'")),
         )
     if last is None:
-        raise RunFileError(f"{metrics_path}: no record with field 'valid_loss' (was validation enabled?)")
+        raise RunFileError(
+            f"{metrics_path}: no record with field 'valid_loss' (was validation enabled?)"
+        )
     tokens, loss = last
     model = cfg.model
-    shape = model.preset or f"d={model.hidden_size}_l={model.num_layers}_h={model.num_attention_heads}"
+    shape = (
+        model.preset or f"d={model.hidden_size}_l={model.num_layers}_h={model.num_attention_heads}"
+    )
     return RunPoint(
         name=cfg.name,
         source=str(run_dir),
