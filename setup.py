@@ -44,7 +44,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "tinyllama-pretrain=megatron_tinyllama.train.pretrain:main",
+            "tinyllama-pretrain=megatron_tinyllama.train.pretrain:cli",
             "tinyllama-preprocess-data=megatron_tinyllama.data.preprocess:main",
             "tinyllama-merge-datasets=megatron_tinyllama.data.merge:main",
             "tinyllama-convert-to-hf=megatron_tinyllama.checkpoint.convert:main_to_hf",

@@ -1,0 +1,242 @@
+"""The training loop: ``train(cfg)`` sets everything up, ``train_step`` runs one optimizer step.
+
+Data flows one way: config -> process groups -> engine (model + optimizer under ZeRO-3) -> batches
+-> steps -> checkpoints and metrics. A step with a NaN/inf loss on any rank is skipped (DeepSpeed
+sees a non-finite gradient norm and discards the update) and counted; ``max_consecutive_nonfinite``
+such steps in a row halt the run with :class:`NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_tinyllama.checkpoint.training import (
+    TrainerState,
+    load_training_checkpoint,
+    read_latest,
+    save_training_checkpoint,
+)
+from megatron_tinyllama.config import JobConfig, save_config
+from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
+from megatron_tinyllama.model.build import forward_logits, language_model_loss
+from megatron_tinyllama.parallel.init import initialize_distributed, initialize_model_parallel
+from megatron_tinyllama.train.metrics import MetricsWriter
+from megatron_tinyllama.train.schedule import learning_rate
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN or infinite loss."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    finite: bool
+
+
+@dataclass
+class TrainResult:
+    state: TrainerState
+    losses: list[float] = field(default_factory=list)
+    """Mean training loss of every step this process ran (NaN for skipped steps)."""
+    valid_losses: list[float] = field(default_factory=list)
+
+
+def _all_reduce_mean(value: float, group=None) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if torch.cuda.is_available():
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, group=group)
+    return tensor.item() / dist.get_world_size(group)
+
+
+def _all_finite(flag: bool) -> bool:
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if torch.cuda.is_available():
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return bool(tensor.item())
+
+
+def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if torch.cuda.is_available():
+        return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+def compute_loss(te: TrainingEngine, cfg: JobConfig, batch: dict[str, torch.Tensor]):
+    """Forward one micro-batch through the DeepSpeed engine; returns (loss, metrics)."""
+    logits = forward_logits(te.engine, batch["tokens"])
+    return language_model_loss(logits, batch["labels"], batch["loss_mask"], cfg.model.z_loss_weight)
+
+
+def train_step(te: TrainingEngine, cfg: JobConfig, batches: Iterator[dict], lr: float) -> StepResult:
+    """Run one optimizer step of ``gradient_accumulation_steps`` micro-batches (collective)."""
+    from megatron.core import parallel_state
+
+    for group in te.engine.optimizer.param_groups:
+        group["lr"] = lr
+    losses = []
+    finite = True
+    for _ in range(te.geometry.gradient_accumulation_steps):
+        batch = _to_device(next(batches))
+        loss, metrics = compute_loss(te, cfg, batch)
+        finite = finite and bool(torch.isfinite(loss.detach()).item())
+        te.engine.backward(loss)
+        te.engine.step()
+        losses.append(metrics["lm_loss"].item())
+    finite = _all_finite(finite)
+    grad_norm = te.engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    mean_loss = _all_reduce_mean(sum(losses) / len(losses), parallel_state.get_data_parallel_group())
+    return StepResult(loss=mean_loss, grad_norm=grad_norm, finite=finite and math.isfinite(grad_norm))
+
+
+@torch.no_grad()
+def evaluate(te: TrainingEngine, cfg: JobConfig) -> Optional[float]:
+    """Mean validation loss over ``logging.eval_tokens`` held-out tokens (collective)."""
+    from megatron.core import parallel_state
+
+    from megatron_tinyllama.data.loader import build_valid_batches
+
+    if not cfg.data.valid_blend:
+        return None
+    dp_size = parallel_state.get_data_parallel_world_size()
+    per_pass = cfg.train.micro_batch_size * dp_size
+    num_samples = max(per_pass, cfg.logging.eval_tokens // cfg.model.seq_length // per_pass * per_pass)
+    batches = build_valid_batches(
+        cfg.data, seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp_size, num_samples=num_samples,
+        seed=_data_seed(cfg),
+    )
+    te.engine.eval()
+    losses = []
+    for batch in batches:
+        batch = _to_device(batch)
+        _, metrics = compute_loss(te, cfg, batch)
+        losses.append(metrics["lm_loss"].item())
+    te.engine.train()
+    return _all_reduce_mean(sum(losses) / max(1, len(losses)), parallel_state.get_data_parallel_group())
+
+
+def _data_seed(cfg: JobConfig) -> int:
+    return cfg.data.seed if cfg.data.seed is not None else cfg.parallel.seed
+
+
+def _initial_state(te: TrainingEngine, cfg: JobConfig) -> TrainerState:
+    load_dir = cfg.checkpoint.load_dir or cfg.checkpoint.save_dir
+    if load_dir and read_latest(Path(load_dir)) is not None:
+        return load_training_checkpoint(te.engine, Path(load_dir))
+    if cfg.checkpoint.load_dir:
+        from megatron_tinyllama.config import ConfigError
+
+        raise ConfigError(f"checkpoint.load_dir={cfg.checkpoint.load_dir}: no complete checkpoint ('latest')")
+    if cfg.checkpoint.init_from:
+        load_initial_weights(te, cfg)
+    start = cfg.train.start_tokens
+    return TrainerState(consumed_tokens=start, consumed_samples=start // cfg.model.seq_length)
+
+
+def load_initial_weights(te: TrainingEngine, cfg: JobConfig) -> None:
+    """Copy weights of a model checkpoint (e.g. converted from HF) into the ZeRO-3 shards."""
+    import deepspeed
+    from megatron.core import parallel_state
+
+    from megatron_tinyllama.checkpoint.convert import resolve_model_dir
+    from megatron_tinyllama.checkpoint.hf import ConversionError
+    from megatron_tinyllama.checkpoint.native import load_model_shard, read_model_index
+
+    directory = resolve_model_dir(cfg.checkpoint.init_from)
+    saved_cfg, tp_size = read_model_index(directory)
+    if tp_size != cfg.parallel.tensor_parallel_size:
+        raise ConversionError(
+            f"{directory}: written for TP={tp_size}, this run uses TP={cfg.parallel.tensor_parallel_size}; "
+            "convert it again with --tensor-parallel-size"
+        )
+    state = load_model_shard(directory, parallel_state.get_tensor_model_parallel_rank(), tp_size)
+    for name, param in te.engine.module.named_parameters():
+        if name not in state:
+            raise ConversionError(f"{directory}: missing tensor {name!r}")
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
+            if dist.get_rank() == 0 or not hasattr(param, "ds_id"):
+                param.data.copy_(state[name].to(param.dtype))
+    logger.info("initialised weights from %s", directory)
+
+
+def train(cfg: JobConfig) -> TrainResult:
+    """Run (or resume) the job described by ``cfg`` on the current process group."""
+    from megatron.core import parallel_state
+
+    from megatron_tinyllama.data.loader import build_train_batches
+
+    env = initialize_distributed()
+    initialize_model_parallel(cfg.parallel.tensor_parallel_size, cfg.parallel.seed)
+    te = build_engine(cfg, env)
+    state = _initial_state(te, cfg)
+    if cfg.checkpoint.save_dir and dist.get_rank() == 0:
+        Path(cfg.checkpoint.save_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.checkpoint.save_dir) / "config.yaml")
+    seq = cfg.model.seq_length
+    batch_tokens = te.geometry.global_batch_size * seq
+    total_samples = math.ceil(cfg.train.train_tokens / seq)
+    batches = build_train_batches(
+        cfg.data, seq_length=seq, micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+        consumed_samples=state.consumed_samples, seed=_data_seed(cfg),
+        global_batch_size_at=te.geometry.global_batch_size, num_samples=total_samples + te.geometry.global_batch_size,
+    )
+    metrics = MetricsWriter(cfg, dist.get_rank(), dist.get_world_size())
+    result = TrainResult(state=state)
+    consecutive_bad = 0
+    try:
+        while state.consumed_tokens < cfg.train.train_tokens:
+            lr = learning_rate(state.consumed_tokens + batch_tokens, cfg.optimizer, cfg.train.train_tokens)
+            step = train_step(te, cfg, batches, lr)
+            state.step += 1
+            state.consumed_samples += te.geometry.global_batch_size
+            state.consumed_tokens += batch_tokens
+            metrics.count_tokens(batch_tokens)
+            if step.finite:
+                consecutive_bad = 0
+                result.losses.append(step.loss)
+            else:
+                consecutive_bad += 1
+                state.skipped_steps += 1
+                result.losses.append(float("nan"))
+                logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                               state.step, consecutive_bad)
+                if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"halted at step {state.step} (tokens {state.consumed_tokens:,}): "
+                        f"{consecutive_bad} consecutive steps with a non-finite loss "
+                        f"(train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); "
+                        "resume from the last checkpoint with a lower optimizer.lr or check the data"
+                    )
+            if state.step % cfg.logging.log_interval_steps == 0 or state.consumed_tokens >= cfg.train.train_tokens:
+                metrics.log_train(state.step, {
+                    "train_loss": step.loss, "lr": lr, "grad_norm": step.grad_norm,
+                    "tokens": state.consumed_tokens, "samples": state.consumed_samples,
+                    "global_batch_size": te.geometry.global_batch_size, "skipped_steps": state.skipped_steps,
+                })
+            done = state.consumed_tokens >= cfg.train.train_tokens
+            if cfg.data.valid_blend and (state.step % cfg.logging.eval_interval_steps == 0 or done):
+                valid = evaluate(te, cfg)
+                result.valid_losses.append(valid)
+                metrics.log_eval(state.step, state.consumed_tokens, valid)
+            if cfg.checkpoint.save_dir and (
+                state.step % cfg.checkpoint.save_interval_steps == 0 or (done and cfg.checkpoint.save_at_end)
+            ):
+                save_training_checkpoint(te.engine, cfg, state)
+    finally:
+        metrics.close()
+    return result
