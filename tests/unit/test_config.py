@@ -1,0 +1,69 @@
+"""Recipe loading: presets, overrides, casting, and errors that name the field."""
+
+import pytest
+
+from megatron_tinyllama.config import ConfigError, config_from_dict, load_config, save_config
+
+EXAMPLES = sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "examples").rglob("*.yaml"))
+
+
+def test_preset_fills_fields_and_overrides_cast_to_the_field_type():
+    cfg = config_from_dict({"model": {"preset": "tinyllama-1.1b", "num_layers": 4}},
+                           ["train.micro_batch_size=2", "optimizer.lr=3e-4", "data.blend=0.7 a 0.3 b",
+                            "model.qk_layernorm=true", "train.train_tokens=1e9"])
+    assert cfg.model.hidden_size == 2048 and cfg.model.num_layers == 4 and cfg.model.qk_layernorm is True
+    assert cfg.train.micro_batch_size == 2 and cfg.optimizer.lr == 3e-4
+    assert cfg.train.train_tokens == 10**9 and isinstance(cfg.train.train_tokens, int)
+    assert cfg.data.blend == ("0.7", "a", "0.3", "b")
+
+
+@pytest.mark.parametrize("tree, overrides, message", [
+    ({"model": {"hidden_sizes": 3}}, [], r"model: unknown key\(s\) \['hidden_sizes'\]"),
+    ({}, ["train.micro_batch_size=two"], r"train\.micro_batch_size: expected an integer"),
+    ({}, ["train.precision=fp8"], r"train\.precision: 'fp8' is not one of"),
+    ({"model": {"preset": "nope"}}, [], r"model\.preset: unknown preset 'nope'"),
+    ({}, ["optimizer.min_lr=1e-3", "optimizer.lr=1e-4"], r"optimizer\.min_lr=0\.001 exceeds"),
+    ({}, ["train.global_batch_tokens=1000"], r"not a multiple of model\.seq_length"),
+    ({}, ["trainmicro_batch_size"], r"expected section\.field=value"),
+])
+def test_bad_recipes_name_the_field(tree, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(tree, overrides)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layers: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("train:\n  micro_batch_size: x\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: train\.micro_batch_size"):
+        load_config(bad)
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    cfg = config_from_dict({"model": {"preset": "tinyllama-debug"}, "data": {
+        "blend": "0.5 a 0.5 b", "mixture_warmup": {"start_weights": [1, 0], "warmup_tokens": 10}}})
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_recipe_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.num_parameters() > 0
+    assert cfg.optimizer.min_lr <= cfg.optimizer.lr
+
+
+def test_examples_exist():
+    names = {p.name for p in EXAMPLES}
+    assert {"tinyllama_v1.yaml", "demo_cpu.yaml", "stage1_basic.yaml", "stage3_cooldown.yaml"} <= names
+
+
+def test_v1_recipe_is_the_published_one():
+    cfg = load_config(next(p for p in EXAMPLES if p.name == "tinyllama_v1.yaml"))
+    assert cfg.model.num_parameters() == 1_100_048_384
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.beta1, cfg.optimizer.beta2) == (4e-4, 4e-5, 0.9, 0.95)
+    assert (cfg.optimizer.weight_decay, cfg.optimizer.grad_clip) == (0.1, 1.0)
+    assert cfg.optimizer.warmup_tokens == 2000 * cfg.train.global_batch_tokens
+    assert cfg.data.blend[0::2] == ("0.7", "0.3")

@@ -1,0 +1,74 @@
+"""LR schedule by tokens (incl. TinyLlama issue #27) and the DeepSpeed config built from a recipe."""
+
+import pytest
+
+from megatron_tinyllama.config import ConfigError, OptimizerConfig, config_from_dict
+from megatron_tinyllama.engine.ds_config import batch_geometry, build_ds_config
+from megatron_tinyllama.train.schedule import learning_rate
+
+
+def test_cosine_peaks_at_end_of_warmup_never_rises_after_and_ends_at_min():
+    """Regression test for TinyLlama's issue #27 (min LR equal to max: nothing decayed)."""
+    opt = OptimizerConfig(lr=4e-4, min_lr=4e-5, warmup_tokens=2000)
+    total = 20000
+    lrs = [learning_rate(t, opt, total) for t in range(0, total + 1, 50)]
+    peak_index = max(range(len(lrs)), key=lrs.__getitem__)
+    assert peak_index * 50 == 2000 and lrs[peak_index] == pytest.approx(4e-4)
+    after = lrs[peak_index:]
+    assert all(b <= a + 1e-15 for a, b in zip(after, after[1:]))
+    assert lrs[-1] == pytest.approx(4e-5)
+    assert learning_rate(10 * total, opt, total) == pytest.approx(4e-5)
+    assert lrs[0] == 0.0 and lrs[20] == pytest.approx(2e-4)  # linear warm-up
+    assert after[len(after) // 2] < 4e-4 * 0.9  # it really decays
+
+
+def test_schedule_by_tokens_is_independent_of_batch_size():
+    opt = OptimizerConfig(lr=1.0, min_lr=0.1, warmup_tokens=1000)
+    small = [learning_rate(t, opt, 10000) for t in range(0, 10001, 500)]
+    large = [learning_rate(t, opt, 10000) for t in range(0, 10001, 2000)]
+    assert large == small[::4]
+
+
+def test_min_lr_above_lr_is_refused():
+    with pytest.raises(ConfigError, match="min_lr"):
+        OptimizerConfig(lr=1e-4, min_lr=4e-4)
+
+
+def _cfg(**train):
+    return config_from_dict({"model": {"preset": "tinyllama-1.1b"}, "train": train})
+
+
+def test_two_million_token_batch_splits_into_micro_batches():
+    geometry = batch_geometry(_cfg(global_batch_tokens=2097152, micro_batch_size=8), data_parallel_size=64)
+    assert (geometry.global_batch_size, geometry.gradient_accumulation_steps) == (1024, 2)
+
+
+def test_batch_that_does_not_split_names_the_numbers():
+    with pytest.raises(ConfigError, match=r"micro_batch_size=8 x 24 data-parallel ranks.*multiple of 393216 tokens"):
+        batch_geometry(_cfg(global_batch_tokens=2097152, micro_batch_size=8), data_parallel_size=24)
+
+
+def test_ds_config_copies_the_recipe_and_sets_hpz_from_the_local_world():
+    cfg = config_from_dict({"model": {"preset": "tinyllama-1.1b"},
+                            "parallel": {"hpz_partition_size": 0},
+                            "train": {"global_batch_tokens": 1835008, "micro_batch_size": 7, "precision": "bf16"}})
+    ds = build_ds_config(cfg, data_parallel_size=64, local_world_size=4)
+    assert ds["train_batch_size"] == 896 and ds["train_micro_batch_size_per_gpu"] == 7
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["zero_hpz_partition_size"] == 4
+    assert not any(k.startswith("_") for k in ds)  # comments stripped
+
+
+def test_hpz_with_tensor_parallelism_is_refused_at_start():
+    cfg = config_from_dict({"model": {"preset": "tinyllama-1.1b"},
+                            "parallel": {"hpz_partition_size": 4, "tensor_parallel_size": 2},
+                            "train": {"global_batch_tokens": 2097152, "micro_batch_size": 8}})
+    with pytest.raises(ConfigError, match="consecutive"):
+        build_ds_config(cfg, data_parallel_size=8, local_world_size=4)
+
+
+def test_plain_zero3_has_no_hpz():
+    ds = build_ds_config(_cfg(global_batch_tokens=2097152, micro_batch_size=8), 64, 4)
+    assert "zero_hpz_partition_size" not in ds["zero_optimization"]
