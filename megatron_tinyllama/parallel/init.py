@@ -80,12 +80,13 @@ def initialize_distributed(timeout_minutes: int = 30) -> DistributedEnv:
         compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
         if isinstance(compatible, dict):
             compatible["deepspeed_shm_comm"] = False
-    if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-            auto_mpi_discovery=False,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+    # Called even when torch.distributed is already up (tests, other launchers): DeepSpeed keeps
+    # its own communication backend handle, and without it its config silently assumes 1 rank.
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
     return env
 
 

@@ -12,7 +12,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     """Mean training loss of every step this process ran (NaN for skipped steps)."""
     valid_losses: list[float] = field(default_factory=list)
+    applied_updates: int = 0
+    """Optimizer updates applied by this process's run (excludes skipped steps)."""
 
 
 def _all_reduce_mean(value: float, group=None) -> float:
@@ -173,11 +175,25 @@ def load_initial_weights(te: TrainingEngine, cfg: JobConfig) -> None:
     logger.info("initialised weights from %s", directory)
 
 
-def train(cfg: JobConfig) -> TrainResult:
-    """Run (or resume) the job described by ``cfg`` on the current process group."""
+def applied_updates(te: TrainingEngine) -> int:
+    """Optimizer updates actually applied (skipped steps excluded), from AdamW's own step count."""
+    inner = getattr(te.engine.optimizer, "optimizer", te.engine.optimizer)
+    steps = [state["step"] for state in inner.state.values() if "step" in state]
+    return int(max(steps)) if steps else 0
+
+
+def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]]] = None) -> TrainResult:
+    """Run (or resume) the job described by ``cfg`` on the current process group.
+
+    Args:
+        cfg: the resolved recipe.
+        batch_source: replaces :func:`megatron_tinyllama.data.loader.build_train_batches` (same
+            signature); tests use it to feed synthetic batches.
+    """
     from megatron.core import parallel_state
 
-    from megatron_tinyllama.data.loader import build_train_batches
+    if batch_source is None:
+        from megatron_tinyllama.data.loader import build_train_batches as batch_source
 
     env = initialize_distributed()
     initialize_model_parallel(cfg.parallel.tensor_parallel_size, cfg.parallel.seed)
@@ -189,7 +205,7 @@ def train(cfg: JobConfig) -> TrainResult:
     seq = cfg.model.seq_length
     batch_tokens = te.geometry.global_batch_size * seq
     total_samples = math.ceil(cfg.train.train_tokens / seq)
-    batches = build_train_batches(
+    batches = batch_source(
         cfg.data, seq_length=seq, micro_batch_size=cfg.train.micro_batch_size,
         dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
         consumed_samples=state.consumed_samples, seed=_data_seed(cfg),
@@ -237,6 +253,7 @@ def train(cfg: JobConfig) -> TrainResult:
                 state.step % cfg.checkpoint.save_interval_steps == 0 or (done and cfg.checkpoint.save_at_end)
             ):
                 save_training_checkpoint(te.engine, cfg, state)
+        result.applied_updates = applied_updates(te)
     finally:
         metrics.close()
     return result
