@@ -18,7 +18,6 @@ containing ``{key}`` is formatted instead (``out/{key}_document``).
 from __future__ import annotations
 
 import argparse
-import itertools
 import multiprocessing
 import os
 import sys
@@ -29,6 +28,7 @@ from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 
+from megatron_tinyllama.data.encode import PlainEncoder, make_encoder
 from megatron_tinyllama.data.indexed import IndexedDatasetWriter, token_dtype
 from megatron_tinyllama.data.progress import Progress, human
 from megatron_tinyllama.data.readers import (BadInputError, WorkUnit, expand_inputs,
@@ -68,6 +68,8 @@ class PreprocessConfig:
     """Redraw the progress line every this many documents."""
     chunk_bytes: int = 1 << 20
     """Input bytes per work unit (bounds memory: about 2 * workers + 1 units are held)."""
+    segment_cache: bool = True
+    """Memoise sentencepiece per whitespace segment where that is exact (see :mod:`.encode`)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -156,7 +158,8 @@ _STATE: dict = {}
 
 def _init_worker(cfg: PreprocessConfig, dtype: np.dtype) -> None:
     tokenizer = load_tokenizer(cfg.tokenizer_model)
-    _STATE.update(cfg=cfg, dtype=np.dtype(dtype), tokenizer=tokenizer,
+    _STATE.update(cfg=cfg, dtype=np.dtype(dtype),
+                  encoder=make_encoder(tokenizer, segment_cache=cfg.segment_cache),
                   bos=tokenizer.bos_id if cfg.bos else None,
                   eos=tokenizer.eos_id if cfg.append_eod else None)
 
@@ -169,19 +172,19 @@ def _work(unit: WorkUnit) -> _UnitResult:
         return result  # the job stops at the first error: do not tokenize
     for key, texts in parsed.texts.items():
         tokens, lengths, empty = tokenize_documents(
-            _STATE["tokenizer"], texts, _STATE["dtype"], bos_id=_STATE["bos"], eos_id=_STATE["eos"])
+            _STATE["encoder"], texts, _STATE["dtype"], bos_id=_STATE["bos"], eos_id=_STATE["eos"])
         result.tokens[key], result.lengths[key] = tokens, lengths
         result.counts[f"empty:{key}"] += empty
     return result
 
 
-def tokenize_documents(tokenizer: Tokenizer, texts: Sequence[str], dtype: np.dtype, *,
+def tokenize_documents(encoder, texts: Sequence[str], dtype: np.dtype, *,
                        bos_id: Optional[int] = None, eos_id: Optional[int] = None
                        ) -> tuple[np.ndarray, np.ndarray, int]:
     """Tokenize documents into one flat array, with BOS/EOS once per document when given.
 
     Args:
-        tokenizer: The tokenizer.
+        encoder: A :class:`Tokenizer`, or an encoder from :func:`.encode.make_encoder`.
         texts: Documents; blank ones (and ones that tokenize to nothing) are skipped.
         dtype: Output token dtype.
         bos_id: Prepended to every document when not None.
@@ -194,15 +197,17 @@ def tokenize_documents(tokenizer: Tokenizer, texts: Sequence[str], dtype: np.dty
         RuntimeError: The special-token counts break the once-per-document rule (a tokenizer
             emitting BOS/EOS from text), which would corrupt the dataset.
     """
+    if isinstance(encoder, Tokenizer):
+        encoder = PlainEncoder(encoder)
     keep = [text for text in texts if text.strip()]
-    encoded = [ids for ids in tokenizer.encode_batch(keep) if ids]
-    empty = len(texts) - len(encoded)
-    body = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+    ids, body = encoder.encode(keep)
+    if body.shape[0] and not body.all():  # nothing left after tokenizing: skip, do not write
+        body = body[body > 0]
+    empty = len(texts) - body.shape[0]
     extra = (bos_id is not None) + (eos_id is not None)
     lengths = body + extra
     ends = np.cumsum(lengths)
     flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
-    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(body.sum()))
     if extra:
         starts = ends - lengths
         is_body = np.ones(flat.shape[0], dtype=bool)
@@ -216,7 +221,7 @@ def tokenize_documents(tokenizer: Tokenizer, texts: Sequence[str], dtype: np.dty
     else:
         flat[:] = ids
     for special, name in ((bos_id, "BOS"), (eos_id, "EOS")):
-        if special is not None and np.count_nonzero(flat == special) != len(encoded):
+        if special is not None and np.count_nonzero(flat == special) != body.shape[0]:
             raise RuntimeError(f"tokenizer produced {name} id {special} from text: refusing to "
                                f"write documents with extra special tokens")
     return flat, lengths.astype(np.int32), empty
@@ -374,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="redraw progress every this many documents")
     group.add_argument("--chunk-mb", type=float, default=1.0, help="input MB per work unit")
     group.add_argument("--quiet", action="store_true", help="no progress line")
+    group.add_argument("--no-segment-cache", action="store_true",
+                       help="call sentencepiece on whole documents (same output, slower)")
     return parser
 
 
@@ -387,7 +394,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         workers=args.workers, append_eod=args.append_eod, bos=args.bos,
         exclude=tuple(exclude), skip_bad_lines=args.skip_bad_lines, text_mode=args.text_mode,
         log_interval=args.log_interval, chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
-        progress=not args.quiet)
+        segment_cache=not args.no_segment_cache, progress=not args.quiet)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
