@@ -121,12 +121,24 @@ class MixtureWarmupConfig:
     """Mixture weights that move linearly from the stage's start blend to ``blend`` over tokens.
 
     TinyLlama v1.1's continual domain pretraining raises a domain's share over the first 6B tokens.
+    Tokens are counted as ``sample_index * seq_length`` in this run's global sample order.
     """
 
     start_weights: tuple[float, ...] = ()
     """Weights at the start of the stage, one per dataset of ``data.blend``, in the same order."""
     warmup_tokens: int = 0
     """Tokens (counted from the start of the stage) over which weights move to data.blend's."""
+    start_tokens: int = 0
+    """Tokens into this run (sample index x seq_length) at which the stage and its warm-up start;
+    start_weights apply before it."""
+
+    def __post_init__(self) -> None:
+        if not self.start_weights:
+            raise ConfigError("data.mixture_warmup.start_weights: give one weight per dataset")
+        if any(w < 0 for w in self.start_weights) or sum(self.start_weights) <= 0:
+            raise ConfigError("data.mixture_warmup.start_weights must be >= 0 with a positive sum")
+        if self.warmup_tokens < 0 or self.start_tokens < 0:
+            raise ConfigError("data.mixture_warmup: warmup_tokens and start_tokens must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,8 +156,34 @@ class DataConfig:
     cache_dir: Optional[str] = None
     """Where sample indices are cached; defaults to beside the first dataset."""
     num_workers: int = 0
+    """DataLoader worker processes per rank (0: samples are read in the training process)."""
     seed: Optional[int] = None
     """Data-order seed; defaults to parallel.seed."""
+
+    def __post_init__(self) -> None:
+        from megatron_tinyllama.data.blend import parse_blend
+
+        for name in ("blend", "valid_blend"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # built in Python with the string form
+                object.__setattr__(self, name, tuple(value.split()))
+            if getattr(self, name):
+                try:
+                    parse_blend(getattr(self, name))
+                except ValueError as err:
+                    raise ConfigError(f"data.{name}: {err}") from None
+        if self.mixture_warmup is not None:
+            if not self.blend:
+                raise ConfigError("data.mixture_warmup needs data.blend")
+            prefixes, weights = parse_blend(self.blend)
+            if weights is None and len(prefixes) > 1:
+                raise ConfigError("data.mixture_warmup needs explicit weights in data.blend")
+            if len(self.mixture_warmup.start_weights) != len(prefixes):
+                raise ConfigError(
+                    f"data.mixture_warmup.start_weights has {len(self.mixture_warmup.start_weights)}"
+                    f" weights for {len(prefixes)} datasets in data.blend")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

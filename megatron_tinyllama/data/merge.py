@@ -1,0 +1,126 @@
+"""Concatenate indexed datasets into one: the ``tinyllama-merge-datasets`` tool.
+
+This module owns merging partitioned outputs (e.g. one preprocessing job per input shard). Like
+Megatron-LM's ``tools/merge_datasets.py`` it takes a directory of ``.bin/.idx`` pairs (merged in
+sorted name order) and an output prefix; it also accepts explicit prefixes and globs. Inputs
+written by megatron-core's builder (including several sequences per document) merge too.
+Memory stays flat (``.bin`` files are copied in blocks, index arrays streamed), and the result
+appears only when complete (see :class:`.indexed.IndexedDatasetWriter`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from megatron_tinyllama.data.indexed import (IndexedDatasetWriter, IndexFormatError, bin_path,
+                                             dataset_exists, idx_path, read_index)
+
+_BLOCK = 1 << 20
+
+
+class MergeError(ValueError):
+    """Inputs that cannot be merged (missing halves, mixed dtypes, output among the inputs)."""
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    output_prefix: str
+    inputs: tuple[str, ...]
+    documents: int
+    sequences: int
+    tokens: int
+
+
+def resolve_prefixes(inputs: Sequence[str]) -> list[str]:
+    """Dataset prefixes named by directories, prefixes, or globs of prefixes / ``.idx`` files.
+
+    Raises:
+        MergeError: Something names no dataset, or a dataset lacks its ``.bin`` or ``.idx``.
+    """
+    prefixes: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            names = sorted(os.listdir(item))
+            found = sorted({os.path.join(item, os.path.splitext(n)[0]) for n in names
+                            if n.endswith((".idx", ".bin"))})
+        elif dataset_exists(item):
+            found = [item]
+        else:
+            base = item[:-4] if item.endswith((".idx", ".bin")) else item
+            found = sorted({p[:-4] for p in glob.glob(base + ".idx") + glob.glob(base + ".bin")})
+        if not found:
+            raise MergeError(f"{item}: names no indexed dataset (.bin/.idx pair)")
+        for prefix in found:
+            for path in (idx_path(prefix), bin_path(prefix)):
+                if not os.path.isfile(path):
+                    raise MergeError(f"{path}: missing (each dataset needs .bin and .idx)")
+        prefixes.extend(found)
+    return list(dict.fromkeys(prefixes))
+
+
+def merge_datasets(inputs: Sequence[str], output_prefix: str) -> MergeSummary:
+    """Write the concatenation of the input datasets, in order, to ``output_prefix``.
+
+    Args:
+        inputs: Directories, prefixes or globs (see :func:`resolve_prefixes`).
+        output_prefix: Where the merged ``.bin/.idx`` go.
+
+    Returns:
+        Counts of the merged dataset.
+
+    Raises:
+        MergeError: Bad inputs; IndexFormatError: an input index is corrupt.
+    """
+    prefixes = resolve_prefixes(inputs)
+    out_abs = os.path.abspath(output_prefix)
+    if any(os.path.abspath(p) == out_abs for p in prefixes):
+        raise MergeError(f"{output_prefix}: the output is also an input")
+    infos = [read_index(prefix) for prefix in prefixes]
+    dtypes = {str(info.dtype) for info in infos}
+    if len(dtypes) != 1:
+        raise MergeError(f"inputs mix token dtypes {sorted(dtypes)}; tokenize them alike")
+    with IndexedDatasetWriter(output_prefix, infos[0].dtype) as writer:
+        for info in infos:
+            seq_offset = writer.num_sequences
+            for start in range(0, info.num_sequences, _BLOCK):
+                lengths = np.asarray(info.sequence_lengths[start:start + _BLOCK])
+                writer.add_raw(lengths, np.zeros(0, np.int64), int(lengths.sum(dtype=np.int64)))
+            ends = info.document_indices[1:]
+            for start in range(0, ends.shape[0], _BLOCK):
+                writer.add_raw(np.zeros(0, np.int32), seq_offset + ends[start:start + _BLOCK], 0)
+            with open(bin_path(info.prefix), "rb") as source:
+                shutil.copyfileobj(source, writer.bin_stream, _BLOCK)
+    return MergeSummary(output_prefix, tuple(prefixes), writer.num_documents,
+                        writer.num_sequences, writer.num_tokens)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="tinyllama-merge-datasets",
+        description="Concatenate Megatron indexed datasets (.bin/.idx) into one.")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="directory of .bin/.idx pairs (sorted by name), prefixes, or globs")
+    parser.add_argument("--output-prefix", required=True, help="merged dataset, without suffix")
+    args = parser.parse_args(argv)
+    try:
+        summary = merge_datasets(args.input, args.output_prefix)
+    except (MergeError, IndexFormatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        print("error: nothing was written", file=sys.stderr)
+        return 1
+    print(f"merged {len(summary.inputs)} datasets -> {summary.output_prefix}: "
+          f"{summary.documents} docs, {summary.sequences} sequences, {summary.tokens} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
