@@ -91,7 +91,7 @@ class SegmentCacheEncoder:
             200 bytes per entry).
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_entries: int = 250_000) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_entries: int = 65_536) -> None:
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
@@ -200,7 +200,7 @@ def make_encoder(tokenizer: Tokenizer, *, segment_cache: bool = True,
     Args:
         tokenizer: The tokenizer.
         segment_cache: Allow :class:`SegmentCacheEncoder` when it is exact for this model.
-        max_entries: Its cache bound (default 250k segments).
+        max_entries: Its cache bound (default 65536 segments).
     """
     if segment_cache and segment_cache_support(tokenizer)[0]:
         return SegmentCacheEncoder(tokenizer, **({"max_entries": max_entries} if max_entries else {}))
