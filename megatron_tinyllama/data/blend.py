@@ -20,6 +20,7 @@ read in its own (shuffled, see :mod:`.loader`) order without gaps or repeats.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -128,12 +129,23 @@ class BlendSchedule:
         return (u[:, None] >= bounds).sum(axis=1).astype(np.int16)
 
     def counts_before(self, stop: int) -> np.ndarray:
-        """Samples drawn from each dataset among indices ``[0, stop)`` (int64)."""
+        """Samples drawn from each dataset among indices ``[0, stop)`` (int64).
+
+        Whole blocks of ``2**22`` samples are memoised per schedule, so sizing the datasets for
+        a run and then finding where a resume starts cost one pass, not two.
+        """
         counts = np.zeros(self.num_datasets, dtype=np.int64)
-        for start in range(0, stop, _CHUNK):
-            chosen = self.dataset_index(start, min(stop, start + _CHUNK))
-            counts += np.bincount(chosen, minlength=self.num_datasets)
+        full_blocks, rest = divmod(stop, _CHUNK)
+        for block in range(full_blocks):
+            counts += _block_counts(self, block)
+        if rest:
+            start = full_blocks * _CHUNK
+            counts += np.bincount(self.dataset_index(start, stop), minlength=self.num_datasets)
         return counts
+
+    def _chunk_counts(self, block: int) -> np.ndarray:
+        chosen = self.dataset_index(block * _CHUNK, (block + 1) * _CHUNK)
+        return np.bincount(chosen, minlength=self.num_datasets)
 
     def assign(self, start: int, stop: int,
                counts_at_start: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -151,3 +163,10 @@ class BlendSchedule:
             mask = chosen == dataset
             position[mask] = counts[dataset] + np.arange(int(mask.sum()), dtype=np.int64)
         return chosen, position
+
+
+@functools.lru_cache(maxsize=4096)
+def _block_counts(schedule: BlendSchedule, block: int) -> np.ndarray:
+    counts = schedule._chunk_counts(block)
+    counts.flags.writeable = False  # shared by every caller
+    return counts

@@ -365,7 +365,7 @@ def _parse_text(unit: WorkUnit, json_keys, text_mode: str, parsed: ParsedUnit) -
                 parsed.counts["blank_lines"] += 1
                 continue
             try:
-                docs.append((line, raw.decode("utf-8")))
+                docs.append((line, raw.decode("utf-8").removesuffix("\r")))
             except UnicodeDecodeError as err:
                 _bad(parsed, line, "not_utf8", f"not valid UTF-8 (byte 0x{raw[err.start]:02x} "
                                                f"at column {err.start + 1})")
