@@ -138,7 +138,7 @@ def convert_to_hf(source: Union[str, Path], out_dir: Union[str, Path], *,
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         config = hf_config_dict(model_cfg, torch_dtype=dtype, bos_token_id=bos, eos_token_id=eos)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        generation = {"bos_token_id": bos, "eos_token_id": eos, "max_length": model_cfg.seq_length}
+        generation = {"bos_token_id": bos, "eos_token_id": eos}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_model is not None:
