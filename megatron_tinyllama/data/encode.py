@@ -87,11 +87,13 @@ class SegmentCacheEncoder:
 
     Args:
         tokenizer: A sentencepiece tokenizer for which :func:`segment_cache_support` holds.
-        max_entries: Cached segments kept before the cache is emptied (bounds memory: roughly
-            200 bytes per entry).
+        max_entries: Cached segments kept before the cache is emptied (roughly 200 bytes each).
+        max_chars: Characters of cached segments kept before the cache is emptied (a corpus of
+            long unspaced strings, e.g. minified code, must not grow it without bound).
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_entries: int = 65_536) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_entries: int = 65_536,
+                 max_chars: int = 8_000_000) -> None:
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
@@ -100,6 +102,7 @@ class SegmentCacheEncoder:
             raise ValueError(f"segment cache not exact for {tokenizer.path}: {reason}")
         self.tokenizer = tokenizer
         self.max_entries = max_entries
+        self.max_chars = max_chars
         self.enabled = True
         self._first_sp = tokenizer._sp  # segments that start a document get the dummy prefix
         proto = model_pb2.ModelProto()
@@ -119,6 +122,7 @@ class SegmentCacheEncoder:
         self._len = np.empty(1 << 12, dtype=np.int64)
         self._used = 0
         self._slots = 0
+        self._chars = 0
 
     def _store(self, encoded: list[list[int]]) -> range:
         """Append encodings to the buffers; returns their slot numbers."""
@@ -144,6 +148,7 @@ class SegmentCacheEncoder:
         missing_at = np.flatnonzero(slots < 0)
         if missing_at.shape[0]:
             missing = list(dict.fromkeys(keys[i] for i in missing_at))
+            self._chars += sum(map(len, missing))
             table.update(zip(missing, self._store(sp.encode(missing, num_threads=1))))
             slots[missing_at] = [table[keys[i]] for i in missing_at]
         return slots
@@ -152,7 +157,7 @@ class SegmentCacheEncoder:
         """(all token ids back to back, int64 lengths per text); no BOS/EOS."""
         if not self.enabled or not texts:
             return self._plain.encode(texts)
-        if len(self._first) + len(self._rest) > self.max_entries:
+        if len(self._first) + len(self._rest) > self.max_entries or self._chars > self.max_chars:
             self._reset()
         firsts, rest, per_doc = [], [], np.empty(len(texts), dtype=np.int64)
         for i, text in enumerate(texts):

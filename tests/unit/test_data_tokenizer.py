@@ -97,6 +97,12 @@ def test_segment_cache_encoder_equals_sentencepiece_on_adversarial_and_random_te
         got, want = fast.encode(batch), plain.encode(batch)
         assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
     assert fast.enabled, "the running check must not have found a difference"
+    # Long unspaced strings (minified code, base64) reset the cache by size, not only by count.
+    blobs = SegmentCacheEncoder(tok, max_chars=5_000)
+    for n in range(6):
+        batch = ["x" + "ab1" * (400 + n) for _ in range(3)] + ["y" * 900 + " tail"]
+        assert np.array_equal(blobs.encode(batch)[0], plain.encode(batch)[0])
+        assert blobs._chars <= 5_000 + sum(map(len, batch))
     assert make_encoder(tok).__class__ is SegmentCacheEncoder
     assert make_encoder(tok, segment_cache=False).__class__ is PlainEncoder
 
