@@ -156,23 +156,21 @@ def iter_units(path: str, *, chunk_bytes: int = 1 << 20, text_mode: str = "file"
             data = _read_all(path, stream)
             yield WorkUnit(path, fmt, 1, data, raw.tell())
             return
-        line, carry, consumed = 1, b"", 0
-        while True:
-            block = _read_block(path, stream, chunk_bytes)
-            if not block:
-                break
-            block = carry + block
+        line, consumed = 1, 0
+        pending: list[bytes] = []  # bytes of the line in progress (lines may exceed a block)
+        while block := _read_block(path, stream, chunk_bytes):
             cut = block.rfind(b"\n") + 1
-            if cut == 0:  # a single line longer than chunk_bytes: keep reading
-                carry = block
+            if cut == 0:
+                pending.append(block)
                 continue
-            carry, block = block[cut:], block[:cut]
+            unit = b"".join([*pending, block[:cut]])
+            pending = [block[cut:]] if cut < len(block) else []
             position = raw.tell()
-            yield WorkUnit(path, fmt, line, block, position - consumed)
+            yield WorkUnit(path, fmt, line, unit, position - consumed)
             consumed = position
-            line += block.count(b"\n")
-        if carry:
-            yield WorkUnit(path, fmt, line, carry, raw.tell() - consumed)
+            line += unit.count(b"\n")
+        if pending:
+            yield WorkUnit(path, fmt, line, b"".join(pending), raw.tell() - consumed)
     finally:
         stream.close()
         raw.close()
