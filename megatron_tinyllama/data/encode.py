@@ -208,5 +208,6 @@ def make_encoder(tokenizer: Tokenizer, *, segment_cache: bool = True,
         max_entries: Its cache bound (default 65536 segments).
     """
     if segment_cache and segment_cache_support(tokenizer)[0]:
-        return SegmentCacheEncoder(tokenizer, **({"max_entries": max_entries} if max_entries else {}))
+        bound = {"max_entries": max_entries} if max_entries else {}
+        return SegmentCacheEncoder(tokenizer, **bound)
     return PlainEncoder(tokenizer)

@@ -181,7 +181,8 @@ class IndexedDatasetWriter:
         ends = self.num_sequences + 1 + np.arange(lengths.shape[0], dtype=np.int64)
         self.add_sequences(tokens, lengths, ends)
 
-    def add_sequences(self, tokens: np.ndarray, lengths: np.ndarray, document_ends: np.ndarray) -> None:
+    def add_sequences(self, tokens: np.ndarray, lengths: np.ndarray,
+                      document_ends: np.ndarray) -> None:
         """Append sequences and the document boundaries among them (the merge path).
 
         Args:

@@ -284,7 +284,8 @@ class BlendedSamples(torch.utils.data.Dataset):
 
 
 def _collate(samples: list[Batch]) -> Batch:
-    return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+    return {key: torch.stack([s[key] for s in samples])
+            for key in ("tokens", "labels", "loss_mask")}
 
 
 def _batches(samples: BlendedSamples, plan: Iterator[list[tuple[int, int]]],
@@ -298,7 +299,9 @@ def _batches(samples: BlendedSamples, plan: Iterator[list[tuple[int, int]]],
     yield from loader
 
 
-def _resolve(data_cfg: DataConfig, blend: Sequence[str], seed: int) -> tuple[list[str], list[float], str, int]:
+def _resolve(data_cfg: DataConfig, blend: Sequence[str],
+             seed: int) -> tuple[list[str], list[float], str, int]:
+    """(prefixes, weights, cache folder, effective seed) of a blend."""
     prefixes, weights = parse_blend(blend)
     if weights is None:  # Megatron: unweighted datasets blend in proportion to their size
         weights = [float(read_index(p).num_tokens) for p in prefixes] if len(prefixes) > 1 \

@@ -289,8 +289,8 @@ def preprocess_data(cfg: PreprocessConfig) -> PreprocessSummary:
                 raise BadInputError(result.path, line, message, skippable=True)
             counts.update(result.counts)
             room = _MAX_EXAMPLES - len(summary.bad_line_examples)
-            summary.bad_line_examples.extend(
-                f"{result.path}:{line}: {message}" for line, message in result.errors[:max(0, room)])
+            summary.bad_line_examples.extend(f"{result.path}:{line}: {message}"
+                                             for line, message in result.errors[:max(0, room)])
             docs = tokens = 0
             for key, writer in writers.items():
                 writer.add_documents(result.tokens[key], result.lengths[key])
@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tokenizer-model", required=True,
                        help="sentencepiece .model or HF tokenizer.json")
     group.add_argument("--tokenizer-type", default=None,
-                       help="accepted for Megatron-LM command lines; the kind is read from the file")
+                       help="accepted for Megatron-LM command lines; the kind is read from "
+                            "the file")
     group.add_argument("--append-eod", action="store_true", help="append EOS once per document")
     group.add_argument("--bos", action="store_true", help="prepend BOS once per document")
     group = parser.add_argument_group("output")
