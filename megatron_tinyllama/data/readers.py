@@ -10,8 +10,9 @@ filters and the bad-input rules:
   non-string) is a *bad line*: an error naming file and line, or counted with ``skip_bad_lines``.
 * parquet (``.parquet``): one document per row, read in row batches; a missing column is an
   error for the whole file; a null cell is a bad line (rows are counted from 1).
-* text (``.txt``, ``.text``, optionally ``.zst``): one document per file (``text_mode="file"``)
-  or per non-blank line (``"line"``); the json key is irrelevant.
+* text (``.txt``, ``.text``, optionally ``.zst``): one document per file (``text_mode="file"``;
+  the file is read whole, as the document it is) or per non-blank line (``"line"``, streamed);
+  the json key only names the output.
 * A zero-byte file is bad input: an error, or a skipped file with ``skip_bad_lines``.
 
 The main process only cuts files into :class:`WorkUnit` s (cheap); parsing and filtering
