@@ -35,53 +35,31 @@ def _testbed(hidden: int, layers: int, heads: int) -> dict[str, Any]:
     )
 
 
+def _llama(hidden: int, ffn: int, layers: int, heads: int, groups: int, vocab: int,
+           seq: int) -> dict[str, Any]:
+    # TinyLlama's structure: GQA, RMSNorm (eps 1e-5), RoPE base 10000, untied, no qk-norm.
+    return dict(
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_layers=layers,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        vocab_size=vocab,
+        seq_length=seq,
+        normalization="RMSNorm",
+        norm_epsilon=1e-5,
+        rope_base=10000.0,
+        untie_embeddings=True,
+        qk_layernorm=False,
+        z_loss_weight=0.0,
+    )
+
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "tinyllama-1.1b": dict(
-        hidden_size=2048,
-        ffn_hidden_size=5632,
-        num_layers=22,
-        num_attention_heads=32,
-        num_query_groups=4,
-        vocab_size=32000,
-        seq_length=2048,
-        normalization="RMSNorm",
-        norm_epsilon=1e-5,
-        rope_base=10000.0,
-        untie_embeddings=True,
-        qk_layernorm=False,
-        z_loss_weight=0.0,
-    ),
-    # Small shapes with TinyLlama's structure (GQA, RMSNorm, SwiGLU) for tests and CPU demos.
-    "tinyllama-debug": dict(
-        hidden_size=64,
-        ffn_hidden_size=176,
-        num_layers=2,
-        num_attention_heads=8,
-        num_query_groups=2,
-        vocab_size=512,
-        seq_length=64,
-        normalization="RMSNorm",
-        norm_epsilon=1e-5,
-        rope_base=10000.0,
-        untie_embeddings=True,
-        qk_layernorm=False,
-        z_loss_weight=0.0,
-    ),
-    "tinyllama-small": dict(
-        hidden_size=256,
-        ffn_hidden_size=704,
-        num_layers=4,
-        num_attention_heads=8,
-        num_query_groups=2,
-        vocab_size=4096,
-        seq_length=256,
-        normalization="RMSNorm",
-        norm_epsilon=1e-5,
-        rope_base=10000.0,
-        untie_embeddings=True,
-        qk_layernorm=False,
-        z_loss_weight=0.0,
-    ),
+    "tinyllama-1.1b": _llama(2048, 5632, 22, 32, 4, vocab=32000, seq=2048),
+    # Small shapes with TinyLlama's structure for tests and CPU demos.
+    "tinyllama-debug": _llama(64, 176, 2, 8, 2, vocab=512, seq=64),
+    "tinyllama-small": _llama(256, 704, 4, 8, 2, vocab=4096, seq=256),
     "testbed-d96-l8-h4": _testbed(96, 8, 4),
     "testbed-d512-l8-h4": _testbed(512, 8, 4),
     "testbed-d576-l24-h8": _testbed(576, 24, 8),
