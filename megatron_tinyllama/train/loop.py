@@ -175,6 +175,25 @@ def load_initial_weights(te: TrainingEngine, cfg: JobConfig) -> None:
     logger.info("initialised weights from %s", directory)
 
 
+def check_datasets_exist(cfg: JobConfig) -> None:
+    """Fail before any heavy set-up when a dataset of the recipe is missing.
+
+    Raises:
+        ConfigError: naming the field and the prefix without ``.bin``/``.idx``.
+    """
+    from megatron_tinyllama.config import ConfigError
+    from megatron_tinyllama.data.blend import parse_blend
+    from megatron_tinyllama.data.indexed import dataset_exists
+
+    for name in ("blend", "valid_blend"):
+        blend = getattr(cfg.data, name)
+        if not blend:
+            continue
+        for prefix in parse_blend(blend)[0]:
+            if not dataset_exists(prefix):
+                raise ConfigError(f"data.{name}: {prefix} has no indexed dataset (.bin/.idx)")
+
+
 def applied_updates(te: TrainingEngine) -> int:
     """Optimizer updates actually applied (skipped steps excluded), from AdamW's own step count."""
     inner = getattr(te.engine.optimizer, "optimizer", te.engine.optimizer)
@@ -194,6 +213,8 @@ def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]
 
     if batch_source is None:
         from megatron_tinyllama.data.loader import build_train_batches as batch_source
+
+        check_datasets_exist(cfg)
 
     env = initialize_distributed()
     initialize_model_parallel(cfg.parallel.tensor_parallel_size, cfg.parallel.seed)

@@ -1,0 +1,29 @@
+"""The pretraining entry's argument handling and its early, named errors."""
+
+import pytest
+
+from megatron_tinyllama.config import ConfigError, config_from_dict
+from megatron_tinyllama.train.loop import check_datasets_exist
+from megatron_tinyllama.train.pretrain import build_parser, main
+
+
+def test_launcher_arguments_and_overrides_are_accepted():
+    args = build_parser().parse_args(["--local_rank=1", "--config", "r.yaml", "train.micro_batch_size=2",
+                                      "--override", "optimizer.lr=1e-4"])
+    assert args.config == "r.yaml" and args.overrides == ["train.micro_batch_size=2"]
+    assert args.override == ["optimizer.lr=1e-4"]
+
+
+def test_bad_recipe_exits_2_with_the_field_named(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  micro_batch_size: -x\n")
+    assert main(["--config", str(recipe)]) == 2
+    assert "train.micro_batch_size" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_named_before_any_setup(tmp_path):
+    cfg = config_from_dict({"data": {"blend": f"0.5 {tmp_path}/a 0.5 {tmp_path}/b"}})
+    (tmp_path / "a.bin").write_bytes(b"")
+    (tmp_path / "a.idx").write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"data\.blend: {tmp_path}/b has no indexed dataset"):
+        check_datasets_exist(cfg)
