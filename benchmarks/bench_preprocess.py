@@ -8,7 +8,8 @@ Both read the same jsonl (distinct documents cut from this install's Python sour
 document repeats, so our per-word cache sees no more reuse than real text gives it) and use the
 same Llama-style 32k sentencepiece model (trained here on the same material), and must write byte-identical
 ``.bin``/``.idx`` files, which is checked. Each side runs ``--repeats`` times and the best time
-counts (the machine may be shared). Not a test: run by hand.
+counts; the runs are interleaved so both sides see the same load (the machine may be shared).
+Not a test: run by hand.
 
     python benchmarks/bench_preprocess.py --size-mb 40 --workers 2
 """
@@ -141,23 +142,24 @@ def main() -> None:
     print(f"input: {input_path} ({size / 2**20:.1f} MB, {docs} docs); tokenizer: {model} "
           f"(32000 pieces); cpus: {os.cpu_count()}; load avg: {os.getloadavg()[0]:.2f}")
 
-    base_times, tokens = [], 0
+    # Interleave the runs so that both sides see the same load from other users of the machine.
+    base_times, ours_times, tokens = [], {w: [] for w in args.workers}, 0
     for _ in range(args.repeats):
         seconds, tokens = run_baseline(input_path, model, workdir / "baseline")
         base_times.append(seconds)
+        for workers in args.workers:
+            ours_times[workers].append(run_ours(input_path, model, workdir / f"ours{workers}",
+                                                workers))
     base = min(base_times)
     print(f"megatron-core IndexedDatasetBuilder, 1 process: {tokens / base / 1e6:.3f} M tokens/s "
           f"(best of {[round(t, 2) for t in base_times]} s, {tokens} tokens)")
-
-    for workers in args.workers:
-        ours_times = [run_ours(input_path, model, workdir / f"ours{workers}", workers)
-                      for _ in range(args.repeats)]
-        ours = min(ours_times)
+    for workers, times in ours_times.items():
+        ours = min(times)
         same = all(filecmp.cmp(workdir / f"baseline.{ext}",
                                workdir / f"ours{workers}_text.{ext}", shallow=False)
                    for ext in ("bin", "idx"))
         print(f"tinyllama-preprocess-data --workers {workers}: {tokens / ours / 1e6:.3f} M tokens/s "
-              f"(best of {[round(t, 2) for t in ours_times]} s, wall time incl. start-up); "
+              f"(best of {[round(t, 2) for t in times]} s, wall time incl. start-up); "
               f"identical output: {same}")
         print(f"RATIO workers={workers}: {base / ours:.2f}x the single-process builder "
               f"(goal with 2 workers: >= 2x)")
