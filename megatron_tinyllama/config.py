@@ -223,7 +223,8 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5
     """A NaN/inf loss skips its step; this many in a row halt the run."""
     start_tokens: int = 0
-    """Tokens already consumed when this stage starts (for multi-stage recipes without a resume)."""
+    """Tokens consumed by earlier stages: the LR schedule continues from here, while this run's data
+    order starts at its own sample 0 (so ``data.mixture_warmup`` counts from the stage start)."""
 
 
 @dataclass(frozen=True, kw_only=True)

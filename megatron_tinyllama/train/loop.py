@@ -145,8 +145,8 @@ def _initial_state(te: TrainingEngine, cfg: JobConfig) -> TrainerState:
         raise ConfigError(f"checkpoint.load_dir={cfg.checkpoint.load_dir}: no complete checkpoint ('latest')")
     if cfg.checkpoint.init_from:
         load_initial_weights(te, cfg)
-    start = cfg.train.start_tokens
-    return TrainerState(consumed_tokens=start, consumed_samples=start // cfg.model.seq_length)
+    # A new stage continues the LR schedule's token count but starts its own data order at sample 0.
+    return TrainerState(consumed_tokens=cfg.train.start_tokens, consumed_samples=0)
 
 
 def load_initial_weights(te: TrainingEngine, cfg: JobConfig) -> None:
@@ -225,7 +225,7 @@ def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]
         save_config(cfg, Path(cfg.checkpoint.save_dir) / "config.yaml")
     seq = cfg.model.seq_length
     batch_tokens = te.geometry.global_batch_size * seq
-    total_samples = math.ceil(cfg.train.train_tokens / seq)
+    total_samples = math.ceil(max(0, cfg.train.train_tokens - cfg.train.start_tokens) / seq)
     batches = batch_source(
         cfg.data, seq_length=seq, micro_batch_size=cfg.train.micro_batch_size,
         dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),

@@ -128,3 +128,32 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert resumed["step"] == 4 and len(resumed["losses"]) == 2
     assert (save_dir / "latest").read_text().strip() == "global_step000004"
     assert (save_dir / "global_step000004" / "trainer_state.json").is_file()
+
+
+def _stage_worker(rank, world_size, save_dir, out):
+    from megatron_tinyllama.train.loop import train
+    from tests.distributed.synthetic import synthetic_batches
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    seen = []
+
+    def recording_batches(data_cfg, **kwargs):
+        seen.append(kwargs["consumed_samples"])
+        return synthetic_batches(data_cfg, **kwargs)
+
+    cfg = _config(save_dir, start_tokens=2048, train_tokens=2048 + 3 * 512)
+    result = train(cfg, batch_source=recording_batches)
+    (out / "stage.json").write_text(json.dumps({"first_sample": seen[0], "steps": result.state.step,
+                                                "tokens": result.state.consumed_tokens}))
+
+
+def test_a_new_stage_continues_the_lr_curve_but_starts_its_own_data_order(tmp_path):
+    from megatron_tinyllama.train.schedule import learning_rate
+
+    save_dir = tmp_path / "stage2"
+    run_on_ranks(_stage_worker, 1, save_dir, tmp_path)
+    outcome = json.loads((tmp_path / "stage.json").read_text())
+    assert outcome == {"first_sample": 0, "steps": 3, "tokens": 2048 + 3 * 512}
+    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    cfg = _config(save_dir, start_tokens=2048, train_tokens=2048 + 3 * 512)
+    assert records[0]["lr"] == pytest.approx(learning_rate(2048 + 512, cfg.optimizer, cfg.train.train_tokens))
