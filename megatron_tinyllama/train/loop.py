@@ -88,19 +88,22 @@ def train_step(te: TrainingEngine, cfg: JobConfig, batches: Iterator[dict], lr: 
 
     for group in te.engine.optimizer.param_groups:
         group["lr"] = lr
-    losses = []
-    finite = True
+    # Accumulate on the device and synchronise once per step, not once per micro-batch.
+    loss_sum = None
+    finite_all = None
     for _ in range(te.geometry.gradient_accumulation_steps):
         batch = _to_device(next(batches))
         loss, metrics = compute_loss(te, cfg, batch)
-        finite = finite and bool(torch.isfinite(loss.detach()).item())
+        finite_now = torch.isfinite(loss.detach())
+        finite_all = finite_now if finite_all is None else finite_all & finite_now
         te.engine.backward(loss)
         te.engine.step()
-        losses.append(metrics["lm_loss"].item())
-    finite = _all_finite(finite)
+        loss_sum = metrics["lm_loss"] if loss_sum is None else loss_sum + metrics["lm_loss"]
+    finite = _all_finite(bool(finite_all.item()))
     grad_norm = te.engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    mean_loss = _all_reduce_mean(sum(losses) / len(losses), parallel_state.get_data_parallel_group())
+    mean_loss = _all_reduce_mean(loss_sum.item() / te.geometry.gradient_accumulation_steps,
+                                 parallel_state.get_data_parallel_group())
     return StepResult(loss=mean_loss, grad_norm=grad_norm, finite=finite and math.isfinite(grad_norm))
 
 
