@@ -84,20 +84,7 @@ def plot_loss_vs_compute(law, targets: Sequence[Target], path: Union[str, Path])
         ):
             pred = float(law.loss_fit.law(c, m))
             text = f"{label}: pred {pred:.3f}" + (f", meas {meas:.3f}" if meas is not None else "")
-            ax.scatter(
-                [c], [pred], marker=marker, s=110, color=color, edgecolors="k", zorder=4, label=text
-            )
-            if meas is not None:
-                ax.scatter(
-                    [c],
-                    [meas],
-                    marker=marker,
-                    s=110,
-                    facecolors="none",
-                    edgecolors=color,
-                    linewidths=1.5,
-                    zorder=4,
-                )
+            _target_markers(ax, (c, pred), (c, meas) if meas is not None else None, marker, color, text)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
@@ -112,6 +99,15 @@ def plot_loss_vs_compute(law, targets: Sequence[Target], path: Union[str, Path])
         axes[0][1].set_title("targets (filled: predicted, hollow: measured)", fontsize=9)
     return _save(fig, plt, path)
 
+
+
+def _target_markers(ax, predicted, measured, marker, color, label) -> None:
+    """A held-out target: filled marker at its prediction, hollow one at its measurement."""
+    ax.scatter([predicted[0]], [predicted[1]], marker=marker, s=110, color=color, edgecolors="k",
+               zorder=4, label=label)
+    if measured is not None:
+        ax.scatter([measured[0]], [measured[1]], marker=marker, s=110, facecolors="none",
+                   edgecolors=color, linewidths=1.5, zorder=4)
 
 def plot_error_vs_loss(law, targets: Sequence[Target], path: Union[str, Path]) -> Path:
     """Average top-1 error vs loss with the fitted Eq. 5; targets at their chained prediction."""
@@ -134,20 +130,8 @@ def plot_error_vs_loss(law, targets: Sequence[Target], path: Union[str, Path]) -
     ):
         pe = float(law.error_fit.law(pl))
         text = f"{label}: pred {pe:.3f}" + (f", meas {meas_E:.3f}" if meas_E is not None else "")
-        ax.scatter(
-            [pl], [pe], marker=marker, s=110, color=color, edgecolors="k", zorder=4, label=text
-        )
-        if meas_L is not None and meas_E is not None:
-            ax.scatter(
-                [meas_L],
-                [meas_E],
-                marker=marker,
-                s=110,
-                facecolors="none",
-                edgecolors=color,
-                linewidths=1.5,
-                zorder=4,
-            )
+        measured = (meas_L, meas_E) if meas_L is not None and meas_E is not None else None
+        _target_markers(ax, (pl, pe), measured, marker, color, text)
     ax.set_xlabel(f"loss ({law.eval_set})")
     ax.set_ylabel(f"average top-1 error ({len(law.tasks)} tasks)")
     ax.set_title(
