@@ -130,3 +130,37 @@ def set_seed(seed: int) -> None:
         tracker = tensor_parallel.get_cuda_rng_tracker()
         tracker.reset()
         tracker.add("model-parallel-rng", seed + _TP_SEED_OFFSET + tp_rank)
+
+
+def shutdown_distributed(wait_for_peers: bool = True) -> None:
+    """Tear down megatron-core's groups and the default process group, then flush output.
+
+    ``wait_for_peers`` adds a barrier first so no rank destroys a group a peer still uses; pass
+    False after an error, when a peer may never reach the barrier. Teardown failures are logged,
+    never raised: they must not mask the result of the work that came before.
+    """
+    import sys
+
+    try:
+        from megatron.core import parallel_state
+
+        if wait_for_peers and dist.is_initialized():
+            dist.barrier()
+        parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as err:  # noqa: BLE001
+        logger.warning("teardown: %s", err)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def exit_process(code: int) -> None:
+    """End this process now, skipping interpreter teardown.
+
+    DeepSpeed/gloo background threads sometimes abort a process at interpreter exit ("terminate
+    called without an active exception", about one run in six on CPU), turning finished work into
+    a SIGABRT. Call this only after :func:`shutdown_distributed` has flushed everything.
+    """
+    os._exit(code)

@@ -47,48 +47,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from megatron_tinyllama.parallel.init import set_thread_env_defaults
+    from megatron_tinyllama.parallel.init import set_thread_env_defaults, shutdown_distributed
     from megatron_tinyllama.train.loop import NonFiniteLossError, train
 
     set_thread_env_defaults()
-    code = 0
+    code, clean = 0, False
     try:
         train(cfg)
+        clean = True
     except (ConfigError, NonFiniteLossError) as err:
+        # Both are decided on every rank alike, so the peers are at the same point.
         logging.getLogger(__name__).error("%s", err)
-        code = 2
+        code, clean = 2, True
     finally:
-        _shutdown()
+        shutdown_distributed(wait_for_peers=clean)
     return code
 
 
-def _shutdown() -> None:
-    """Tear down process groups while every rank is alive, then flush."""
-    import torch.distributed as dist
-
-    try:
-        from megatron.core import parallel_state
-
-        if dist.is_initialized():
-            dist.barrier()
-        parallel_state.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception as err:  # noqa: BLE001 - teardown must not mask the training result
-        logging.getLogger(__name__).warning("teardown: %s", err)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-
-
 def cli() -> None:
-    """Console-script entry: like ``main`` but ends the process without interpreter teardown.
+    """Console-script entry: like ``main``, but ends without interpreter teardown (see
+    :func:`~megatron_tinyllama.parallel.init.exit_process`)."""
+    from megatron_tinyllama.parallel.init import exit_process
 
-    DeepSpeed/gloo background threads sometimes abort a process at interpreter exit ("terminate
-    called without an active exception", about one run in six on CPU), turning a finished run
-    into a failure; everything has been flushed and torn down by then.
-    """
-    os._exit(main())
+    exit_process(main())
 
 
 if __name__ == "__main__":

@@ -18,14 +18,22 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     import torch
     import torch.distributed as dist
 
+    from megatron_tinyllama.parallel.init import exit_process, shutdown_distributed
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # mp.spawn records the traceback for the parent; a peer may be stuck, so no barrier.
+        shutdown_distributed(wait_for_peers=False)
+        raise
+    shutdown_distributed()
+    # Same exit path as the real entry point: a clean finish must not turn into a SIGABRT at
+    # interpreter exit, which is what made CI flaky.
+    exit_process(0)
 
 
 def run_on_ranks(fn, world_size: int, *args) -> None:
