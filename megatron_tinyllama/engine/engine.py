@@ -33,16 +33,6 @@ class MegatronMpu:
 
         self._ps = parallel_state
 
-    # model parallel == tensor parallel here (no pipeline parallelism)
-    def get_model_parallel_rank(self) -> int:
-        return self._ps.get_tensor_model_parallel_rank()
-
-    def get_model_parallel_world_size(self) -> int:
-        return self._ps.get_tensor_model_parallel_world_size()
-
-    def get_model_parallel_group(self):
-        return self._ps.get_tensor_model_parallel_group()
-
     def get_tensor_model_parallel_rank(self) -> int:
         return self._ps.get_tensor_model_parallel_rank()
 
@@ -54,6 +44,11 @@ class MegatronMpu:
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         return self._ps.get_tensor_model_parallel_src_rank()
+
+    # Model parallel is tensor parallel here: this stack has no pipeline parallelism.
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+    get_model_parallel_group = get_tensor_model_parallel_group
 
     def get_data_parallel_rank(self) -> int:
         return self._ps.get_data_parallel_rank()
