@@ -25,6 +25,25 @@ class ConfigError(ValueError):
     """A recipe or override that cannot be turned into a valid :class:`JobConfig`."""
 
 
+def _require(ok: bool, message: str) -> None:
+    """Raise :class:`ConfigError` unless ``ok``. Written as ``_require(x >= 0, ...)`` so that a NaN,
+    which fails every comparison, is refused too."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_range(section: str, name: str, value: float, *, low: Optional[float] = None,
+                 high: Optional[float] = None, low_open: bool = False, high_open: bool = False) -> None:
+    """``section.name`` must be finite and inside the given bounds (closed unless ``*_open``)."""
+    where = f"{section}.{name}={value!r}"
+    _require(isinstance(value, (int, float)) and math.isfinite(value), f"{where}: must be a finite number")
+    if low is not None:
+        _require(value > low if low_open else value >= low, f"{where}: must be {'>' if low_open else '>='} {low}")
+    if high is not None:
+        _require(value < high if high_open else value <= high,
+                 f"{where}: must be {'<' if high_open else '<='} {high}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture of a decoder-only Llama-style transformer.
@@ -63,6 +82,13 @@ class ModelConfig:
     """Recompute each transformer layer in backward to save activation memory."""
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                     "num_query_groups", "vocab_size", "seq_length"):
+            _check_range("model", name, getattr(self, name), low=1)
+        _check_range("model", "norm_epsilon", self.norm_epsilon, low=0, low_open=True)
+        _check_range("model", "rope_base", self.rope_base, low=1, low_open=True)
+        _check_range("model", "z_loss_weight", self.z_loss_weight, low=0)
+        _check_range("model", "init_method_std", self.init_method_std, low=0, low_open=True)
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.num_query_groups={self.num_query_groups} must divide "
@@ -110,10 +136,8 @@ class ParallelConfig:
     """Seed for weights (identical across TP layouts), dropout and data order."""
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ConfigError("parallel.tensor_parallel_size must be >= 1")
-        if self.hpz_partition_size < 0:
-            raise ConfigError("parallel.hpz_partition_size must be >= 0")
+        _check_range("parallel", "tensor_parallel_size", self.tensor_parallel_size, low=1)
+        _check_range("parallel", "hpz_partition_size", self.hpz_partition_size, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,17 +152,20 @@ class MixtureWarmupConfig:
     """Weights at the start of the stage, one per dataset of ``data.blend``, in the same order."""
     warmup_tokens: int = 0
     """Tokens (counted from the start of the stage) over which weights move to data.blend's."""
-    start_tokens: int = 0
-    """Tokens into this run (sample index x seq_length) at which the stage and its warm-up start;
-    start_weights apply before it."""
+    start_tokens: Optional[int] = None
+    """Position in the global sample order (sample index x seq_length) at which the warm-up starts;
+    start_weights apply before it. None: where this stage starts (sample 0 of a fresh run, the
+    checkpoint's position for ``checkpoint.continue_from``)."""
 
     def __post_init__(self) -> None:
         if not self.start_weights:
             raise ConfigError("data.mixture_warmup.start_weights: give one weight per dataset")
-        if any(w < 0 for w in self.start_weights) or sum(self.start_weights) <= 0:
-            raise ConfigError("data.mixture_warmup.start_weights must be >= 0 with a positive sum")
-        if self.warmup_tokens < 0 or self.start_tokens < 0:
-            raise ConfigError("data.mixture_warmup: warmup_tokens and start_tokens must be >= 0")
+        _require(all(w >= 0 and math.isfinite(w) for w in self.start_weights)
+                 and sum(self.start_weights) > 0,
+                 "data.mixture_warmup.start_weights must be finite, >= 0, with a positive sum")
+        _check_range("data.mixture_warmup", "warmup_tokens", self.warmup_tokens, low=0)
+        if self.start_tokens is not None:
+            _check_range("data.mixture_warmup", "start_tokens", self.start_tokens, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,10 +231,17 @@ class OptimizerConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.min_lr > self.lr:
-            raise ConfigError(f"optimizer.min_lr={self.min_lr} exceeds optimizer.lr={self.lr}")
-        if self.warmup_tokens < 0:
-            raise ConfigError("optimizer.warmup_tokens must be >= 0")
+        _check_range("optimizer", "lr", self.lr, low=0)
+        _check_range("optimizer", "min_lr", self.min_lr, low=0)
+        _require(self.min_lr <= self.lr, f"optimizer.min_lr={self.min_lr} exceeds optimizer.lr={self.lr}")
+        _check_range("optimizer", "warmup_tokens", self.warmup_tokens, low=0)
+        if self.decay_tokens is not None:
+            _check_range("optimizer", "decay_tokens", self.decay_tokens, low=0, low_open=True)
+        for name in ("beta1", "beta2"):
+            _check_range("optimizer", name, getattr(self, name), low=0, high=1, high_open=True)
+        _check_range("optimizer", "eps", self.eps, low=0, low_open=True)
+        _check_range("optimizer", "weight_decay", self.weight_decay, low=0)
+        _check_range("optimizer", "grad_clip", self.grad_clip, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,20 +257,52 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5
     """A NaN/inf loss skips its step; this many in a row halt the run."""
     start_tokens: int = 0
-    """Tokens consumed by earlier stages: the LR schedule continues from here, while this run's data
-    order starts at its own sample 0 (so ``data.mixture_warmup`` counts from the stage start)."""
+    """For a stage started from weights only (``checkpoint.init_from``): tokens consumed by earlier
+    stages, so the LR schedule continues from here while the data order starts at sample 0. A stage
+    started with ``checkpoint.continue_from`` takes its token count from the checkpoint instead."""
+
+    def __post_init__(self) -> None:
+        _check_range("train", "train_tokens", self.train_tokens, low=0, low_open=True)
+        _check_range("train", "global_batch_tokens", self.global_batch_tokens, low=1)
+        _check_range("train", "micro_batch_size", self.micro_batch_size, low=1)
+        _check_range("train", "max_consecutive_nonfinite", self.max_consecutive_nonfinite, low=1)
+        _check_range("train", "start_tokens", self.start_tokens, low=0)
+        _require(self.start_tokens < self.train_tokens,
+                 f"train.start_tokens={self.start_tokens} must be below train.train_tokens={self.train_tokens}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
+    """Where a run saves, and what it starts from.
+
+    A run whose ``save_dir`` holds a complete checkpoint always resumes from it (the same recipe,
+    exactly). Otherwise it starts from ``continue_from`` (a previous stage: full training state),
+    else from ``init_from`` (weights only), else from a random initialisation.
+    """
+
     save_dir: Optional[str] = None
     save_interval_steps: int = 1000
-    load_dir: Optional[str] = None
-    """Resume from here (defaults to save_dir when it has a 'latest')."""
+    continue_from: Optional[str] = None
+    """A previous stage's save_dir (or one of its checkpoint directories): weights, fp32 master
+    weights, optimizer state, token count and data position carry over; the data blend, batch size
+    and run length may change. Model shape, tensor/data-parallel layout and tokenizer must match."""
     init_from: Optional[str] = None
-    """Start weights only (e.g. a converted HF checkpoint); optimizer and data start fresh."""
+    """Weights only (a converted HF model, a model directory, or a run's save_dir at any TP degree);
+    optimizer and data start fresh (see ``train.start_tokens``)."""
     keep_last: int = 2
+    """Complete checkpoints kept in save_dir (older ones of this run are deleted); 0 keeps all."""
     save_at_end: bool = True
+    tp_replica_tolerance: float = 0.0
+    """Largest difference allowed between tensor-parallel ranks' copies of a replicated parameter
+    (norm gains), checked at each checkpoint; they are bitwise equal when training is correct."""
+
+    def __post_init__(self) -> None:
+        _check_range("checkpoint", "save_interval_steps", self.save_interval_steps, low=1)
+        _check_range("checkpoint", "keep_last", self.keep_last, low=0)
+        _check_range("checkpoint", "tp_replica_tolerance", self.tp_replica_tolerance, low=0)
+        _require(not (self.continue_from and self.init_from),
+                 "checkpoint.continue_from and checkpoint.init_from are exclusive: continue a "
+                 "previous stage with its full state, or start from weights only")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,6 +314,14 @@ class LoggingConfig:
     """Tokens per validation pass."""
     peak_tflops_per_device: Optional[float] = None
     """For MFU; by default guessed from the device name (989 for H100/H200 bf16)."""
+
+    def __post_init__(self) -> None:
+        _check_range("logging", "log_interval_steps", self.log_interval_steps, low=1)
+        _check_range("logging", "eval_interval_steps", self.eval_interval_steps, low=1)
+        _check_range("logging", "eval_tokens", self.eval_tokens, low=1)
+        if self.peak_tflops_per_device is not None:
+            _check_range("logging", "peak_tflops_per_device", self.peak_tflops_per_device, low=0,
+                         low_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,6 +338,10 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        if self.checkpoint.continue_from and self.train.start_tokens:
+            raise ConfigError(
+                "train.start_tokens is for a stage started with checkpoint.init_from; with "
+                "checkpoint.continue_from the token count comes from the checkpoint")
         if self.train.global_batch_tokens % self.model.seq_length:
             raise ConfigError(
                 f"train.global_batch_tokens={self.train.global_batch_tokens} is not a multiple of "

@@ -51,23 +51,37 @@ _HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 
 def resolve_model_dir(source: Union[str, Path]) -> Path:
     """Find the model weights in ``source``: a model directory, a checkpoint tag directory, or a
-    training save directory whose ``latest`` file names the tag.
+    training save directory (the checkpoint ``latest`` names, falling back to the previous
+    complete one when that is missing or damaged, with a warning naming the file).
+
+    Collective under torch.distributed when ``source`` is a save directory (the files are checked
+    against the checkpoint's manifest by all ranks).
 
     Raises:
         ConversionError: nothing convertible there.
     """
+    from megatron_tinyllama.checkpoint.training import checkpoint_problems, resume_candidates
+
     source = Path(source)
     if (source / MODEL_INDEX).is_file():
         return source
     if (source / "model" / MODEL_INDEX).is_file():
         return source / "model"
-    latest = source / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if (source / tag / "model" / MODEL_INDEX).is_file():
-            return source / tag / "model"
-        raise ConversionError(f"{source}: 'latest' names {tag!r}, which has no model/{MODEL_INDEX}")
-    raise ConversionError(f"{source}: no {MODEL_INDEX}, model/ or 'latest' found; not a checkpoint")
+    candidates = resume_candidates(source) if source.is_dir() else []
+    if not candidates:
+        raise ConversionError(f"{source}: no {MODEL_INDEX}, model/ or complete checkpoint found; "
+                              "not a checkpoint")
+    skipped = []
+    for tag_dir in candidates:
+        problems = [p for p in checkpoint_problems(tag_dir, only="model")]
+        if not (tag_dir / "model" / MODEL_INDEX).is_file():
+            problems.append(f"{tag_dir / 'model' / MODEL_INDEX}: missing")
+        if not problems:
+            if skipped:
+                logger.warning("%s: using %s instead (%s)", source, tag_dir.name, "; ".join(skipped))
+            return tag_dir / "model"
+        skipped.append(f"{tag_dir.name} is damaged: {problems[0]}")
+    raise ConversionError(f"{source}: no intact model export: " + "; ".join(skipped))
 
 
 def write_hf_tokenizer(spm_model: Union[str, Path], out_dir: Path, model_max_length: int) -> None:
@@ -171,6 +185,8 @@ def convert_from_hf(source: Union[str, Path], out_dir: Union[str, Path], *,
         ConversionError: not a Llama checkpoint, or tensors missing/mismatched.
         ConfigError: the TP degree does not divide the heads or KV groups.
     """
+    if tensor_parallel_size < 1:
+        raise ConfigError(f"tensor parallel size must be >= 1, got {tensor_parallel_size}")
     source = Path(source)
     config_path = source / "config.json"
     if not config_path.is_file():

@@ -347,7 +347,7 @@ def build_train_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_si
     schedule = BlendSchedule(
         tuple(weights), seq_length, seed,
         start_weights=tuple(warmup.start_weights) if warmup and warmup.start_weights else None,
-        warmup_start_tokens=warmup.start_tokens if warmup else 0,
+        warmup_start_tokens=(warmup.start_tokens or 0) if warmup else 0,  # None: from sample 0
         warmup_tokens=warmup.warmup_tokens if warmup else 0)
     needed = schedule.counts_before(num_samples)
     datasets = build_gpt_datasets(prefixes, needed.tolist(), seq_length=seq_length, seed=seed,

@@ -67,3 +67,41 @@ def test_v1_recipe_is_the_published_one():
     assert (cfg.optimizer.weight_decay, cfg.optimizer.grad_clip) == (0.1, 1.0)
     assert cfg.optimizer.warmup_tokens == 2000 * cfg.train.global_batch_tokens
     assert cfg.data.blend[0::2] == ("0.7", "0.3")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.min_lr=-4e-5", r"optimizer\.min_lr=-4e-05: must be >= 0"),
+    ("optimizer.lr=-1e-3", r"optimizer\.lr=-0\.001: must be >= 0"),
+    ("optimizer.lr=.nan", r"optimizer\.lr=nan: must be a finite number"),
+    ("optimizer.beta2=1.0", r"optimizer\.beta2=1\.0: must be < 1"),
+    ("optimizer.eps=0", r"optimizer\.eps=0\.0: must be > 0"),
+    ("optimizer.grad_clip=-1", r"optimizer\.grad_clip=-1\.0: must be >= 0"),
+    ("train.micro_batch_size=0", r"train\.micro_batch_size=0: must be >= 1"),
+    ("train.train_tokens=0", r"train\.train_tokens=0: must be > 0"),
+    ("train.start_tokens=-5", r"train\.start_tokens=-5: must be >= 0"),
+    ("parallel.tensor_parallel_size=0", r"parallel\.tensor_parallel_size=0: must be >= 1"),
+    ("model.num_query_groups=0", r"model\.num_query_groups=0: must be >= 1"),
+    ("model.norm_epsilon=0", r"model\.norm_epsilon=0\.0: must be > 0"),
+    ("checkpoint.save_interval_steps=0", r"checkpoint\.save_interval_steps=0: must be >= 1"),
+    ("checkpoint.keep_last=-1", r"checkpoint\.keep_last=-1: must be >= 0"),
+    ("logging.log_interval_steps=0", r"logging\.log_interval_steps=0: must be >= 1"),
+])
+def test_every_numeric_field_is_validated(override, message):
+    """Values that used to train backwards (negative LR) or die in a ZeroDivisionError."""
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"model": {"preset": "tinyllama-debug"}}, [override])
+
+
+def test_continue_from_excludes_init_from_and_start_tokens():
+    with pytest.raises(ConfigError, match="exclusive"):
+        config_from_dict({}, ["checkpoint.continue_from=a", "checkpoint.init_from=b"])
+    with pytest.raises(ConfigError, match="train.start_tokens is for a stage started with"):
+        config_from_dict({}, ["checkpoint.continue_from=a", "train.start_tokens=2048"])
+
+
+def test_converter_refuses_a_tensor_parallel_size_of_zero(tmp_path, capsys):
+    from megatron_tinyllama.checkpoint.convert import main_from_hf
+
+    assert main_from_hf(["--input", str(tmp_path), "--output", str(tmp_path / "out"),
+                         "--tensor-parallel-size", "0"]) == 2
+    assert "tensor parallel size must be >= 1, got 0" in capsys.readouterr().err
