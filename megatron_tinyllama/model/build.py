@@ -128,6 +128,30 @@ def build_model(model_cfg: ModelConfig, tensor_parallel_size: int = 1, precision
     return model
 
 
+def use_fp32_rotary_frequencies(model, model_cfg: ModelConfig) -> int:
+    """Recompute every rotary embedding's inverse frequencies in fp32; returns how many.
+
+    Call it outside ``deepspeed.zero.Init``: that context converts every floating tensor created
+    inside it to the engine dtype, so under bf16 megatron-core's ``inv_freq`` is born in bf16, and
+    the positions it builds with ``arange(..., dtype=inv_freq.dtype)`` too. bf16 holds integers
+    exactly only up to 256, so positions collapse in groups and RoPE angles at position 2047 are
+    wrong by whole radians. The formula is megatron-core's (and HF Llama's), in fp32.
+    """
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    dim = model_cfg.head_dim
+    inv_freq = 1.0 / (model_cfg.rope_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    count = 0
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.inv_freq = inv_freq.to(module.inv_freq.device)
+            count += 1
+    cache_clear = getattr(RotaryEmbedding.forward, "cache_clear", None)
+    if cache_clear is not None:  # forward is lru_cached on (max_seq_len, offset): drop old tables
+        cache_clear()
+    return count
+
+
 def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """This rank's vocabulary slice of the logits, [batch, seq, padded_vocab / TP]."""
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
@@ -135,11 +159,14 @@ def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                        z_loss_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean next-token cross-entropy over ``loss_mask`` (+ z-loss), correct under TP.
+                        z_loss_weight: float = 0.0, vocab_size: Optional[int] = None,
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean next-token cross-entropy over ``loss_mask`` (+ z-loss), in fp32, correct under TP.
 
     ``logits`` is the vocabulary-parallel slice from :func:`forward_logits`; the softmax
     normaliser is assembled across TP ranks by megatron-core's vocab-parallel cross-entropy.
+    Given ``vocab_size``, the rows the embedding was padded with for TP take no part in the
+    softmax: the loss is then the one the exported model (vocabulary cut back) has.
 
     Returns:
         (loss to backpropagate, {"lm_loss": cross-entropy, "z_loss": mean log(Z)^2 (if used)}).
@@ -147,6 +174,8 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: t
     from megatron.core import tensor_parallel
 
     logits = logits.float()
+    if vocab_size is not None:
+        logits = _mask_vocab_padding(logits, vocab_size)
     denominator = loss_mask.sum().clamp(min=1.0)
     metrics: dict[str, torch.Tensor] = {}
     total = 0.0
@@ -162,6 +191,20 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: t
     lm_loss = (per_token * loss_mask).sum() / denominator
     metrics["lm_loss"] = lm_loss.detach()
     return lm_loss + total, metrics
+
+
+def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set this TP rank's logits of padding rows (ids >= vocab_size) to -inf."""
+    from megatron.core import parallel_state
+
+    local = logits.shape[-1]
+    first = parallel_state.get_tensor_model_parallel_rank() * local
+    valid = vocab_size - first
+    if valid >= local:
+        return logits
+    # In place is safe: the logits' producer (a matmul, or the fp32 cast) does not need them back.
+    logits[..., max(valid, 0):] = float("-inf")
+    return logits
 
 
 def _vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
