@@ -9,11 +9,14 @@ split is an error naming the numbers.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from megatron_tinyllama.config import ConfigError, JobConfig
+
+logger = logging.getLogger(__name__)
 
 REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -69,17 +72,58 @@ def load_base_ds_config(name_or_path: Optional[str], default: str) -> dict:
         raise ConfigError(f"{candidate}: not valid JSON ({err})") from None
 
 
+def node_local_block_size(cfg: JobConfig, data_parallel_size: int, local_world_size: int) -> int:
+    """Ranks per node-local sharding block (1 = off), with the reason logged when it is off.
+
+    ``parallel.hpz_partition_size`` counts GPUs (0: the launcher's local world size, i.e. one
+    node). Each block holds ``block / TP`` ranks of every data-parallel group; sharding a secondary
+    parameter copy over them only pays when a block is more than one of those ranks and less
+    than the whole data-parallel group.
+
+    Raises:
+        ConfigError: the block is not a multiple of the TP degree, or the ZeRO stage is not 3.
+    """
+    par = cfg.parallel
+    block = par.hpz_partition_size or local_world_size
+    if block <= 1:
+        return 1
+    if par.zero_stage != 3:
+        raise ConfigError("parallel.hpz_partition_size > 1 needs parallel.zero_stage=3")
+    tp = par.tensor_parallel_size
+    if block % tp:
+        raise ConfigError(f"parallel.hpz_partition_size={block} must be a multiple of "
+                          f"parallel.tensor_parallel_size={tp} (a node holds whole TP groups)")
+    members = block // tp
+    if data_parallel_size % members:
+        raise ConfigError(f"parallel.hpz_partition_size={block} gives node-local groups of {members} "
+                          f"data-parallel ranks, which do not divide the data-parallel size "
+                          f"{data_parallel_size}")
+    if members >= data_parallel_size:
+        logger.info("node-local sharding off: one node holds the whole data-parallel group, where it "
+                    "is plain ZeRO-3 plus a second parameter copy (pure overhead)")
+        return 1
+    if members == 1:
+        logger.info("node-local sharding off: a node holds one rank of each data-parallel group "
+                    "(hpz_partition_size=%d, TP=%d), nothing to shard within it", block, tp)
+        return 1
+    return block
+
+
 def build_ds_config(cfg: JobConfig, data_parallel_size: int, local_world_size: int,
                     global_batch_tokens: Optional[int] = None) -> dict:
     """The full DeepSpeed config for this job and world.
 
+    Mixed precision is done as the best stacks do it: bf16 (or fp16) parameters and activations,
+    fp32 master weights (DeepSpeed's optimizer partitions), and gradients accumulated over
+    micro-batches and reduced across data-parallel ranks in fp32 (``data_types.grad_accum_dtype``
+    and ``communication_data_type``): the v1 recipe accumulates 16 micro-batches per step.
+
     Raises:
-        ConfigError: for batch geometry, or hpZ combined with tensor parallelism (DeepSpeed builds
-            hpZ groups from consecutive global ranks, which mixes TP ranks when TP > 1).
+        ConfigError: for batch geometry or node-local sharding that does not fit the world.
     """
     par = cfg.parallel
-    hpz = par.hpz_partition_size or local_world_size
-    default_json = "zero3_node_local.json" if hpz > 1 else "zero3.json"
+    block = node_local_block_size(cfg, data_parallel_size, local_world_size)
+    default_json = "zero3_node_local.json" if block > 1 else "zero3.json"
     ds = load_base_ds_config(par.ds_config, default_json)
     geometry = batch_geometry(cfg, data_parallel_size, global_batch_tokens)
     ds["train_batch_size"] = geometry.global_batch_size
@@ -88,24 +132,15 @@ def build_ds_config(cfg: JobConfig, data_parallel_size: int, local_world_size: i
     ds["gradient_clipping"] = cfg.optimizer.grad_clip
     ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16}
+    if cfg.train.precision != "fp32" and par.zero_stage > 0:
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = par.zero_stage
-    if hpz > 1:
-        if par.zero_stage != 3:
-            raise ConfigError("parallel.hpz_partition_size > 1 needs parallel.zero_stage=3")
-        if par.tensor_parallel_size > 1:
-            raise ConfigError(
-                f"parallel.hpz_partition_size={hpz} with parallel.tensor_parallel_size="
-                f"{par.tensor_parallel_size} is refused: DeepSpeed forms hpZ groups from consecutive "
-                "global ranks, which would mix tensor-parallel ranks holding different shards. Use "
-                "TP=1 with node-local sharding, or TP>1 with hpz_partition_size=1"
-            )
-        total = data_parallel_size * par.tensor_parallel_size
-        if data_parallel_size % hpz or total % hpz:
-            raise ConfigError(
-                f"parallel.hpz_partition_size={hpz} must divide the data-parallel size {data_parallel_size}"
-            )
-        zero["zero_hpz_partition_size"] = hpz
+    if block > 1:
+        # DeepSpeed's value counts data-parallel ranks per group; the group itself is built by
+        # parallel.init.initialize_node_local_group, TP-aware.
+        zero["zero_hpz_partition_size"] = block // par.tensor_parallel_size
     else:
         zero.pop("zero_hpz_partition_size", None)
     return ds

@@ -18,9 +18,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_tinyllama.config import JobConfig
-from megatron_tinyllama.engine.ds_config import BatchGeometry, batch_geometry, build_ds_config
-from megatron_tinyllama.model.build import build_model
-from megatron_tinyllama.parallel.init import DistributedEnv
+from megatron_tinyllama.engine.ds_config import (
+    BatchGeometry,
+    batch_geometry,
+    build_ds_config,
+)
+from megatron_tinyllama.model.build import build_model, use_fp32_rotary_frequencies
+from megatron_tinyllama.parallel.init import DistributedEnv, initialize_node_local_group
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +102,20 @@ def build_engine(cfg: JobConfig, env: DistributedEnv) -> TrainingEngine:
     ds_config = build_ds_config(cfg, dp_size, env.local_world_size)
     geometry = batch_geometry(cfg, dp_size)
     zero3 = cfg.parallel.zero_stage == 3
+    node_local_group = None
+    hpz_members = ds_config["zero_optimization"].get("zero_hpz_partition_size", 1)
+    if hpz_members > 1:
+        tp = cfg.parallel.tensor_parallel_size
+        node_local_group = initialize_node_local_group(tp, hpz_members * tp)
     init_context = (
         deepspeed.zero.Init(data_parallel_group=parallel_state.get_data_parallel_group(),
-                            config_dict_or_path=ds_config, mpu=mpu)
+                            config_dict_or_path=ds_config, mpu=mpu,
+                            zero_param_parallel_group=node_local_group)
         if zero3 else contextlib.nullcontext()
     )
     with init_context:
         model = build_model(cfg.model, cfg.parallel.tensor_parallel_size, precision="fp32")
+    use_fp32_rotary_frequencies(model, cfg.model)  # zero.Init made them bf16 under bf16
     optimizer = torch.optim.AdamW(
         optimizer_param_groups(model, cfg.optimizer.weight_decay),
         lr=cfg.optimizer.lr,

@@ -117,6 +117,46 @@ def initialize_model_parallel(tensor_parallel_size: int, seed: int) -> None:
     set_seed(seed)
 
 
+def node_local_groups(world_size: int, tensor_parallel_size: int, block_size: int) -> list[list[int]]:
+    """Every node-local parameter-partition group: within each block of ``block_size``
+    consecutive ranks (a node), the ranks of one TP rank.
+
+    megatron-core puts the ranks of a TP group next to each other, so rank ``r`` is TP rank
+    ``r % tp`` and the data-parallel group of TP rank ``t`` is ``{r : r % tp == t}``. A group
+    must stay inside one TP rank's data-parallel group: ranks holding different TP shards cannot
+    share a parameter partition (DeepSpeed's own hpZ groups, consecutive ranks, would mix them).
+
+    Raises:
+        ConfigError: the block does not hold whole TP groups or does not divide the world.
+    """
+    if block_size % tensor_parallel_size or world_size % block_size:
+        raise ConfigError(
+            f"node-local sharding over blocks of {block_size} ranks needs a multiple of "
+            f"parallel.tensor_parallel_size={tensor_parallel_size} that divides the world size "
+            f"{world_size}")
+    return [[r for r in range(start, start + block_size) if r % tensor_parallel_size == t]
+            for start in range(0, world_size, block_size) for t in range(tensor_parallel_size)]
+
+
+def initialize_node_local_group(tensor_parallel_size: int, block_size: int):
+    """Create all node-local partition groups (collective) and return this rank's.
+
+    The group is also installed as DeepSpeed's ZeRO++ intra-node parameter group
+    (``deepspeed.utils.groups._ZERO_PARAM_INTRA_PARALLEL_GROUP``): ``zero.Init`` accepts it as an
+    argument, but its partitioning code and the ZeRO-3 optimizer read that module variable
+    (DeepSpeed 0.16-0.19). It is the one private DeepSpeed name this stack sets.
+    """
+    from deepspeed.utils import groups as ds_groups
+
+    mine = None
+    for ranks in node_local_groups(dist.get_world_size(), tensor_parallel_size, block_size):
+        group = dist.new_group(ranks)  # every rank creates every group, in the same order
+        if dist.get_rank() in ranks:
+            mine = group
+    ds_groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = mine
+    return mine
+
+
 def set_seed(seed: int) -> None:
     """Seed torch's default RNG identically on every rank (so CPU-initialised weights agree across
     TP layouts) and the tracked model-parallel stream per TP rank (dropout inside TP regions)."""

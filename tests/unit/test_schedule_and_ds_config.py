@@ -61,12 +61,51 @@ def test_ds_config_copies_the_recipe_and_sets_hpz_from_the_local_world():
     assert not any(k.startswith("_") for k in ds)  # comments stripped
 
 
-def test_hpz_with_tensor_parallelism_is_refused_at_start():
-    cfg = config_from_dict({"model": {"preset": "tinyllama-1.1b"},
-                            "parallel": {"hpz_partition_size": 4, "tensor_parallel_size": 2},
-                            "train": {"global_batch_tokens": 2097152, "micro_batch_size": 8}})
-    with pytest.raises(ConfigError, match="consecutive"):
-        build_ds_config(cfg, data_parallel_size=8, local_world_size=4)
+def _hpz_cfg(hpz: int, tp: int):
+    return config_from_dict({"model": {"preset": "tinyllama-1.1b"},
+                             "parallel": {"hpz_partition_size": hpz, "tensor_parallel_size": tp},
+                             "train": {"global_batch_tokens": 2097152, "micro_batch_size": 8,
+                                       "precision": "bf16"}})
+
+
+def test_bf16_accumulates_and_reduces_gradients_in_fp32():
+    ds = build_ds_config(_hpz_cfg(1, 1), data_parallel_size=64, local_world_size=4)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    fp32 = build_ds_config(_cfg(global_batch_tokens=2097152, micro_batch_size=8, precision="fp32"), 64, 4)
+    assert "data_types" not in fp32 and "communication_data_type" not in fp32
+
+
+def test_node_local_sharding_with_tensor_parallelism_counts_data_parallel_ranks_per_node():
+    # 16 nodes x 4 GPUs at TP=2: a node holds 2 ranks of each data-parallel group (of 32).
+    ds = build_ds_config(_hpz_cfg(0, 2), data_parallel_size=32, local_world_size=4)
+    assert ds["zero_optimization"]["zero_hpz_partition_size"] == 2
+
+
+def test_node_local_sharding_is_off_where_it_can_only_cost(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        one_node = build_ds_config(_hpz_cfg(0, 1), data_parallel_size=8, local_world_size=8)
+        one_per_node = build_ds_config(_hpz_cfg(0, 2), data_parallel_size=8, local_world_size=2)
+    assert "zero_hpz_partition_size" not in one_node["zero_optimization"]
+    assert "zero_hpz_partition_size" not in one_per_node["zero_optimization"]
+    assert "one node holds the whole data-parallel group" in caplog.text
+    assert "nothing to shard within it" in caplog.text
+
+
+def test_node_local_block_must_hold_whole_tp_groups():
+    with pytest.raises(ConfigError, match="multiple of parallel.tensor_parallel_size=2"):
+        build_ds_config(_hpz_cfg(3, 2), data_parallel_size=8, local_world_size=4)
+
+
+def test_node_local_groups_are_per_node_and_tp_rank():
+    from megatron_tinyllama.parallel.init import node_local_groups
+
+    assert node_local_groups(16, 2, 4) == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11],
+                                           [12, 14], [13, 15]]
+    assert node_local_groups(8, 1, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(ConfigError):
+        node_local_groups(12, 2, 8)
 
 
 def test_plain_zero3_has_no_hpz():
