@@ -126,6 +126,17 @@ def _pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
     return torch.cat([t, pad], dim=0)
 
 
+def repad_vocab(full_state: dict[str, torch.Tensor], cfg: ModelConfig,
+                padded_vocab: int) -> dict[str, torch.Tensor]:
+    """A merged megatron-core state with its vocabulary rows cut to ``cfg.vocab_size`` and padded
+    (with zeros) to ``padded_vocab``: the padding depends on the TP degree the state is split for."""
+    out = dict(full_state)
+    for rule in RULES:
+        if rule.split is _vocab_cut and rule.mcore in out:
+            out[rule.mcore] = _pad_vocab(out[rule.mcore][: cfg.vocab_size], padded_vocab)
+    return out
+
+
 def mcore_to_hf(full_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """A TP-merged megatron-core state dict -> HF Llama tensors (vocabulary cut to cfg.vocab_size).
 

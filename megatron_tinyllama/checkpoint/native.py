@@ -109,10 +109,19 @@ def read_model_index(directory: Union[str, Path]) -> tuple[ModelConfig, int]:
 
 
 def load_model_shard(directory: Union[str, Path], tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+    """One TP rank's tensors.
+
+    Raises:
+        ConversionError: the file is missing, truncated or not safetensors (named).
+    """
     path = Path(directory) / shard_filename(tp_rank, tp_size)
     if not path.is_file():
         raise ConversionError(f"{directory}: missing {path.name}")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types, unnamed
+        raise ConversionError(f"{path}: unreadable model shard, truncated or corrupt "
+                              f"({type(err).__name__}: {err})") from None
 
 
 def load_model_checkpoint(directory: Union[str, Path]) -> tuple[ModelConfig, list[dict[str, torch.Tensor]]]:

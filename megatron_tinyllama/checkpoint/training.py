@@ -1,40 +1,80 @@
-"""Training checkpoints: DeepSpeed's sharded state plus our metadata and a convertible model export.
+"""Training checkpoints: what a run saves, and what it starts from.
 
-Layout of ``checkpoint.save_dir``::
+This module owns the layout of ``checkpoint.save_dir``, the save, the integrity check, the retention
+of old checkpoints, and the decision of where a run starts (resume, a previous stage, weights only,
+or nothing)::
 
-    latest                      tag of the newest *complete* checkpoint (written last, atomically)
+    latest                      tag of the checkpoint to resume from (written last, atomically)
     config.yaml                 the resolved recipe of the run
     metrics.jsonl               one JSON record per logged step (written by the trainer)
-    global_step000100/          DeepSpeed's files (ZeRO-3 shards, optimizer states) for step 100
-        trainer_state.json      step, tokens and samples consumed, skipped steps, recipe
+    global_step000100/          DeepSpeed's files (ZeRO shards, optimizer states) for step 100
         rng/rank00000.pt        every rank's RNG states
-        model/                  per-TP-rank full weights (see checkpoint.native), for the converter
+        model/                  per-TP-rank full fp32 weights (see checkpoint.native), for the
+                                converter and for ``init_from``
+        manifest.json           size and hash of every file above
+        trainer_state.json      counters, recipe, layout, tokenizer: written last = complete
 
-A kill during a save leaves an incomplete tag directory that ``latest`` does not name, so resume
-and conversion use the previous checkpoint. DeepSpeed's own ``latest`` writing is turned off.
+**Complete.** A checkpoint is complete when its ``trainer_state.json`` exists; it is written after
+every other file and the manifest, so a kill at any point of a save leaves an incomplete
+directory that nothing reads. Before loading, every rank re-hashes a share of the files against
+the manifest; a truncated or corrupt file is named, the checkpoint is set aside as
+``<tag>.corrupt`` (resume) and the previous complete checkpoint is used.
+
+**Where a run starts** (:func:`plan_start`, before anything is built; :func:`start_state` after):
+its own ``save_dir``'s checkpoint named by ``latest`` (or, when ``latest`` is missing or names no
+complete checkpoint, the newest complete one, said in the log), else ``checkpoint.continue_from``
+(a previous stage: full state), else ``checkpoint.init_from`` (weights only), else nothing. The
+saved model shape, parallel layout and tokenizer are compared with the recipe and every difference
+is named before the run refuses.
+
+**Retention** keeps the ``keep_last`` newest complete checkpoints *of this run* (by step number,
+and only those carrying this run's id): a run never deletes checkpoints it did not write.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import shutil
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_tinyllama.checkpoint.compat import (
+    file_fingerprint,
+    layout_differences,
+    model_differences,
+    other_differences,
+    tokenizer_differences,
+)
 from megatron_tinyllama.checkpoint.native import write_model_files
-from megatron_tinyllama.config import JobConfig
+from megatron_tinyllama.checkpoint.weights import (
+    check_tp_replicas,
+    gather_full_weights,
+    load_weights_into_engine,
+    read_shard_for_rank,
+)
+from megatron_tinyllama.config import ConfigError, JobConfig
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was expected, or one that cannot be loaded."""
 
 
 @dataclass
@@ -43,12 +83,30 @@ class TrainerState:
 
     step: int = 0
     consumed_samples: int = 0
+    """Global samples consumed (the data position), counted across stages."""
     consumed_tokens: int = 0
+    """Tokens consumed, counted across stages (the LR schedule's clock)."""
     skipped_steps: int = 0
+    stage_start_samples: int = 0
+    """Data position where this stage started (sizes its datasets, starts its mixture warm-up)."""
+    stage_start_tokens: int = 0
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    """Identifies the checkpoints this run (across its resumes) wrote; retention prunes only these."""
+
+    def samples_needed(self, cfg: JobConfig, global_batch_size: int) -> int:
+        """Global sample index this stage's data must reach (one batch of slack)."""
+        remaining = max(0, cfg.train.train_tokens - self.stage_start_tokens)
+        return self.stage_start_samples + math.ceil(remaining / cfg.model.seq_length) + global_batch_size
 
 
 def step_tag(step: int) -> str:
     return f"global_step{step:06d}"
+
+
+def tag_step(name: str) -> Optional[int]:
+    """The step of a checkpoint directory name, None for anything else (``*.corrupt`` too)."""
+    match = _TAG.match(name)
+    return int(match.group(1)) if match else None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -60,12 +118,141 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_trainer_state(tag_dir: Path) -> Optional[dict]:
+    """The trainer_state.json payload of a checkpoint directory, None if absent or unreadable."""
+    try:
+        payload = json.loads((Path(tag_dir) / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) and "consumed_tokens" in payload else None
+
+
 def read_latest(save_dir: Path) -> Optional[str]:
+    """The tag ``latest`` names when that checkpoint is complete, else None."""
     latest = Path(save_dir) / "latest"
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
-    return tag if tag and (Path(save_dir) / tag / TRAINER_STATE).is_file() else None
+    return tag if tag and read_trainer_state(Path(save_dir) / tag) is not None else None
+
+
+def complete_checkpoints(save_dir: Path) -> list[Path]:
+    """Complete checkpoint directories of ``save_dir``, newest step first."""
+    found = []
+    for path in Path(save_dir).glob("global_step*"):
+        step = tag_step(path.name)
+        if step is not None and path.is_dir() and read_trainer_state(path) is not None:
+            found.append((step, path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def resume_candidates(save_dir: Path) -> list[Path]:
+    """Checkpoints to try, in order: the one ``latest`` names and the complete ones before it.
+
+    When ``latest`` is missing or names no complete checkpoint, every complete checkpoint, newest
+    first (and the log says so). ``latest`` is respected when it names an older complete
+    checkpoint: that is how a user rolls a run back.
+    """
+    save_dir = Path(save_dir)
+    complete = complete_checkpoints(save_dir)
+    latest_file = save_dir / "latest"
+    named = latest_file.read_text().strip() if latest_file.is_file() else None
+    if named and read_trainer_state(save_dir / named) is not None:
+        step = tag_step(named)
+        return [save_dir / named] + [p for p in complete if step is not None and tag_step(p.name) < step]
+    if complete and named:
+        state = "is missing" if not (save_dir / named).exists() else "is incomplete"
+        logger.warning("%s: 'latest' names %s, which %s; using the newest complete checkpoint %s",
+                       save_dir, named, state, complete[0].name)
+    elif complete:
+        logger.warning("%s: no 'latest' file; using the newest complete checkpoint %s", save_dir,
+                       complete[0].name)
+    return complete
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity: a manifest of sizes and hashes, checked in parallel by all ranks.
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(tag_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
+                  if p.is_file() and p.name not in (MANIFEST, TRAINER_STATE))
+
+
+def _share(items: list, rank: int, world: int) -> list:
+    return items[rank::world]
+
+
+def _gather_objects(obj) -> list:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def write_manifest(tag_dir: Path) -> None:
+    """Hash the checkpoint's files (each rank a share) and write ``manifest.json`` from rank 0."""
+    rank, world = _rank_world()
+    files = _checkpoint_files(tag_dir)
+    mine = {name: {"bytes": (tag_dir / name).stat().st_size, "blake2b": _digest(tag_dir / name)}
+            for name in _share(files, rank, world)}
+    merged: dict = {}
+    for part in _gather_objects(mine):
+        merged.update(part)
+    if rank == 0:
+        _write_atomic(tag_dir / MANIFEST, json.dumps({"files": merged}, indent=1, sort_keys=True))
+
+
+def checkpoint_problems(tag_dir: Path, only: Optional[str] = None) -> list[str]:
+    """Files of a checkpoint that are missing, truncated or corrupt, each named; [] when sound.
+
+    Collective under torch.distributed (every rank checks a share; all get the full list).
+    ``only`` restricts the check to one sub-directory (``"model"`` for the weights export).
+    A checkpoint without a manifest is only checked for an unreadable trainer state.
+    """
+    rank, world = _rank_world()
+    problems: list[str] = []
+    if read_trainer_state(tag_dir) is None:
+        problems.append(f"{tag_dir / TRAINER_STATE}: missing or unreadable")
+    try:
+        manifest = json.loads((tag_dir / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        manifest = None
+        if (tag_dir / MANIFEST).exists():
+            problems.append(f"{tag_dir / MANIFEST}: unreadable")
+    mine = []
+    if manifest is not None:
+        names = sorted(n for n in manifest if only is None or n.startswith(f"{only}/"))
+        for name in _share(names, rank, world):
+            path, want = tag_dir / name, manifest[name]
+            if not path.is_file():
+                mine.append(f"{path}: missing")
+            elif path.stat().st_size != want["bytes"]:
+                mine.append(f"{path}: {path.stat().st_size} bytes, {want['bytes']} when written (truncated)")
+            elif _digest(path) != want["blake2b"]:
+                mine.append(f"{path}: contents differ from when it was written (corrupt)")
+    for part in _gather_objects(mine):
+        problems.extend(part)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving.
 
 
 def _rng_state() -> dict:
@@ -89,67 +276,222 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def export_model_weights(model: torch.nn.Module, cfg: JobConfig, directory: Path) -> None:
-    """Gather this TP rank's full weights from ZeRO-3 shards; DP rank 0 of each TP group writes them."""
-    import deepspeed
-    from megatron.core import parallel_state
+def _set_aside(tag_dir: Path, label: str) -> Path:
+    """Rename a checkpoint directory out of the way (``<tag>.<label>[-n]``); nothing is deleted."""
+    aside, n = tag_dir.with_name(f"{tag_dir.name}.{label}"), 1
+    while aside.exists():
+        n += 1
+        aside = tag_dir.with_name(f"{tag_dir.name}.{label}-{n}")
+    os.replace(tag_dir, aside)
+    return aside
 
-    state: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None,
-                                               enabled=hasattr(param, "ds_id")):
-            if parallel_state.get_data_parallel_rank() == 0:
-                state[name] = param.data.detach().float().cpu().clone()
-    if parallel_state.get_data_parallel_rank() == 0:
-        write_model_files(directory, cfg.model, parallel_state.get_tensor_model_parallel_rank(),
-                          parallel_state.get_tensor_model_parallel_world_size(), state)
+
+def _clear_tag_dir(tag_dir: Path) -> None:
+    """Make room for a save: an incomplete leftover is garbage, a complete one is moved aside."""
+    if not tag_dir.exists():
+        return
+    if read_trainer_state(tag_dir) is None:
+        shutil.rmtree(tag_dir)
+        return
+    aside = _set_aside(tag_dir, "replaced")
+    logger.warning("%s already held a complete checkpoint (the run was rolled back); kept as %s",
+                   tag_dir, aside.name)
 
 
 def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Path:
-    """Save everything for an exact resume, then point ``latest`` at it. Collective: all ranks."""
+    """Save everything for an exact resume, then point ``latest`` at it. Collective: all ranks.
+
+    Raises:
+        ReplicaDriftError: TP-replicated parameters differ (the checkpoint is left incomplete).
+    """
+    from megatron.core import parallel_state
+
     save_dir = Path(cfg.checkpoint.save_dir)
     tag = step_tag(state.step)
     tag_dir = save_dir / tag
     rank = dist.get_rank()
-    if rank == 0 and tag_dir.exists():  # an interrupted earlier save of the same step
-        shutil.rmtree(tag_dir)
+    if rank == 0:
+        _clear_tag_dir(tag_dir)
     dist.barrier()
     engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
     (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
-    (tag_dir / "model").mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), tag_dir / "rng" / f"rank{rank:05d}.pt")
-    export_model_weights(engine.module, cfg, tag_dir / "model")
+    writer = parallel_state.get_data_parallel_rank() == 0
+    weights = gather_full_weights(engine, keep_all=writer)
+    check_tp_replicas(engine, weights, cfg.checkpoint.tp_replica_tolerance)
+    if writer:
+        (tag_dir / "model").mkdir(parents=True, exist_ok=True)
+        write_model_files(tag_dir / "model", cfg.model, parallel_state.get_tensor_model_parallel_rank(),
+                          parallel_state.get_tensor_model_parallel_world_size(), weights)
+    del weights
     dist.barrier()
+    write_manifest(tag_dir)
     if rank == 0:
-        payload = {**asdict(state), "config": cfg.to_dict(), "world_size": dist.get_world_size()}
+        payload = {**asdict(state), "config": cfg.to_dict(), "world_size": dist.get_world_size(),
+                   "tokenizer_fingerprint": file_fingerprint(cfg.data.tokenizer_model)}
         _write_atomic(tag_dir / TRAINER_STATE, json.dumps(payload, indent=2))
         _write_atomic(save_dir / "latest", tag)
-        _prune(save_dir, keep=cfg.checkpoint.keep_last, current=tag)
+        prune_checkpoints(save_dir, keep=cfg.checkpoint.keep_last, run_id=state.run_id, current=tag)
     dist.barrier()
     logger.info("saved checkpoint %s", tag_dir)
     return tag_dir
 
 
-def _prune(save_dir: Path, keep: int, current: str) -> None:
+def prune_checkpoints(save_dir: Path, keep: int, run_id: str, current: str) -> list[str]:
+    """Delete this run's complete checkpoints beyond the ``keep`` newest up to ``current``.
+
+    Only checkpoints carrying ``run_id`` are candidates, ordered by step number (not by name:
+    ``global_step1000000`` sorts before ``global_step999999`` as text). Checkpoints newer than
+    ``current`` (left by a run that was rolled back) are not touched. Returns the deleted tags.
+    """
     if keep <= 0:
-        return
-    tags = sorted(p.name for p in save_dir.glob("global_step*") if p.is_dir())
-    complete = [t for t in tags if (save_dir / t / TRAINER_STATE).is_file()]
-    for tag in complete[:-keep]:
-        if tag != current:
-            shutil.rmtree(save_dir / tag, ignore_errors=True)
+        return []
+    limit = tag_step(current)
+    ours = [p for p in complete_checkpoints(save_dir)
+            if read_trainer_state(p).get("run_id") == run_id and tag_step(p.name) <= limit]
+    deleted = []
+    for path in ours[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+        deleted.append(path.name)
+    return deleted
 
 
-def load_training_checkpoint(engine, load_dir: Path) -> Optional[TrainerState]:
-    """Restore DeepSpeed state, RNG and counters from ``load_dir``'s latest complete checkpoint."""
-    tag = read_latest(load_dir)
-    if tag is None:
-        return None
-    engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
-    payload = json.loads((Path(load_dir) / tag / TRAINER_STATE).read_text())
-    rng_file = Path(load_dir) / tag / "rng" / f"rank{dist.get_rank():05d}.pt"
+# ---------------------------------------------------------------------------------------------
+# Where a run starts.
+
+
+@dataclass
+class StartPlan:
+    """Decided before anything is built; carried out by :func:`start_state`."""
+
+    kind: Literal["resume", "continue", "init", "fresh"]
+    candidates: list[Path] = field(default_factory=list)
+    """Checkpoint directories to try in order (resume, continue)."""
+    init_dir: Optional[Path] = None
+    """Model directory (init)."""
+
+
+def _refuse(what: str, where: Path, diffs: list[str]) -> None:
+    if diffs:
+        raise ConfigError(f"{what} {where} does not fit this recipe: " + "; ".join(diffs))
+
+
+def _check_checkpoint_fits(tag_dir: Path, cfg: JobConfig, world_size: int, *, resume: bool) -> None:
+    payload = read_trainer_state(tag_dir) or {}
+    saved_model = payload.get("config", {}).get("model", {})
+    diffs = (model_differences(saved_model, cfg.model, include_seq_length=resume)
+             + layout_differences(payload, cfg, world_size) + tokenizer_differences(payload, cfg))
+    _refuse("resuming from" if resume else "continuing from", tag_dir, diffs)
+    changed = other_differences(payload.get("config", {}), cfg)
+    if changed:
+        logger.info("%s %s with these recipe changes: %s", "resuming" if resume else "continuing from",
+                    tag_dir, "; ".join(changed))
+
+
+def _continue_candidates(source: Path) -> list[Path]:
+    if read_trainer_state(source) is not None and tag_step(source.name) is not None:
+        return [source]
+    candidates = resume_candidates(source) if source.is_dir() else []
+    if not candidates:
+        raise ConfigError(f"checkpoint.continue_from={source}: no complete training checkpoint there "
+                          "(a previous stage's save_dir or one of its global_step* directories)")
+    return candidates
+
+
+def plan_start(cfg: JobConfig, world_size: int) -> StartPlan:
+    """Decide where the run starts and refuse a checkpoint that does not fit, before any build.
+
+    Raises:
+        ConfigError: the chosen checkpoint's model, layout or tokenizer differs (all named).
+        CheckpointError: ``save_dir`` has a ``latest`` but no complete checkpoint to resume from.
+    """
+    ckpt = cfg.checkpoint
+    if ckpt.save_dir:
+        save_dir = Path(ckpt.save_dir)
+        candidates = resume_candidates(save_dir)
+        if candidates:
+            _check_checkpoint_fits(candidates[0], cfg, world_size, resume=True)
+            return StartPlan("resume", candidates)
+        if (save_dir / "latest").is_file():
+            named = (save_dir / "latest").read_text().strip()
+            raise CheckpointError(
+                f"{save_dir}: 'latest' names {named}, but no complete checkpoint is there; refusing to "
+                "start from scratch over it. Restore the checkpoint, or remove 'latest' to start anew")
+    if ckpt.continue_from:
+        candidates = _continue_candidates(Path(ckpt.continue_from))
+        _check_checkpoint_fits(candidates[0], cfg, world_size, resume=False)
+        payload = read_trainer_state(candidates[0])
+        if payload["consumed_tokens"] >= cfg.train.train_tokens:
+            raise ConfigError(
+                f"train.train_tokens={cfg.train.train_tokens:,} is not beyond the {payload['consumed_tokens']:,} "
+                f"tokens already consumed at {candidates[0]} (checkpoint.continue_from)")
+        return StartPlan("continue", candidates)
+    if ckpt.init_from:
+        from megatron_tinyllama.checkpoint.convert import resolve_model_dir
+        from megatron_tinyllama.checkpoint.native import read_model_index
+
+        directory = resolve_model_dir(ckpt.init_from)
+        import dataclasses
+
+        saved_model, _ = read_model_index(directory)
+        _refuse("checkpoint.init_from", directory, model_differences(dataclasses.asdict(saved_model), cfg.model))
+        return StartPlan("init", init_dir=directory)
+    return StartPlan("fresh")
+
+
+def _load_full_state(engine, tag_dir: Path, *, own_run: bool) -> TrainerState:
+    try:
+        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+    except Exception as err:  # noqa: BLE001 - named and re-raised
+        raise CheckpointError(f"loading {tag_dir} failed on rank {dist.get_rank()}: "
+                              f"{type(err).__name__}: {err}") from err
+    payload = read_trainer_state(tag_dir)
+    rng_file = tag_dir / "rng" / f"rank{dist.get_rank():05d}.pt"
     if rng_file.is_file() and payload.get("world_size") == dist.get_world_size():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    fields = {k: payload[k] for k in asdict(TrainerState())}
-    logger.info("resumed from %s: %s", Path(load_dir) / tag, fields)
-    return TrainerState(**fields)
+    known = {k: payload[k] for k in asdict(TrainerState()) if k in payload}
+    state = TrainerState(**known)
+    if not own_run:  # a new stage: its own id, and its data and warm-up start here
+        state.run_id = TrainerState().run_id
+        state.stage_start_samples = state.consumed_samples
+        state.stage_start_tokens = state.consumed_tokens
+    return state
+
+
+def start_state(engine, cfg: JobConfig, plan: StartPlan) -> TrainerState:
+    """Carry out ``plan`` on the built engine and return the counters to train from. Collective.
+
+    A resume or continuation verifies each candidate checkpoint's files against its manifest
+    first; a bad one is named and skipped (set aside as ``<tag>.corrupt`` in the run's own
+    save_dir) for the previous complete one.
+
+    Raises:
+        CheckpointError: every candidate is damaged.
+    """
+    from megatron.core import parallel_state
+
+    if plan.kind in ("resume", "continue"):
+        rejected = []
+        for tag_dir in plan.candidates:
+            problems = checkpoint_problems(tag_dir)
+            if not problems:
+                state = _load_full_state(engine, tag_dir, own_run=plan.kind == "resume")
+                if rejected:
+                    logger.warning("fell back to %s", tag_dir)
+                logger.info("%s from %s: step %d, %s tokens", "resumed" if plan.kind == "resume" else
+                            "continuing", tag_dir, state.step, f"{state.consumed_tokens:,}")
+                return state
+            logger.error("checkpoint %s is damaged and is skipped: %s", tag_dir, "; ".join(problems))
+            rejected.append(f"{tag_dir.name}: {problems[0]}")
+            if plan.kind == "resume" and dist.get_rank() == 0:
+                logger.error("kept the damaged checkpoint as %s", _set_aside(tag_dir, "corrupt").name)
+            dist.barrier()
+        raise CheckpointError("no loadable checkpoint: " + "; ".join(rejected))
+    if plan.kind == "init":
+        shard = read_shard_for_rank(plan.init_dir, cfg.model, parallel_state.get_tensor_model_parallel_rank(),
+                                    parallel_state.get_tensor_model_parallel_world_size())
+        load_weights_into_engine(engine, shard, str(plan.init_dir))
+        logger.info("initialised weights (and fp32 master weights) from %s", plan.init_dir)
+    start = cfg.train.start_tokens
+    return TrainerState(consumed_tokens=start, stage_start_tokens=start)

@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 from megatron_tinyllama.checkpoint.training import (
     TrainerState,
-    load_training_checkpoint,
-    read_latest,
+    plan_start,
     save_training_checkpoint,
+    start_state,
 )
 from megatron_tinyllama.config import JobConfig, save_config
 from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
@@ -79,7 +79,8 @@ def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def compute_loss(te: TrainingEngine, cfg: JobConfig, batch: dict[str, torch.Tensor]):
     """Forward one micro-batch through the DeepSpeed engine; returns (loss, metrics)."""
     logits = forward_logits(te.engine, batch["tokens"])
-    return language_model_loss(logits, batch["labels"], batch["loss_mask"], cfg.model.z_loss_weight)
+    return language_model_loss(logits, batch["labels"], batch["loss_mask"], cfg.model.z_loss_weight,
+                               vocab_size=cfg.model.vocab_size)
 
 
 def train_step(te: TrainingEngine, cfg: JobConfig, batches: Iterator[dict], lr: float) -> StepResult:
@@ -138,44 +139,15 @@ def _data_seed(cfg: JobConfig) -> int:
     return cfg.data.seed if cfg.data.seed is not None else cfg.parallel.seed
 
 
-def _initial_state(te: TrainingEngine, cfg: JobConfig) -> TrainerState:
-    load_dir = cfg.checkpoint.load_dir or cfg.checkpoint.save_dir
-    if load_dir and read_latest(Path(load_dir)) is not None:
-        return load_training_checkpoint(te.engine, Path(load_dir))
-    if cfg.checkpoint.load_dir:
-        from megatron_tinyllama.config import ConfigError
+def stage_data_config(data_cfg, state: TrainerState, seq_length: int):
+    """``data_cfg`` with an unset mixture warm-up start placed where this stage started."""
+    import dataclasses
 
-        raise ConfigError(f"checkpoint.load_dir={cfg.checkpoint.load_dir}: no complete checkpoint ('latest')")
-    if cfg.checkpoint.init_from:
-        load_initial_weights(te, cfg)
-    # A new stage continues the LR schedule's token count but starts its own data order at sample 0.
-    return TrainerState(consumed_tokens=cfg.train.start_tokens, consumed_samples=0)
-
-
-def load_initial_weights(te: TrainingEngine, cfg: JobConfig) -> None:
-    """Copy weights of a model checkpoint (e.g. converted from HF) into the ZeRO-3 shards."""
-    import deepspeed
-    from megatron.core import parallel_state
-
-    from megatron_tinyllama.checkpoint.convert import resolve_model_dir
-    from megatron_tinyllama.checkpoint.hf import ConversionError
-    from megatron_tinyllama.checkpoint.native import load_model_shard, read_model_index
-
-    directory = resolve_model_dir(cfg.checkpoint.init_from)
-    saved_cfg, tp_size = read_model_index(directory)
-    if tp_size != cfg.parallel.tensor_parallel_size:
-        raise ConversionError(
-            f"{directory}: written for TP={tp_size}, this run uses TP={cfg.parallel.tensor_parallel_size}; "
-            "convert it again with --tensor-parallel-size"
-        )
-    state = load_model_shard(directory, parallel_state.get_tensor_model_parallel_rank(), tp_size)
-    for name, param in te.engine.module.named_parameters():
-        if name not in state:
-            raise ConversionError(f"{directory}: missing tensor {name!r}")
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
-            if dist.get_rank() == 0 or not hasattr(param, "ds_id"):
-                param.data.copy_(state[name].to(param.dtype))
-    logger.info("initialised weights from %s", directory)
+    warmup = data_cfg.mixture_warmup
+    if warmup is None or warmup.start_tokens is not None:
+        return data_cfg
+    start = dataclasses.replace(warmup, start_tokens=state.stage_start_samples * seq_length)
+    return dataclasses.replace(data_cfg, mixture_warmup=start)
 
 
 def check_datasets_exist(cfg: JobConfig) -> None:
@@ -221,19 +193,20 @@ def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]
 
     env = initialize_distributed()
     initialize_model_parallel(cfg.parallel.tensor_parallel_size, cfg.parallel.seed)
+    plan = plan_start(cfg, dist.get_world_size())  # refuses a checkpoint that does not fit, early
     te = build_engine(cfg, env)
-    state = _initial_state(te, cfg)
+    state = start_state(te.engine, cfg, plan)
     if cfg.checkpoint.save_dir and dist.get_rank() == 0:
         Path(cfg.checkpoint.save_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.checkpoint.save_dir) / "config.yaml")
     seq = cfg.model.seq_length
     batch_tokens = te.geometry.global_batch_size * seq
-    total_samples = math.ceil(max(0, cfg.train.train_tokens - cfg.train.start_tokens) / seq)
     batches = batch_source(
-        cfg.data, seq_length=seq, micro_batch_size=cfg.train.micro_batch_size,
+        stage_data_config(cfg.data, state, seq), seq_length=seq, micro_batch_size=cfg.train.micro_batch_size,
         dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
         consumed_samples=state.consumed_samples, seed=_data_seed(cfg),
-        global_batch_size_at=te.geometry.global_batch_size, num_samples=total_samples + te.geometry.global_batch_size,
+        global_batch_size_at=te.geometry.global_batch_size,
+        num_samples=state.samples_needed(cfg, te.geometry.global_batch_size),
     )
     metrics = MetricsWriter(cfg, dist.get_rank(), dist.get_world_size())
     result = TrainResult(state=state)

@@ -47,6 +47,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from megatron_tinyllama.checkpoint.hf import ConversionError
+    from megatron_tinyllama.checkpoint.training import CheckpointError
+    from megatron_tinyllama.checkpoint.weights import ReplicaDriftError
     from megatron_tinyllama.parallel.init import set_thread_env_defaults, shutdown_distributed
     from megatron_tinyllama.train.loop import NonFiniteLossError, train
 
@@ -55,10 +58,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         train(cfg)
         clean = True
-    except (ConfigError, NonFiniteLossError) as err:
-        # Both are decided on every rank alike, so the peers are at the same point.
+    except (ConfigError, NonFiniteLossError, CheckpointError, ReplicaDriftError) as err:
+        # Decided on every rank alike (from the same files, or after a collective), so the peers
+        # are at the same point and can meet at the teardown barrier.
         logging.getLogger(__name__).error("%s", err)
         code, clean = 2, True
+    except ConversionError as err:  # a rank's own weights file: its peers may be elsewhere
+        logging.getLogger(__name__).error("%s", err)
+        code = 2
     finally:
         shutdown_distributed(wait_for_peers=clean)
     return code

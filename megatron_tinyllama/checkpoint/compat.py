@@ -1,0 +1,97 @@
+"""Whether a checkpoint fits the recipe that wants to start from it.
+
+This module owns the comparison of what a checkpoint was written with (its model config, its
+tensor/data-parallel layout, its tokenizer) against the recipe about to use it. It reads only small
+JSON files, so the trainer runs it before anything is built, and every difference is named
+(``model.num_attention_heads: checkpoint 8, recipe 16``) rather than surfacing later as a shape
+error deep in DeepSpeed or, worse, as a run that trains on with the wrong head layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_tinyllama.config import JobConfig, ModelConfig
+
+# Fields that change what the weights mean. attention_backend, activation_checkpointing,
+# init_method_std and z_loss_weight change how a model is computed or trained, not its tensors.
+MODEL_SHAPE_FIELDS = (
+    "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+    "vocab_size", "normalization", "norm_epsilon", "rope_base", "untie_embeddings", "qk_layernorm",
+)
+
+
+def model_differences(saved: dict[str, Any], recipe: ModelConfig, *,
+                      include_seq_length: bool = False) -> list[str]:
+    """``model.<field>: checkpoint X, recipe Y`` for each architectural field that differs."""
+    fields = MODEL_SHAPE_FIELDS + (("seq_length",) if include_seq_length else ())
+    diffs = []
+    for name in fields:
+        mine = getattr(recipe, name)
+        theirs = saved.get(name)
+        if theirs is None or _differs(theirs, mine):
+            diffs.append(f"model.{name}: checkpoint {theirs!r}, recipe {mine!r}")
+    return diffs
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) != float(b)
+    return a != b
+
+
+def file_fingerprint(path: Optional[str]) -> Optional[str]:
+    """A short content hash of a file (the tokenizer model), or None when there is no file."""
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def layout_differences(saved: dict[str, Any], cfg: JobConfig, world_size: int) -> list[str]:
+    """Tensor-parallel degree, data-parallel size and ZeRO stage: DeepSpeed's shards depend on them."""
+    saved_cfg = saved.get("config", {})
+    saved_tp = saved_cfg.get("parallel", {}).get("tensor_parallel_size")
+    saved_world = saved.get("world_size")
+    diffs = []
+    if saved_tp != cfg.parallel.tensor_parallel_size:
+        diffs.append(f"parallel.tensor_parallel_size: checkpoint {saved_tp}, recipe "
+                     f"{cfg.parallel.tensor_parallel_size}")
+    if saved_world is not None and saved_tp:
+        saved_dp, dp = saved_world // saved_tp, world_size // cfg.parallel.tensor_parallel_size
+        if saved_dp != dp:
+            diffs.append(f"data-parallel size: checkpoint {saved_dp} ({saved_world} ranks), this job "
+                         f"{dp} ({world_size} ranks)")
+    saved_stage = saved_cfg.get("parallel", {}).get("zero_stage")
+    if saved_stage is not None and saved_stage != cfg.parallel.zero_stage:
+        diffs.append(f"parallel.zero_stage: checkpoint {saved_stage}, recipe {cfg.parallel.zero_stage}")
+    return diffs
+
+
+def tokenizer_differences(saved: dict[str, Any], cfg: JobConfig) -> list[str]:
+    """The tokenizer the checkpoint was trained with against the recipe's, by content."""
+    theirs = saved.get("tokenizer_fingerprint")
+    mine = file_fingerprint(cfg.data.tokenizer_model)
+    if theirs and mine and theirs != mine:
+        saved_path = saved.get("config", {}).get("data", {}).get("tokenizer_model")
+        return [f"data.tokenizer_model: checkpoint trained with {saved_path} ({theirs}), recipe "
+                f"names {cfg.data.tokenizer_model} ({mine}), a different tokenizer"]
+    return []
+
+
+def other_differences(saved_cfg: dict[str, Any], cfg: JobConfig,
+                      sections: tuple[str, ...] = ("data", "optimizer", "train")) -> list[str]:
+    """Recipe fields that differ but may legitimately change on resume (logged, not refused)."""
+    mine = cfg.to_dict()
+    diffs = []
+    for section in sections:
+        for key, value in mine.get(section, {}).items():
+            theirs = saved_cfg.get(section, {}).get(key)
+            if _differs(_plain(theirs), _plain(value)):
+                diffs.append(f"{section}.{key}: {theirs!r} -> {value!r}")
+    return diffs
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,162 @@
+"""Checkpoint bookkeeping without a model: which checkpoint a run starts from, what it refuses,
+what retention deletes, and how damaged files are found. Each fault is reproduced on real files."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from megatron_tinyllama.checkpoint.training import (
+    CheckpointError,
+    TrainerState,
+    checkpoint_problems,
+    plan_start,
+    prune_checkpoints,
+    resume_candidates,
+    step_tag,
+    write_manifest,
+)
+from megatron_tinyllama.config import ConfigError, config_from_dict
+
+
+def job(save_dir=None, **sections):
+    tree = {"model": {"preset": "tinyllama-debug"}, "train": {"train_tokens": 64 * 8 * 10,
+                                                              "global_batch_tokens": 64 * 8,
+                                                              "micro_batch_size": 2}}
+    if save_dir is not None:
+        tree["checkpoint"] = {"save_dir": str(save_dir)}
+    for name, values in sections.items():
+        tree.setdefault(name, {}).update(values)
+    return config_from_dict(tree)
+
+
+def fake_checkpoint(save_dir: Path, step: int, cfg=None, *, run_id="run-a", world_size=2,
+                    complete=True, **extra) -> Path:
+    """A checkpoint directory with a few payload files and (if complete) its trainer state."""
+    cfg = cfg or job(save_dir)
+    tag_dir = save_dir / step_tag(step)
+    (tag_dir / "model").mkdir(parents=True)
+    (tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(bytes(range(256)) * 40)
+    (tag_dir / "model" / "model-tp00-of-01.safetensors").write_bytes(b"weights" * 100)
+    if complete:
+        write_manifest(tag_dir)
+        payload = {"step": step, "consumed_samples": step * 8, "consumed_tokens": step * 512,
+                   "skipped_steps": 0, "run_id": run_id, "config": cfg.to_dict(),
+                   "world_size": world_size, **extra}
+        (tag_dir / "trainer_state.json").write_text(json.dumps(payload))
+    return tag_dir
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_retention_sorts_by_step_past_a_million(tmp_path):
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        fake_checkpoint(tmp_path, step)
+    deleted = prune_checkpoints(tmp_path, keep=2, run_id="run-a", current=step_tag(1_000_001))
+    assert sorted(deleted) == ["global_step999998", "global_step999999"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step1000000", "global_step1000001"]
+
+
+def test_retention_spares_other_runs_and_a_rolled_back_future(tmp_path):
+    fake_checkpoint(tmp_path, 2, run_id="someone-else")
+    for step in (4, 6, 8, 20):
+        fake_checkpoint(tmp_path, step)
+    kept = tree_bytes(tmp_path / "global_step000002") | tree_bytes(tmp_path / "global_step000020")
+    # Rolled back to 6, now saving 8: only this run's checkpoints up to 8 compete for keep_last.
+    assert prune_checkpoints(tmp_path, keep=2, run_id="run-a", current=step_tag(8)) == ["global_step000004"]
+    assert tree_bytes(tmp_path / "global_step000002") | tree_bytes(tmp_path / "global_step000020") == kept
+
+
+def test_latest_naming_a_missing_directory_falls_back_to_the_newest_complete(tmp_path, caplog):
+    for step in (2, 4):
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 6, complete=False)  # an interrupted save
+    (tmp_path / "latest").write_text("global_step000008")  # its directory is gone
+    with caplog.at_level(logging.WARNING):
+        plan = plan_start(job(tmp_path), world_size=2)
+    assert plan.kind == "resume"
+    assert [p.name for p in plan.candidates] == ["global_step000004", "global_step000002"]
+    assert "names global_step000008, which is missing" in caplog.text
+
+
+def test_latest_rolled_back_by_the_user_is_respected(tmp_path):
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / "latest").write_text("global_step000004")
+    assert [p.name for p in resume_candidates(tmp_path)] == ["global_step000004", "global_step000002"]
+
+
+def test_latest_without_any_complete_checkpoint_stops_instead_of_starting_over(tmp_path):
+    fake_checkpoint(tmp_path, 2, complete=False)
+    (tmp_path / "latest").write_text("global_step000002")
+    before = tree_bytes(tmp_path)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        plan_start(job(tmp_path), world_size=2)
+    assert tree_bytes(tmp_path) == before
+
+
+def test_resume_refuses_another_head_layout_whose_tensors_have_the_same_shapes(tmp_path):
+    # 8 heads in 2 groups of dim 8, or 16 heads in 4 groups of dim 4: QKV is 96 x 64 either way.
+    fake_checkpoint(tmp_path, 2)
+    other = job(tmp_path, model={"num_attention_heads": 16, "num_query_groups": 4})
+    with pytest.raises(ConfigError) as err:
+        plan_start(other, world_size=2)
+    message = str(err.value)
+    assert "model.num_attention_heads: checkpoint 8, recipe 16" in message
+    assert "model.num_query_groups: checkpoint 2, recipe 4" in message
+
+
+def test_resume_refuses_another_parallel_layout_or_tokenizer(tmp_path):
+    fake_checkpoint(tmp_path, 2, world_size=4, tokenizer_fingerprint="0123456789abcdef",
+                    cfg=job(tmp_path, data={"tokenizer_model": "old/tokenizer.model"}))
+    tokenizer = tmp_path / "new.model"
+    tokenizer.write_bytes(b"another tokenizer")
+    cfg = job(tmp_path, parallel={"tensor_parallel_size": 2}, data={"tokenizer_model": str(tokenizer)})
+    with pytest.raises(ConfigError) as err:
+        plan_start(cfg, world_size=2)
+    message = str(err.value)
+    assert "parallel.tensor_parallel_size: checkpoint 1, recipe 2" in message
+    assert "data-parallel size: checkpoint 4 (4 ranks), this job 1 (2 ranks)" in message
+    assert "a different tokenizer" in message
+
+
+def test_init_from_another_model_is_refused_before_anything_is_built(tmp_path):
+    from megatron_tinyllama.checkpoint.native import save_model_checkpoint
+    from megatron_tinyllama.model.presets import get_preset
+
+    save_model_checkpoint(tmp_path / "ckpt", get_preset("tinyllama-debug", hidden_size=128), [{}])
+    with pytest.raises(ConfigError, match=r"model.hidden_size: checkpoint 128, recipe 64"):
+        plan_start(job(None, checkpoint={"init_from": str(tmp_path / "ckpt")}), world_size=1)
+
+
+def test_continue_from_needs_tokens_beyond_the_checkpoint(tmp_path):
+    fake_checkpoint(tmp_path / "stage1", 10)
+    cfg = job(tmp_path / "stage2", checkpoint={"continue_from": str(tmp_path / "stage1")},
+              train={"train_tokens": 10 * 512})
+    with pytest.raises(ConfigError, match="not beyond the 5,120 tokens"):
+        plan_start(cfg, world_size=2)
+
+
+def test_manifest_names_truncated_and_corrupt_files(tmp_path):
+    tag_dir = fake_checkpoint(tmp_path, 2)
+    assert checkpoint_problems(tag_dir) == []
+    optim = tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:100])
+    shard = tag_dir / "model" / "model-tp00-of-01.safetensors"
+    shard.write_bytes(shard.read_bytes().replace(b"weights", b"wEights", 1))
+    problems = checkpoint_problems(tag_dir)
+    assert any(str(optim) in p and "truncated" in p for p in problems), problems
+    assert any(str(shard) in p and "corrupt" in p for p in problems), problems
+    assert checkpoint_problems(tag_dir, only="model") == [p for p in problems if "model/" in p]
+
+
+def test_stage_sizes_its_data_from_where_it_started():
+    cfg = job(None)
+    state = TrainerState(stage_start_samples=80, stage_start_tokens=80 * 64, consumed_samples=80)
+    remaining = (cfg.train.train_tokens - 80 * 64) // 64
+    assert state.samples_needed(cfg, 8) == 80 + remaining + 8
