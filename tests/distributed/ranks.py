@@ -14,14 +14,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
+def _entry(rank: int, world_size: int, port: int, ranks_per_node: int, fn, args) -> None:
     import torch
     import torch.distributed as dist
 
     from megatron_tinyllama.parallel.init import exit_process, shutdown_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank % ranks_per_node),
+                      LOCAL_WORLD_SIZE=str(ranks_per_node), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -36,6 +37,11 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     exit_process(0)
 
 
-def run_on_ranks(fn, world_size: int, *args) -> None:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` processes with a gloo group."""
-    mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+def run_on_ranks(fn, world_size: int, *args, ranks_per_node: int = 0) -> None:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` processes with a gloo group.
+
+    ``ranks_per_node`` simulates nodes (LOCAL_RANK / LOCAL_WORLD_SIZE as a launcher would set
+    them); 0 puts every rank on one node.
+    """
+    per_node = ranks_per_node or world_size
+    mp.spawn(_entry, args=(world_size, _free_port(), per_node, fn, args), nprocs=world_size, join=True)
