@@ -17,6 +17,7 @@ megatron-core's files (the merge tool and tests use it); megatron-core reads our
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -58,6 +59,26 @@ def bin_path(prefix: str) -> str:
 def dataset_exists(prefix: str) -> bool:
     """True when both files of a finished dataset are present."""
     return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def dataset_fingerprint(prefix: str) -> str:
+    """What identifies a dataset's contents: the SHA-256 of its ``.idx`` bytes and the ``.bin`` size.
+
+    The index holds every sequence length and document boundary, so any re-preprocessing that
+    could change a sample index changes it; paths and modification times do not enter (a copied
+    dataset keeps its fingerprint, a rewritten one in the same place gets a new one). Memoised per
+    process by the files' inode, size and mtime: reading a multi-GB ``.idx`` once is enough.
+    """
+    idx_stat, bin_stat = os.stat(idx_path(prefix)), os.stat(bin_path(prefix))
+    key = tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in (idx_stat, bin_stat))
+    if key not in _FINGERPRINTS:
+        with open(idx_path(prefix), "rb") as stream:
+            digest = hashlib.file_digest(stream, "sha256").hexdigest()
+        _FINGERPRINTS[key] = f"{digest}-{bin_stat.st_size}"
+    return _FINGERPRINTS[key]
 
 
 @dataclass(frozen=True)

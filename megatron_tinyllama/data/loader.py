@@ -7,9 +7,11 @@ document boundaries (``tokens`` = the first ``seq_length``, ``labels`` = the las
 ``loss_mask`` all ones: there is no padding). We reuse megatron-core's ``GPTDataset`` for this:
 it shuffles documents, builds the sample index with its compiled C++ helper
 (``megatron.core.datasets.helpers_cpp``, shipped compiled in the megatron-core wheels; we compile
-it once if it is missing) and caches the index arrays as ``.npy`` files. We subclass it only so
-that a cache appears atomically (built in a temporary folder, then renamed), because an
-interrupted build would otherwise leave files that the next run loads as complete.
+it once if it is missing) and caches the index arrays as ``.npy`` files. We subclass it so that a
+cache is keyed on the dataset's contents (:func:`.indexed.dataset_fingerprint`; megatron-core
+keys it on the path, so a prefix preprocessed again would train on the old sample index and then
+fail with an IndexError) and appears atomically (built in a temporary folder, then renamed),
+because an interrupted build would otherwise leave files that the next run loads as complete.
 
 **Blend.** Global sample ``i`` comes from the dataset and position that
 :class:`.blend.BlendSchedule` assigns from ``(seed, i)`` alone (weights may move with tokens
@@ -38,6 +40,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -50,7 +54,7 @@ import torch
 
 from megatron_tinyllama.config import DataConfig
 from megatron_tinyllama.data.blend import BlendSchedule, parse_blend
-from megatron_tinyllama.data.indexed import dataset_exists, read_index
+from megatron_tinyllama.data.indexed import dataset_exists, dataset_fingerprint, read_index
 
 Batch = dict[str, torch.Tensor]
 GlobalBatchSize = Union[int, Callable[[int], int]]
@@ -112,9 +116,26 @@ def _gpt_dataset_class():
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
     class CachedGPTDataset(GPTDataset):
-        """GPTDataset whose .npy index cache appears atomically (see the module docstring)."""
+        """GPTDataset whose .npy index cache is keyed on the dataset's contents and appears
+        atomically (see the module docstring)."""
+
+        def __init__(self, *args, fingerprint: str, **kwargs) -> None:
+            self._fingerprint = fingerprint
+            super().__init__(*args, **kwargs)
+
+        def _key_on_contents(self) -> None:
+            # megatron-core names the cache after the path and the config only, so a prefix that
+            # was preprocessed again would load the old contents' sample index. Add the contents.
+            if self.unique_identifiers.get("dataset_fingerprint") == self._fingerprint:
+                return
+            self.unique_identifiers["dataset_fingerprint"] = self._fingerprint
+            self.unique_description = json.dumps(self.unique_identifiers, indent=4,
+                                                 default=lambda obj: obj.unique_identifiers)
+            self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"),
+                                                       usedforsecurity=False).hexdigest()
 
         def _build_document_sample_shuffle_indices(self):
+            self._key_on_contents()
             cache = self.config.path_to_cache
             base = f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}"
             names = [f"{base}-{affix}" for affix in ("document_index.npy", "sample_index.npy",
@@ -186,7 +207,8 @@ def build_gpt_datasets(prefixes: Sequence[str], num_samples: Sequence[int], *, s
             config = _gpt_config(seq_length, seed, cache_dir, prefix)
             low = cls.build_low_level_dataset(prefix, config)
             docs = np.arange(low.sequence_lengths.shape[0], dtype=np.int32)
-            datasets.append(cls(low, prefix, docs, int(needed), Split[split], config))
+            datasets.append(cls(low, prefix, docs, int(needed), Split[split], config,
+                                fingerprint=dataset_fingerprint(prefix)))
         return datasets
 
     lock = os.path.join(cache_dir, ".build.lock")

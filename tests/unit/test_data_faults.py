@@ -1,0 +1,88 @@
+"""Data faults injected one by one: each is reproduced, then its exit status, its message naming the
+place, and the bytes of every earlier good dataset are checked.
+
+The good datasets (made once per module by the real preprocessing tool) sit in their own folder;
+every test that injects a fault ends by checking their bytes are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_tinyllama.config import DataConfig
+from megatron_tinyllama.data.loader import build_train_batches
+from megatron_tinyllama.data.preprocess import PreprocessConfig, main as preprocess_main, \
+    preprocess_data
+
+SEQ = 16
+
+
+def _jsonl(path: Path, texts) -> Path:
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return path
+
+
+def _texts(n: int, tag: str) -> list[str]:
+    return [f"{tag} document {i}: " + " ".join(f"w{(i * 7 + j) % 50}" for j in range(10 + i % 30))
+            for i in range(n)]
+
+
+def _preprocess(inputs, prefix: Path, tokenizer, **kwargs):
+    cfg = PreprocessConfig(inputs=tuple(map(str, inputs)), output_prefix=str(prefix),
+                           tokenizer_model=str(tokenizer), append_eod=True, progress=False,
+                           **kwargs)
+    return preprocess_data(cfg)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, llama_spm):
+    """A good dataset made by the preprocessing tool; its folder's bytes must never change."""
+    folder = tmp_path_factory.mktemp("good")
+    source = _jsonl(tmp_path_factory.mktemp("good_src") / "good.jsonl", _texts(60, "good"))
+    summary = _preprocess([source], folder / "good", llama_spm)
+    prefix = summary.outputs["text"]
+    return prefix, _snapshot(folder)
+
+
+def _assert_good_unchanged(good) -> None:
+    prefix, before = good
+    assert _snapshot(Path(prefix).parent) == before
+
+
+def _batches(prefix, cache_dir, num_samples=64, **kwargs) -> list[dict]:
+    cfg = DataConfig(blend=(str(prefix),), cache_dir=str(cache_dir))
+    return list(build_train_batches(cfg, seq_length=SEQ, micro_batch_size=2, dp_rank=0, dp_size=1,
+                                    consumed_samples=0, seed=3, global_batch_size_at=8,
+                                    num_samples=num_samples, **kwargs))
+
+
+def _tokens(batches) -> torch.Tensor:
+    return torch.cat([b["tokens"] for b in batches])
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Re-preprocessing a prefix must not leave the old sample-index cache in use.
+
+
+def test_re_preprocessed_prefix_does_not_reuse_the_old_sample_index_cache(tmp_path, llama_spm,
+                                                                         good):
+    prefix = tmp_path / "data" / "corpus"
+    cache = tmp_path / "cache"
+    first = _preprocess([_jsonl(tmp_path / "v1.jsonl", _texts(80, "old"))], prefix, llama_spm)
+    old = _tokens(_batches(first.outputs["text"], cache))
+    # Same prefix, new (smaller) contents: the old cache's sample index points past its end.
+    second = _preprocess([_jsonl(tmp_path / "v2.jsonl", _texts(25, "new"))], prefix, llama_spm)
+    assert second.outputs == first.outputs
+    again = _tokens(_batches(second.outputs["text"], cache))
+    fresh = _tokens(_batches(second.outputs["text"], tmp_path / "fresh_cache"))
+    assert torch.equal(again, fresh) and not torch.equal(again[:len(old)], old[:len(again)])
+    _assert_good_unchanged(good)
