@@ -86,3 +86,75 @@ def test_re_preprocessed_prefix_does_not_reuse_the_old_sample_index_cache(tmp_pa
     fresh = _tokens(_batches(second.outputs["text"], tmp_path / "fresh_cache"))
     assert torch.equal(again, fresh) and not torch.equal(again[:len(old)], old[:len(again)])
     _assert_good_unchanged(good)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A .jsonl.zst cut short is truncation, named as such, whatever byte it was cut at.
+
+
+def _zst_in_blocks(path: Path, texts, docs_per_block: int) -> tuple[Path, list[int]]:
+    """A one-frame zstd file flushed every ``docs_per_block`` documents; returns the flush offsets."""
+    import io
+
+    import zstandard
+
+    buffer = io.BytesIO()
+    writer = zstandard.ZstdCompressor().stream_writer(buffer, closefd=False)
+    ends = []
+    for i, text in enumerate(texts):
+        writer.write((json.dumps({"text": text}) + "\n").encode())
+        if i % docs_per_block == docs_per_block - 1:
+            writer.flush(zstandard.FLUSH_BLOCK)
+            ends.append(buffer.tell())
+    writer.flush(zstandard.FLUSH_FRAME)
+    path.write_bytes(buffer.getvalue())
+    return path, ends
+
+
+def _outputs(folder: Path, name: str = "out") -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(name))
+
+
+def test_zst_cut_at_a_block_boundary_is_reported_as_truncated(tmp_path, llama_spm, good, capsys):
+    whole, ends = _zst_in_blocks(tmp_path / "whole.jsonl.zst", _texts(79, "z"), 10)
+    assert _preprocess([whole], tmp_path / "ok", llama_spm).documents["text"] == 79
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(whole.read_bytes()[:ends[2]])  # 30 whole documents decode from this
+    code = preprocess_main(["--input", str(cut), "--output-prefix", str(tmp_path / "out"),
+                            "--tokenizer-model", str(llama_spm), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"error: {cut}: truncated" in err and "Traceback" not in err
+    assert _outputs(tmp_path) == []
+    _assert_good_unchanged(good)
+
+
+def test_zst_cut_inside_a_line_is_truncation_not_malformed_json(tmp_path, llama_spm, good):
+    from megatron_tinyllama.data.readers import BadInputError
+
+    whole, ends = _zst_in_blocks(tmp_path / "whole.jsonl.zst", _texts(79, "z"), 10)
+    for cut_at in (ends[0] + 7, len(whole.read_bytes()) - 3):
+        cut = tmp_path / f"cut{cut_at}.jsonl.zst"
+        cut.write_bytes(whole.read_bytes()[:cut_at])
+        for workers in (1, 2):
+            with pytest.raises(BadInputError, match="truncated") as info:
+                _preprocess([cut], tmp_path / "out", llama_spm, workers=workers,
+                            skip_bad_lines=True)
+            assert info.value.path == str(cut) and "malformed" not in str(info.value)
+    assert _outputs(tmp_path) == []
+    _assert_good_unchanged(good)
+
+
+def test_multi_frame_zst_files_are_read_whole(tmp_path, llama_spm):
+    import zstandard
+
+    texts = _texts(79, "f")
+    frames = [zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": t}) + "\n" for t in texts[i:i + 10]).encode())
+        for i in range(0, 79, 10)]
+    path = tmp_path / "frames.jsonl.zst"
+    path.write_bytes(b"".join(frames))
+    plain = _preprocess([_jsonl(tmp_path / "plain.jsonl", texts)], tmp_path / "plain", llama_spm)
+    zst = _preprocess([path], tmp_path / "zst", llama_spm, chunk_bytes=1000)
+    assert zst.documents == plain.documents == {"text": 79}
+    assert Path(zst.outputs["text"] + ".bin").read_bytes() == \
+        Path(plain.outputs["text"] + ".bin").read_bytes()
