@@ -118,6 +118,13 @@ class IndexInfo:
 def read_index(prefix: str) -> IndexInfo:
     """Open ``<prefix>.idx`` (ours or megatron-core's) and check it against ``<prefix>.bin``.
 
+    megatron-core reads each sequence at the byte its pointer names and trusts the document
+    indices, so an index that disagrees with itself trains on the wrong bytes (or crashes the
+    sample-index builder). Every array is therefore checked, streamed in blocks, once per process
+    and file version: lengths are >= 0, each pointer is the sum of the lengths before it times
+    the token size, the last sequence ends at the ``.bin`` size, and document indices start at 0,
+    never decrease and end at the sequence count.
+
     Args:
         prefix: Dataset prefix.
 
@@ -126,7 +133,8 @@ def read_index(prefix: str) -> IndexInfo:
 
     Raises:
         IndexFormatError: Bad magic/version/dtype, a truncated file, multimodal modes (not
-            supported), or a ``.bin`` whose size disagrees with the index.
+            supported), or arrays that disagree with each other or with the ``.bin`` size; the
+            message names the ``.idx`` and the first bad entry.
     """
     path = idx_path(prefix)
     with open(path, "rb") as stream:
@@ -149,13 +157,56 @@ def read_index(prefix: str) -> IndexInfo:
     pointers = np.frombuffer(mm, dtype=np.int64, count=n_seq, offset=_HEADER_BYTES + 4 * n_seq)
     docs = np.frombuffer(mm, dtype=np.int64, count=n_doc, offset=_HEADER_BYTES + 12 * n_seq)
     info = IndexInfo(prefix, np.dtype(DTYPE_CODES[code]), lengths, pointers, docs)
-    bin_size = os.path.getsize(bin_path(prefix))
-    if info.num_tokens * info.dtype.itemsize != bin_size:
-        raise IndexFormatError(
-            f"{prefix}: index lists {info.num_tokens} tokens but {bin_path(prefix)} holds "
-            f"{bin_size // info.dtype.itemsize}"
-        )
+    key = tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns)
+                for s in (os.stat(path), os.stat(bin_path(prefix))))
+    if key not in _CHECKED_INDEXES:
+        _check_index(info)
+        _CHECKED_INDEXES.add(key)
     return info
+
+
+_CHECKED_INDEXES: set[tuple] = set()
+
+
+def _check_index(info: IndexInfo) -> None:
+    path, itemsize = idx_path(info.prefix), info.dtype.itemsize
+    offset = 0  # bytes of the .bin before the current block
+    for start in range(0, info.num_sequences, _COPY_ITEMS):
+        lengths = np.asarray(info.sequence_lengths[start:start + _COPY_ITEMS], dtype=np.int64)
+        negative = np.flatnonzero(lengths < 0)
+        if negative.size:
+            k = int(negative[0])
+            raise IndexFormatError(f"{path}: sequence {start + k} has length {lengths[k]}")
+        nbytes = lengths * itemsize
+        expected = offset + np.cumsum(nbytes) - nbytes
+        actual = info.sequence_pointers[start:start + _COPY_ITEMS]
+        wrong = np.flatnonzero(actual != expected)
+        if wrong.size:
+            k = int(wrong[0])
+            raise IndexFormatError(
+                f"{path}: sequence {start + k} starts at byte {actual[k]}, but the lengths before "
+                f"it put it at byte {expected[k]} (corrupt or hand-edited index)")
+        offset = int(expected[-1] + nbytes[-1])
+    bin_size = os.path.getsize(bin_path(info.prefix))
+    if offset != bin_size:
+        raise IndexFormatError(f"{path}: index lists {offset // itemsize} tokens but "
+                               f"{bin_path(info.prefix)} holds {bin_size // itemsize}")
+    docs = info.document_indices
+    if docs.shape[0] == 0 or docs[0] != 0:
+        raise IndexFormatError(f"{path}: document indices must start with 0")
+    previous = 0
+    for start in range(0, docs.shape[0], _COPY_ITEMS):
+        block = np.asarray(docs[start:start + _COPY_ITEMS])
+        steps = np.diff(block, prepend=previous)
+        down = np.flatnonzero(steps < 0)
+        if down.size:
+            k = start + int(down[0])
+            raise IndexFormatError(f"{path}: document indices decrease at entry {k} "
+                                   f"({docs[k]} after {docs[k - 1]})")
+        previous = block[-1]
+    if docs[-1] != info.num_sequences:
+        raise IndexFormatError(f"{path}: last document ends at sequence {docs[-1]}, not "
+                               f"{info.num_sequences} (the sequence count)")
 
 
 class IndexedDatasetWriter:

@@ -158,3 +158,78 @@ def test_multi_frame_zst_files_are_read_whole(tmp_path, llama_spm):
     assert zst.documents == plain.documents == {"text": 79}
     assert Path(zst.outputs["text"] + ".bin").read_bytes() == \
         Path(plain.outputs["text"] + ".bin").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. An .idx whose pointers or document indices disagree with its lengths is refused on opening.
+
+_HEADER = 9 + 8 + 1 + 8 + 8
+
+
+def _copy_dataset(prefix: str, to: Path) -> str:
+    for suffix in (".bin", ".idx"):
+        (to.parent / (to.name + suffix)).write_bytes(Path(prefix + suffix).read_bytes())
+    return str(to)
+
+
+def _poke(prefix: str, offset: int, value: int, dtype) -> None:
+    """Write one value into the .idx, as a new file (a new version, as any tool writes it)."""
+    path = Path(prefix + ".idx")
+    data = bytearray(path.read_bytes())
+    item = np.array([value], dtype=dtype).tobytes()
+    data[offset:offset + len(item)] = item
+    Path(f"{path}.new").write_bytes(bytes(data))
+    Path(f"{path}.new").replace(path)
+
+
+def _corrupt(kind: str, prefix: str) -> str:
+    """Damage one field of the index and return what the error must say."""
+    from megatron_tinyllama.data.indexed import read_index
+
+    info = read_index(prefix)
+    n_seq, n_doc = info.num_sequences, info.num_documents + 1
+    pointers, docs = _HEADER + 4 * n_seq, _HEADER + 12 * n_seq
+    if kind == "pointer":  # sequence 3 starts 2 tokens late: megatron-core reads shifted bytes
+        _poke(prefix, pointers + 8 * 3, int(info.sequence_pointers[3]) + 4, np.int64)
+        return "sequence 3 starts at byte"
+    if kind == "document order":
+        _poke(prefix, docs + 8 * 2, int(info.document_indices[4]), np.int64)
+        return "document indices decrease"
+    if kind == "document end":
+        _poke(prefix, docs + 8 * (n_doc - 1), n_seq - 1, np.int64)
+        return f"last document ends at sequence {n_seq - 1}, not {n_seq}"
+    if kind == "negative length":  # lengths still sum to the .bin size
+        first, second = (int(n) for n in info.sequence_lengths[1:3])
+        _poke(prefix, _HEADER + 4 * 1, -first, np.int32)
+        _poke(prefix, _HEADER + 4 * 2, second + 2 * first, np.int32)
+        return f"sequence 1 has length {-first}"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["pointer", "document order", "document end", "negative length"])
+def test_index_that_disagrees_with_itself_is_refused_naming_the_file(tmp_path, good, kind):
+    from megatron_tinyllama.data.indexed import IndexFormatError, read_index
+    from megatron_tinyllama.data.merge import main as merge_main
+
+    prefix = _copy_dataset(good[0], tmp_path / "bad")
+    message = _corrupt(kind, prefix)
+    with pytest.raises(IndexFormatError, match=message) as info:
+        read_index(prefix)
+    assert str(info.value).startswith(f"{prefix}.idx: ")
+    with pytest.raises(IndexFormatError, match=message):
+        _batches(prefix, tmp_path / "cache")
+    assert merge_main(["--input", good[0], prefix, "--output-prefix", str(tmp_path / "out")]) == 1
+    assert _outputs(tmp_path) == []
+    _assert_good_unchanged(good)
+
+
+def test_megatron_core_reads_shifted_bytes_from_a_bad_pointer(tmp_path, good):
+    """Why the check matters: megatron-core trusts the pointers and returns the wrong tokens."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = _copy_dataset(good[0], tmp_path / "bad")
+    dataset = IndexedDataset(prefix)  # held: its memory map closes with it
+    right = dataset[3].tolist()
+    _corrupt("pointer", prefix)
+    dataset = IndexedDataset(prefix)
+    assert dataset[3].tolist() != right
