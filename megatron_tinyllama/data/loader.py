@@ -55,6 +55,7 @@ import torch
 from megatron_tinyllama.config import DataConfig
 from megatron_tinyllama.data.blend import BlendSchedule, parse_blend
 from megatron_tinyllama.data.indexed import dataset_exists, dataset_fingerprint, read_index
+from megatron_tinyllama.data.provenance import TokenIdError
 
 Batch = dict[str, torch.Tensor]
 GlobalBatchSize = Union[int, Callable[[int], int]]
@@ -290,10 +291,19 @@ def _train_plan(schedule: BlendSchedule, consumed_samples: int, num_samples: int
 
 
 class BlendedSamples(torch.utils.data.Dataset):
-    """Map-style dataset over (dataset, position) keys, returning the trainer's sample dict."""
+    """Map-style dataset over (dataset, position) keys, returning the trainer's sample dict.
 
-    def __init__(self, datasets: Sequence) -> None:
+    With ``vocab_size``, every sample's ids are checked to lie in ``[0, vocab_size)`` (one min/max
+    over seq_length + 1 integers, negligible next to a forward pass): an id past the embedding
+    is otherwise a bare IndexError on CPU and a device-side assert on GPU, or, below the
+    TP-padded size, no error at all.
+    """
+
+    def __init__(self, datasets: Sequence, prefixes: Sequence[str] = (),
+                 vocab_size: Optional[int] = None) -> None:
         self.datasets = list(datasets)
+        self.prefixes = list(prefixes)
+        self.vocab_size = vocab_size
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets if d is not None)
@@ -301,7 +311,17 @@ class BlendedSamples(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Batch:
         dataset, position = key
         sample = self.datasets[dataset][position]
-        return {"tokens": sample["tokens"], "labels": sample["labels"],
+        tokens, labels = sample["tokens"], sample["labels"]
+        if self.vocab_size is not None:
+            low, high = (int(v) for v in torch.aminmax(tokens))
+            low, high = min(low, int(labels[-1])), max(high, int(labels[-1]))
+            if low < 0 or high >= self.vocab_size:
+                raise TokenIdError(
+                    f"{self.prefixes[dataset]}: sample {position} holds token id "
+                    f"{high if high >= self.vocab_size else low}, outside the model's vocabulary "
+                    f"[0, {self.vocab_size}) (model.vocab_size): the dataset was tokenized with "
+                    f"a bigger tokenizer, or merges datasets from different tokenizers")
+        return {"tokens": tokens, "labels": labels,
                 "loss_mask": sample["loss_mask"].to(torch.float32)}
 
 
@@ -336,7 +356,8 @@ def _resolve(data_cfg: DataConfig, blend: Sequence[str],
 def build_train_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_size: int,
                         dp_rank: int, dp_size: int, consumed_samples: int, seed: int,
                         global_batch_size_at: GlobalBatchSize, num_samples: int,
-                        num_workers: Optional[int] = None) -> Iterator[Batch]:
+                        num_workers: Optional[int] = None,
+                        vocab_size: Optional[int] = None) -> Iterator[Batch]:
     """This DP rank's training micro-batches, from ``consumed_samples`` on.
 
     Each item is ``{'tokens': int64 [mb, seq], 'labels': int64 [mb, seq], 'loss_mask':
@@ -357,6 +378,8 @@ def build_train_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_si
             stops before a step that would pass it. Keep it fixed across resumes (it keys the
             shuffle and the cache).
         num_workers: DataLoader workers (default ``data_cfg.num_workers``).
+        vocab_size: ``model.vocab_size``; when given, a sample holding an id outside
+            ``[0, vocab_size)`` raises :class:`.provenance.TokenIdError` naming its dataset.
 
     Returns:
         An iterator of micro-batches.
@@ -377,16 +400,18 @@ def build_train_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_si
     plan = _train_plan(schedule, consumed_samples, num_samples, global_batch_size_at, dp_rank,
                        dp_size, micro_batch_size)
     workers = data_cfg.num_workers if num_workers is None else num_workers
-    return _batches(BlendedSamples(datasets), plan, workers)
+    return _batches(BlendedSamples(datasets, prefixes, vocab_size), plan, workers)
 
 
 def build_valid_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_size: int,
-                        dp_rank: int, dp_size: int, num_samples: int, seed: int) -> Iterator[Batch]:
+                        dp_rank: int, dp_size: int, num_samples: int, seed: int,
+                        vocab_size: Optional[int] = None) -> Iterator[Batch]:
     """This DP rank's share of a fixed set of held-out samples from ``data_cfg.valid_blend``.
 
     The same samples come back on every call. ``num_samples`` is rounded down to a multiple of
     ``dp_size * micro_batch_size``; rank ``r`` reads the ``r``-th contiguous slice. Same dict
-    format as :func:`build_train_batches`; collective under ``torch.distributed``.
+    format and ``vocab_size`` check as :func:`build_train_batches`; collective under
+    ``torch.distributed``.
     """
     if not data_cfg.valid_blend:
         raise ValueError("data.valid_blend is empty: validation has no data")
@@ -401,4 +426,4 @@ def build_valid_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_si
                                   seq_length=seq_length, seed=seed, cache_dir=cache_dir,
                                   split="valid")
     plan = _train_plan(schedule, 0, usable, usable, dp_rank, dp_size, micro_batch_size)
-    return _batches(BlendedSamples(datasets), plan, 0)
+    return _batches(BlendedSamples(datasets, prefixes, vocab_size), plan, 0)

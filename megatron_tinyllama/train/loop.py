@@ -24,6 +24,7 @@ from megatron_tinyllama.checkpoint.training import (
     save_training_checkpoint,
 )
 from megatron_tinyllama.config import JobConfig, save_config
+from megatron_tinyllama.data.provenance import check_data_vocab
 from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
 from megatron_tinyllama.model.build import forward_logits, language_model_loss
 from megatron_tinyllama.parallel.init import initialize_distributed, initialize_model_parallel
@@ -218,6 +219,7 @@ def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]
         from megatron_tinyllama.data.loader import build_train_batches as batch_source
 
         check_datasets_exist(cfg)
+        check_data_vocab(cfg.data, cfg.model.vocab_size)
 
     env = initialize_distributed()
     initialize_model_parallel(cfg.parallel.tensor_parallel_size, cfg.parallel.seed)

@@ -233,3 +233,140 @@ def test_megatron_core_reads_shifted_bytes_from_a_bad_pointer(tmp_path, good):
     _corrupt("pointer", prefix)
     dataset = IndexedDataset(prefix)
     assert dataset[3].tolist() != right
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Token ids the model cannot embed: refused at start where cheap, per sample otherwise.
+
+
+@pytest.fixture(scope="module")
+def big_spm(tmp_path_factory):
+    """A second tokenizer, with a bigger vocabulary than ``llama_spm`` (512)."""
+    from tests.conftest import train_llama_style_spm
+
+    return train_llama_style_spm(tmp_path_factory.mktemp("big_spm"), vocab_size=700)
+
+
+def _megatron_builder_dataset(prefix: Path, token_lists) -> str:
+    """Written by megatron-core's own builder: no tokenizer record."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for tokens in token_lists:
+        builder.add_item(torch.tensor(tokens))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def test_tokenizer_bigger_than_the_model_is_refused_before_any_setup(tmp_path, llama_spm, good):
+    from megatron_tinyllama.config import ConfigError, config_from_dict
+    from megatron_tinyllama.data.provenance import check_data_vocab
+    from megatron_tinyllama.train.loop import train
+
+    data = DataConfig(blend=(good[0],), tokenizer_model=str(llama_spm))
+    check_data_vocab(data, 512)
+    with pytest.raises(ConfigError, match=rf"data\.tokenizer_model: {llama_spm} has 512 tokens "
+                                          rf"but model\.vocab_size=500"):
+        check_data_vocab(data, 500)
+    # The trainer makes the same check first (no process group, no engine).
+    cfg = config_from_dict({"model": {"preset": "tinyllama-debug", "vocab_size": 500},
+                            "data": {"blend": good[0], "tokenizer_model": str(llama_spm)}})
+    with pytest.raises(ConfigError, match="data.tokenizer_model"):
+        train(cfg)
+    with pytest.raises(ConfigError, match=r"data\.tokenizer_model: .*not found"):
+        check_data_vocab(DataConfig(blend=(good[0],), tokenizer_model=str(tmp_path / "nope")), 512)
+    _assert_good_unchanged(good)
+
+
+def test_datasets_record_their_tokenizer_and_are_checked_against_model_and_recipe(
+        tmp_path, llama_spm, big_spm, good):
+    from megatron_tinyllama.config import ConfigError
+    from megatron_tinyllama.data.provenance import check_data_vocab, read_tokenizer_record
+
+    big = _preprocess([_jsonl(tmp_path / "b.jsonl", _texts(30, "big"))], tmp_path / "big",
+                      big_spm).outputs["text"]
+    record = read_tokenizer_record(big)
+    assert (record.vocab_size, record.kind, record.file) == (700, "sentencepiece", str(big_spm))
+    assert read_tokenizer_record(good[0]).vocab_size == 512
+    # The dataset alone (no tokenizer in the recipe) is bigger than the model.
+    with pytest.raises(ConfigError, match=rf"data\.blend: {big} was tokenized with {big_spm} "
+                                          rf"\(sentencepiece, 700 tokens.*model\.vocab_size=512"):
+        check_data_vocab(DataConfig(blend=(big,)), 512)
+    # Made with another tokenizer than the recipe's, even when both fit.
+    with pytest.raises(ConfigError, match=rf"data\.valid_blend: {big} .* not with "
+                                          rf"data\.tokenizer_model={llama_spm}"):
+        check_data_vocab(DataConfig(blend=(good[0],), valid_blend=(big,),
+                                    tokenizer_model=str(llama_spm)), 1024)
+    # Two datasets of one blend from different tokenizers.
+    with pytest.raises(ConfigError, match=rf"data\.blend: {big} .* but {good[0]} with {llama_spm}"):
+        check_data_vocab(DataConfig(blend=("0.5", good[0], "0.5", big)), 1024)
+    _assert_good_unchanged(good)
+
+
+def test_merge_refuses_datasets_from_different_tokenizers(tmp_path, llama_spm, big_spm, good,
+                                                          capsys):
+    from megatron_tinyllama.data.merge import MergeError, main as merge_main, merge_datasets
+    from megatron_tinyllama.data.provenance import read_tokenizer_record
+
+    big = _preprocess([_jsonl(tmp_path / "b.jsonl", _texts(30, "big"))], tmp_path / "big",
+                      big_spm).outputs["text"]
+    code = merge_main(["--input", good[0], big, "--output-prefix", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and f"error: {big} was tokenized with {big_spm}" in err
+    assert f"but {good[0]} with {llama_spm}" in err and _outputs(tmp_path) == []
+    with pytest.raises(MergeError, match="tokenize them alike"):
+        merge_datasets([big, good[0]], str(tmp_path / "out"))
+    # Same tokenizer: merged, and the output carries the record.
+    same = _preprocess([_jsonl(tmp_path / "s.jsonl", _texts(20, "same"))], tmp_path / "same",
+                       llama_spm).outputs["text"]
+    summary = merge_datasets([good[0], same], str(tmp_path / "out"))
+    assert summary.tokenizer == read_tokenizer_record(good[0]) == \
+        read_tokenizer_record(str(tmp_path / "out"))
+    # With a dataset that has no record, the output records none and says so.
+    plain = _megatron_builder_dataset(tmp_path / "plain", [[5, 6, 7]])
+    assert merge_main(["--input", good[0], plain, "--output-prefix", str(tmp_path / "mixed")]) == 0
+    assert f"tokenizer: not recorded (1 of the inputs carry no record, e.g. {plain})" in \
+        capsys.readouterr().out
+    assert read_tokenizer_record(str(tmp_path / "mixed")) is None
+    _assert_good_unchanged(good)
+
+
+def test_token_ids_past_the_vocabulary_are_named_per_sample(tmp_path, good):
+    from megatron_tinyllama.data.provenance import TokenIdError
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 512, size=40).tolist() for _ in range(30)]
+    docs[7][5] = 600  # one id of a bigger tokenizer, in a dataset that records none
+    prefix = _megatron_builder_dataset(tmp_path / "plain", docs)
+    unchecked = _tokens(_batches(prefix, tmp_path / "cache", num_samples=64))
+    with pytest.raises(IndexError):  # what the model would do with it
+        torch.nn.Embedding(512, 4)(unchecked)
+    with pytest.raises(TokenIdError, match=rf"{prefix}: sample \d+ holds token id 600, outside "
+                                           rf"the model's vocabulary \[0, 512\)"):
+        _batches(prefix, tmp_path / "cache", num_samples=64, vocab_size=512)
+    assert len(_batches(prefix, tmp_path / "cache", num_samples=64, vocab_size=601)) == 32
+    _assert_good_unchanged(good)
+
+
+def test_stale_tokenizer_record_is_ignored_with_a_warning(tmp_path, llama_spm, caplog):
+    from megatron_tinyllama.data.provenance import read_tokenizer_record
+
+    prefix = _preprocess([_jsonl(tmp_path / "a.jsonl", _texts(10, "a"))], tmp_path / "d",
+                         llama_spm).outputs["text"]
+    assert read_tokenizer_record(prefix) is not None
+    _megatron_builder_dataset(Path(prefix), [[1, 2, 3]])  # another tool rewrites .bin/.idx only
+    assert read_tokenizer_record(prefix) is None
+    assert "describes other contents" in caplog.text
+
+
+def test_all_empty_documents_write_nothing_and_fail(tmp_path, llama_spm, good, capsys):
+    source = _jsonl(tmp_path / "blank.jsonl", ["", "   ", "\n\n"])
+    code = preprocess_main(["--input", str(source), "--output-prefix", str(tmp_path / "out"),
+                            "--tokenizer-model", str(llama_spm), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"error: {tmp_path}/out_text_document: no document to write for key 'text' " \
+           f"(3 records read, 3 empty" in err
+    assert _outputs(tmp_path) == []
+    _assert_good_unchanged(good)
