@@ -21,8 +21,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_tinyllama.data.indexed import (IndexedDatasetWriter, IndexFormatError, bin_path,
-                                             dataset_exists, idx_path, read_index)
+from megatron_tinyllama.data.indexed import (IndexedDatasetWriter, IndexFormatError,
+                                             OutputPathError, bin_path, dataset_exists, idx_path,
+                                             read_index)
 from megatron_tinyllama.data.provenance import (TokenizerRecord, dataset_meta,
                                                 read_tokenizer_record)
 
@@ -131,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = merge_datasets(args.input, args.output_prefix)
-    except (MergeError, IndexFormatError) as err:
+    except (MergeError, IndexFormatError, OutputPathError) as err:
         print(f"error: {err}", file=sys.stderr)
         print("error: nothing was written", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence
 import numpy as np
 
 from megatron_tinyllama.data.encode import PlainEncoder, make_encoder
-from megatron_tinyllama.data.indexed import IndexedDatasetWriter, token_dtype
+from megatron_tinyllama.data.indexed import IndexedDatasetWriter, OutputPathError, token_dtype
 from megatron_tinyllama.data.progress import Progress, human
 from megatron_tinyllama.data.provenance import dataset_meta, tokenizer_record
 from megatron_tinyllama.data.readers import (BadInputError, WorkUnit, expand_inputs,
@@ -275,6 +275,7 @@ def preprocess_data(cfg: PreprocessConfig) -> PreprocessSummary:
         TokenizerError: Unusable tokenizer, or EOS/BOS requested but missing.
         EmptyOutputError: No document is left for an output (all empty or filtered); nothing
             is written.
+        OutputPathError: The output prefix's folder cannot be created (a file is in the way).
     """
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer_model)
@@ -426,7 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(err))
     try:
         summary = preprocess_data(cfg)
-    except (BadInputError, TokenizerError, EmptyOutputError) as err:
+    except (BadInputError, TokenizerError, EmptyOutputError, OutputPathError) as err:
         hint = getattr(err, "skippable", False) and not cfg.skip_bad_lines
         print(f"error: {err}", file=sys.stderr)
         print("error: nothing was written" + (" (--skip-bad-lines counts and skips such input)"

@@ -370,3 +370,68 @@ def test_all_empty_documents_write_nothing_and_fail(tmp_path, llama_spm, good, c
            f"(3 records read, 3 empty" in err
     assert _outputs(tmp_path) == []
     _assert_good_unchanged(good)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Output paths that cannot be written, and temporary files of a killed run.
+
+
+def test_output_prefix_under_a_file_is_a_one_line_error(tmp_path, llama_spm, good, capsys):
+    from megatron_tinyllama.data.merge import main as merge_main
+
+    source = _jsonl(tmp_path / "a.jsonl", _texts(5, "a"))
+    (tmp_path / "data").write_text("a file where a folder should be")
+    code = preprocess_main(["--input", str(source), "--output-prefix",
+                            str(tmp_path / "data" / "sub" / "out"), "--tokenizer-model",
+                            str(llama_spm), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"{tmp_path}/data is a file, not a folder" in err
+    assert merge_main(["--input", good[0], "--output-prefix", str(tmp_path / "data" / "m")]) == 1
+    assert f"{tmp_path}/data is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "data").read_text() == "a file where a folder should be"
+    _assert_good_unchanged(good)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_temporaries_of_a_killed_run_are_removed_and_never_read(tmp_path, llama_spm, good):
+    import socket
+    import subprocess
+
+    from megatron_tinyllama.data.merge import merge_datasets
+
+    prefix = tmp_path / "out_text_document"
+    dead, host = _dead_pid(), socket.gethostname()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = [f"{prefix}.bin.tmp{dead}", f"{prefix}.idx.tmp{dead}.{host}",
+                 f"{prefix}.lengths.tmp{dead}", f"{prefix}.docs.tmp{dead}.{host}",
+                 f"{prefix}.meta.json.tmp{dead}"]
+        kept = [f"{prefix}.bin.tmp{live.pid}.{host}",  # a run still going
+                f"{prefix}.bin.tmp{dead}.other-node"]  # another machine's, on a shared disk
+        for path in stale + kept:
+            Path(path).write_bytes(b"\xff" * 64)
+        # Never read: a merge of the folder sees no dataset in them.
+        (tmp_path / "parts").mkdir()
+        Path(tmp_path / "parts" / f"x.idx.tmp{dead}").write_bytes(b"junk")
+        Path(tmp_path / "parts" / f"x.bin.tmp{dead}").write_bytes(b"junk")
+        _copy_dataset(good[0], tmp_path / "parts" / "g")
+        assert merge_datasets([str(tmp_path / "parts")], str(tmp_path / "merged")).inputs == \
+            (str(tmp_path / "parts" / "g"),)
+        summary = _preprocess([_jsonl(tmp_path / "a.jsonl", _texts(5, "a"))], tmp_path / "out",
+                              llama_spm)
+        assert summary.documents == {"text": 5}
+        assert [p for p in stale if Path(p).exists()] == []
+        assert all(Path(p).read_bytes() == b"\xff" * 64 for p in kept)
+    finally:
+        live.kill()
+        live.wait()
+    _assert_good_unchanged(good)
