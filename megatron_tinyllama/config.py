@@ -108,12 +108,18 @@ class ParallelConfig:
     """Base DeepSpeed JSON (in ds_configs/); batch, precision, ZeRO stage are filled from this config."""
     seed: int = 1234
     """Seed for weights (identical across TP layouts), dropout and data order."""
+    expected_world_size: Optional[int] = None
+    """Ranks the job must run on (nodes x GPUs per node). When set, a launcher that started
+    another number stops at start: deepspeed runs on this machine's devices alone, with only a
+    warning, when its --hostfile is missing. None accepts any world."""
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ConfigError("parallel.tensor_parallel_size must be >= 1")
         if self.hpz_partition_size < 0:
             raise ConfigError("parallel.hpz_partition_size must be >= 0")
+        if self.expected_world_size is not None and self.expected_world_size < 1:
+            raise ConfigError("parallel.expected_world_size must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
