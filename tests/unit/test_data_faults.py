@@ -7,17 +7,31 @@ every test that injects a fault ends by checking their bytes are unchanged.
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+import zstandard
 
-from megatron_tinyllama.config import DataConfig
+from megatron_tinyllama.config import ConfigError, DataConfig, config_from_dict
+from megatron_tinyllama.data.indexed import IndexFormatError, read_index
 from megatron_tinyllama.data.loader import build_train_batches
+from megatron_tinyllama.data.merge import MergeError, main as merge_main, merge_datasets
 from megatron_tinyllama.data.preprocess import PreprocessConfig, main as preprocess_main, \
     preprocess_data
+from megatron_tinyllama.data.provenance import TokenIdError, check_data_vocab, \
+    read_tokenizer_record
+from megatron_tinyllama.data.readers import BadInputError
+from megatron_tinyllama.train.loop import train
+from tests.conftest import REPO_ROOT, train_llama_style_spm
 
 SEQ = 16
 
@@ -94,10 +108,6 @@ def test_re_preprocessed_prefix_does_not_reuse_the_old_sample_index_cache(tmp_pa
 
 def _zst_in_blocks(path: Path, texts, docs_per_block: int) -> tuple[Path, list[int]]:
     """A one-frame zstd file flushed every ``docs_per_block`` documents; returns the flush offsets."""
-    import io
-
-    import zstandard
-
     buffer = io.BytesIO()
     writer = zstandard.ZstdCompressor().stream_writer(buffer, closefd=False)
     ends = []
@@ -129,8 +139,6 @@ def test_zst_cut_at_a_block_boundary_is_reported_as_truncated(tmp_path, llama_sp
 
 
 def test_zst_cut_inside_a_line_is_truncation_not_malformed_json(tmp_path, llama_spm, good):
-    from megatron_tinyllama.data.readers import BadInputError
-
     whole, ends = _zst_in_blocks(tmp_path / "whole.jsonl.zst", _texts(79, "z"), 10)
     for cut_at in (ends[0] + 7, len(whole.read_bytes()) - 3):
         cut = tmp_path / f"cut{cut_at}.jsonl.zst"
@@ -145,8 +153,6 @@ def test_zst_cut_inside_a_line_is_truncation_not_malformed_json(tmp_path, llama_
 
 
 def test_multi_frame_zst_files_are_read_whole(tmp_path, llama_spm):
-    import zstandard
-
     texts = _texts(79, "f")
     frames = [zstandard.ZstdCompressor().compress(
         "".join(json.dumps({"text": t}) + "\n" for t in texts[i:i + 10]).encode())
@@ -184,8 +190,6 @@ def _poke(prefix: str, offset: int, value: int, dtype) -> None:
 
 def _corrupt(kind: str, prefix: str) -> str:
     """Damage one field of the index and return what the error must say."""
-    from megatron_tinyllama.data.indexed import read_index
-
     info = read_index(prefix)
     n_seq, n_doc = info.num_sequences, info.num_documents + 1
     pointers, docs = _HEADER + 4 * n_seq, _HEADER + 12 * n_seq
@@ -208,9 +212,6 @@ def _corrupt(kind: str, prefix: str) -> str:
 
 @pytest.mark.parametrize("kind", ["pointer", "document order", "document end", "negative length"])
 def test_index_that_disagrees_with_itself_is_refused_naming_the_file(tmp_path, good, kind):
-    from megatron_tinyllama.data.indexed import IndexFormatError, read_index
-    from megatron_tinyllama.data.merge import main as merge_main
-
     prefix = _copy_dataset(good[0], tmp_path / "bad")
     message = _corrupt(kind, prefix)
     with pytest.raises(IndexFormatError, match=message) as info:
@@ -242,8 +243,6 @@ def test_megatron_core_reads_shifted_bytes_from_a_bad_pointer(tmp_path, good):
 @pytest.fixture(scope="module")
 def big_spm(tmp_path_factory):
     """A second tokenizer, with a bigger vocabulary than ``llama_spm`` (512)."""
-    from tests.conftest import train_llama_style_spm
-
     return train_llama_style_spm(tmp_path_factory.mktemp("big_spm"), vocab_size=700)
 
 
@@ -260,10 +259,6 @@ def _megatron_builder_dataset(prefix: Path, token_lists) -> str:
 
 
 def test_tokenizer_bigger_than_the_model_is_refused_before_any_setup(tmp_path, llama_spm, good):
-    from megatron_tinyllama.config import ConfigError, config_from_dict
-    from megatron_tinyllama.data.provenance import check_data_vocab
-    from megatron_tinyllama.train.loop import train
-
     data = DataConfig(blend=(good[0],), tokenizer_model=str(llama_spm))
     check_data_vocab(data, 512)
     with pytest.raises(ConfigError, match=rf"data\.tokenizer_model: {llama_spm} has 512 tokens "
@@ -281,9 +276,6 @@ def test_tokenizer_bigger_than_the_model_is_refused_before_any_setup(tmp_path, l
 
 def test_datasets_record_their_tokenizer_and_are_checked_against_model_and_recipe(
         tmp_path, llama_spm, big_spm, good):
-    from megatron_tinyllama.config import ConfigError
-    from megatron_tinyllama.data.provenance import check_data_vocab, read_tokenizer_record
-
     big = _preprocess([_jsonl(tmp_path / "b.jsonl", _texts(30, "big"))], tmp_path / "big",
                       big_spm).outputs["text"]
     record = read_tokenizer_record(big)
@@ -306,9 +298,6 @@ def test_datasets_record_their_tokenizer_and_are_checked_against_model_and_recip
 
 def test_merge_refuses_datasets_from_different_tokenizers(tmp_path, llama_spm, big_spm, good,
                                                           capsys):
-    from megatron_tinyllama.data.merge import MergeError, main as merge_main, merge_datasets
-    from megatron_tinyllama.data.provenance import read_tokenizer_record
-
     big = _preprocess([_jsonl(tmp_path / "b.jsonl", _texts(30, "big"))], tmp_path / "big",
                       big_spm).outputs["text"]
     code = merge_main(["--input", good[0], big, "--output-prefix", str(tmp_path / "out")])
@@ -333,8 +322,6 @@ def test_merge_refuses_datasets_from_different_tokenizers(tmp_path, llama_spm, b
 
 
 def test_token_ids_past_the_vocabulary_are_named_per_sample(tmp_path, good):
-    from megatron_tinyllama.data.provenance import TokenIdError
-
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 512, size=40).tolist() for _ in range(30)]
     docs[7][5] = 600  # one id of a bigger tokenizer, in a dataset that records none
@@ -350,8 +337,6 @@ def test_token_ids_past_the_vocabulary_are_named_per_sample(tmp_path, good):
 
 
 def test_stale_tokenizer_record_is_ignored_with_a_warning(tmp_path, llama_spm, caplog):
-    from megatron_tinyllama.data.provenance import read_tokenizer_record
-
     prefix = _preprocess([_jsonl(tmp_path / "a.jsonl", _texts(10, "a"))], tmp_path / "d",
                          llama_spm).outputs["text"]
     assert read_tokenizer_record(prefix) is not None
@@ -377,8 +362,6 @@ def test_all_empty_documents_write_nothing_and_fail(tmp_path, llama_spm, good, c
 
 
 def test_output_prefix_under_a_file_is_a_one_line_error(tmp_path, llama_spm, good, capsys):
-    from megatron_tinyllama.data.merge import main as merge_main
-
     source = _jsonl(tmp_path / "a.jsonl", _texts(5, "a"))
     (tmp_path / "data").write_text("a file where a folder should be")
     code = preprocess_main(["--input", str(source), "--output-prefix",
@@ -394,20 +377,12 @@ def test_output_prefix_under_a_file_is_a_one_line_error(tmp_path, llama_spm, goo
 
 
 def _dead_pid() -> int:
-    import subprocess
-    import sys
-
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
 
 
 def test_temporaries_of_a_killed_run_are_removed_and_never_read(tmp_path, llama_spm, good):
-    import socket
-    import subprocess
-
-    from megatron_tinyllama.data.merge import merge_datasets
-
     prefix = tmp_path / "out_text_document"
     dead, host = _dead_pid(), socket.gethostname()
     live = subprocess.Popen(["sleep", "60"])
@@ -434,4 +409,35 @@ def test_temporaries_of_a_killed_run_are_removed_and_never_read(tmp_path, llama_
     finally:
         live.kill()
         live.wait()
+    _assert_good_unchanged(good)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's exit status for the faults it can see before any set-up.
+
+
+def _pretrain(tmp_path: Path, name: str, data: dict, vocab_size: int):
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"preset": "tinyllama-debug", "vocab_size": vocab_size}, "data": data,
+        "train": {"train_tokens": 1024, "global_batch_tokens": 1024, "micro_batch_size": 4,
+                  "precision": "fp32"}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "megatron_tinyllama.train.pretrain", "--config",
+                           str(recipe)], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_trainer_exits_2_naming_the_field_and_file(tmp_path, llama_spm, big_spm, good):
+    big = _preprocess([_jsonl(tmp_path / "b.jsonl", _texts(30, "big"))], tmp_path / "big",
+                      big_spm).outputs["text"]
+    result = _pretrain(tmp_path, "vocab", {"blend": f"0.5 {good[0]} 0.5 {big}"}, 600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"data.blend: {big} was tokenized with {big_spm} (sentencepiece, 700 tokens" \
+        in result.stderr and "Traceback" not in result.stderr
+    corrupt = _copy_dataset(good[0], tmp_path / "corrupt")
+    _corrupt("pointer", corrupt)
+    result = _pretrain(tmp_path, "index", {"blend": corrupt, "tokenizer_model": str(llama_spm)},
+                       512)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"data.blend: {corrupt}.idx: sequence 3 starts at byte" in result.stderr
     _assert_good_unchanged(good)
