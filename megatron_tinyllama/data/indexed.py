@@ -22,18 +22,17 @@ megatron-core's files (the merge tool and tests use it); megatron-core reads our
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import os
-import re
-import socket
 import struct
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+
+from megatron_tinyllama.data.outputs import make_parent, remove_stale_temporaries, temporary_tag
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +50,6 @@ _COPY_ITEMS = 1 << 20  # elements per block when streaming index arrays
 
 class IndexFormatError(ValueError):
     """An ``.idx``/``.bin`` pair that is not a valid (or not a supported) indexed dataset."""
-
-
-class OutputPathError(ValueError):
-    """An output prefix that cannot be written (a file stands where its folder should be)."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -265,62 +260,6 @@ def _check_index(info: IndexInfo) -> None:
                                f"{info.num_sequences} (the sequence count)")
 
 
-_TMP_MARK = ".tmp"
-# What follows a final name in a temporary one: ".tmp<pid>" (older runs) or ".tmp<pid>.<host>".
-_TMP_TAG = re.compile(r"\.tmp(\d+)(?:\.(.+))?$")
-_TMP_STEMS = (".bin", ".idx", ".lengths", ".docs", ".meta.json")
-
-
-def remove_stale_temporaries(prefix: str) -> list[str]:
-    """Delete the temporary files a killed writer of ``prefix`` left; returns what was removed.
-
-    Only files of a process that no longer runs on this machine are removed: a writer still at
-    work, or one on another machine sharing the disk, keeps its files. Nothing ever reads them.
-    """
-    removed = []
-    for stem in _TMP_STEMS:
-        for path in glob.glob(glob.escape(prefix + stem) + _TMP_MARK + "*"):
-            match = _TMP_TAG.search(path[len(prefix + stem):])
-            if match is None or (match.group(2) or socket.gethostname()) != socket.gethostname():
-                continue
-            if _process_alive(int(match.group(1))):
-                continue
-            try:
-                os.remove(path)
-            except FileNotFoundError:  # its owner's abort or another cleaner got there first
-                continue
-            logger.warning("removed %s, left by process %s that no longer runs", path,
-                           match.group(1))
-            removed.append(path)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _make_parent(prefix: str) -> None:
-    parent = os.path.dirname(os.path.abspath(prefix))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = parent
-        while os.path.dirname(blocker) != blocker and not os.path.isfile(blocker):
-            blocker = os.path.dirname(blocker)
-        what = f"{blocker} is a file, not a folder" if os.path.isfile(blocker) else \
-            f"{parent} cannot be created"
-        raise OutputPathError(f"{prefix}: cannot write here, {what}") from None
-    except PermissionError as err:
-        raise OutputPathError(f"{prefix}: cannot create the folder {parent} "
-                              f"({err.strerror})") from None
-
-
 class IndexedDatasetWriter:
     """Streams documents into ``<prefix>.bin/.idx`` through temporary files.
 
@@ -328,7 +267,7 @@ class IndexedDatasetWriter:
     ends to side files that :meth:`finalize` streams into the ``.idx``. Nothing carries the final
     names until :meth:`finalize` has checked that the lengths sum to the ``.bin`` token count.
     Use as a context manager: an exception inside the block calls :meth:`abort`. Temporary names
-    end in ``.tmp<pid>.<host>``; those of a killed writer are removed by the next one.
+    end in :func:`.outputs.temporary_tag`; those of a killed writer are removed by the next one.
 
     Args:
         prefix: Output prefix.
@@ -344,9 +283,10 @@ class IndexedDatasetWriter:
         self.meta = meta
         if self.dtype not in _CODE_OF:
             raise ValueError(f"dtype {self.dtype} has no indexed-dataset code")
-        _make_parent(prefix)
-        remove_stale_temporaries(prefix)
-        tag = f"{_TMP_MARK}{os.getpid()}.{socket.gethostname()}"
+        make_parent(prefix)
+        remove_stale_temporaries([bin_path(prefix), idx_path(prefix), f"{prefix}.lengths",
+                                  f"{prefix}.docs", meta_path(prefix)])
+        tag = temporary_tag()
         self._bin_tmp = bin_path(prefix) + tag
         self._idx_tmp = idx_path(prefix) + tag
         self._len_tmp = f"{prefix}.lengths{tag}"

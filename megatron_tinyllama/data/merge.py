@@ -21,9 +21,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_tinyllama.data.indexed import (IndexedDatasetWriter, IndexFormatError,
-                                             OutputPathError, bin_path, dataset_exists, idx_path,
-                                             read_index)
+from megatron_tinyllama.data.indexed import (IndexedDatasetWriter, IndexFormatError, bin_path,
+                                             dataset_exists, idx_path, read_index)
+from megatron_tinyllama.data.outputs import OutputPathError
 from megatron_tinyllama.data.provenance import (TokenizerRecord, dataset_meta,
                                                 read_tokenizer_record)
 

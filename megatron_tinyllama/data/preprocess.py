@@ -31,7 +31,8 @@ from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence
 import numpy as np
 
 from megatron_tinyllama.data.encode import PlainEncoder, make_encoder
-from megatron_tinyllama.data.indexed import IndexedDatasetWriter, OutputPathError, token_dtype
+from megatron_tinyllama.data.indexed import IndexedDatasetWriter, token_dtype
+from megatron_tinyllama.data.outputs import OutputPathError
 from megatron_tinyllama.data.progress import Progress, human
 from megatron_tinyllama.data.provenance import dataset_meta, tokenizer_record
 from megatron_tinyllama.data.readers import (BadInputError, WorkUnit, expand_inputs,
