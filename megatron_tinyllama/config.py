@@ -134,10 +134,16 @@ class ParallelConfig:
     """Base DeepSpeed JSON (in ds_configs/); batch, precision, ZeRO stage are filled from this config."""
     seed: int = 1234
     """Seed for weights (identical across TP layouts), dropout and data order."""
+    expected_world_size: Optional[int] = None
+    """Ranks the job must run on (nodes x GPUs per node). When set, a launcher that started
+    another number stops at start: deepspeed runs on this machine's devices alone, with only a
+    warning, when its --hostfile is missing. None accepts any world."""
 
     def __post_init__(self) -> None:
         _check_range("parallel", "tensor_parallel_size", self.tensor_parallel_size, low=1)
         _check_range("parallel", "hpz_partition_size", self.hpz_partition_size, low=0)
+        if self.expected_world_size is not None:
+            _check_range("parallel", "expected_world_size", self.expected_world_size, low=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -438,7 +444,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as err:
-        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
+        named = not where or str(err).startswith(f"{where}.")  # the message names the field already
+        raise ConfigError(str(err) if named else f"{where}: {err}") from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

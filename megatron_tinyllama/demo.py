@@ -23,9 +23,15 @@ import yaml
 REPO_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def write_demo_recipe(template: Path, data_dir: Path, save_dir: Path, out: Path) -> Path:
-    """The demo recipe with the corpus paths and the run directory filled in."""
+def write_demo_recipe(template: Path, data_dir: Path, save_dir: Path, out: Path,
+                      ranks: int = 2) -> Path:
+    """The demo recipe with the corpus paths, the run directory and its world size filled in.
+
+    The world size is declared so that the README's CPU command, run with this recipe but
+    without its hostfile, stops at start instead of training on one rank.
+    """
     recipe = yaml.safe_load(template.read_text().replace("DEMO/", f"{data_dir}/"))
+    recipe.setdefault("parallel", {})["expected_world_size"] = ranks
     recipe.setdefault("checkpoint", {})["save_dir"] = str(save_dir)
     recipe.setdefault("logging", {})["tensorboard_dir"] = str(save_dir / "tb")
     out.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -59,7 +65,7 @@ def run_demo(work_dir: Path, *, ranks: int = 2, overrides: Sequence[str] = (),
     log.info("1/3 building the demo corpus in %s", work_dir / "data")
     corpus = build_demo_corpus(work_dir / "data", progress=True)
     recipe = write_demo_recipe(REPO_EXAMPLES / "demo_cpu.yaml", work_dir / "data", work_dir / "run",
-                               work_dir / "recipe.yaml")
+                               work_dir / "recipe.yaml", ranks=ranks)
     if (work_dir / "run").exists():  # a demo run starts fresh; resuming is for real runs
         shutil.rmtree(work_dir / "run")
     log.info("2/3 training: deepspeed launcher, %d local ranks, recipe %s", ranks, recipe)

@@ -3,17 +3,25 @@
 On a cluster users type the launcher command themselves; this module only builds the same command
 for one machine: a hostfile of local "nodes", ``--no_ssh`` with one launcher per simulated node, and
 ``DS_ACCELERATOR=cpu`` when there is no GPU.
+
+It also owns checking a hostfile before deepspeed reads it (:func:`read_hostfile`). deepspeed's
+runner warns about a missing hostfile and goes on with this machine's devices alone, accepts
+``slots=0`` (and then starts no process and exits 0) or ``slots=4.5`` (as 4), and reports a bad
+line as a traceback without its line number. The commands built here always pass
+``parallel.expected_world_size`` too, which the pretraining entry checks against the world the
+launcher really started (see :func:`megatron_tinyllama.parallel.init.check_launched_world`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 # Distinct names for simulated nodes on one machine; all resolve to the loopback interface.
 _LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "127.0.0.2", "127.0.0.3")
@@ -23,6 +31,55 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class HostfileError(ValueError):
+    """A hostfile that is missing or malformed: names the file and the line."""
+
+
+_SLOTS = re.compile(r"slots=(\S*)$")
+
+
+def read_hostfile(path: Union[str, Path]) -> dict[str, int]:
+    """Hosts and their slots from a deepspeed hostfile, checked line by line.
+
+    Lines are ``hostname slots=<count>``; blank lines and ``#`` comments (also after an entry)
+    are ignored. Stricter than deepspeed's own reader, which runs on local devices when the file
+    is missing and reads ``slots=4.5`` as 4 or ``slots=0`` as a node to start nothing on.
+
+    Raises:
+        HostfileError: A missing file, a line of another shape, a count that is not a positive
+            integer, a host listed twice, or no host at all; named as ``file:line``.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise HostfileError(f"{path}: no such file (deepspeed would fall back to this machine's "
+                            f"devices, with only a warning)") from None
+    except OSError as err:
+        raise HostfileError(f"{path}: cannot read ({err.strerror})") from None
+    hosts: dict[str, int] = {}
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        where = f"{path}:{number}"
+        slots = _SLOTS.match(fields[1]) if len(fields) == 2 else None
+        if slots is None:
+            raise HostfileError(f"{where}: {line.strip()!r}: expected 'hostname slots=<count>'")
+        count = slots.group(1)
+        if not count.isdigit() or int(count) < 1:
+            raise HostfileError(f"{where}: slots={count!r} is not a positive integer")
+        host = fields[0]
+        if host in hosts:
+            raise HostfileError(f"{where}: {host} is listed again (first on line "
+                                f"{first_line[host]})")
+        hosts[host], first_line[host] = int(count), number
+    if not hosts:
+        raise HostfileError(f"{path}: lists no host")
+    return hosts
 
 
 def write_local_hostfile(path: Path, nodes: int, slots_per_node: int) -> Path:
@@ -49,25 +106,43 @@ def launcher_env() -> dict[str, str]:
 
 def deepspeed_command(hostfile: Path, node_rank: int, master_port: int, config: Path,
                       overrides: Sequence[str] = ()) -> list[str]:
-    """The launcher command for one simulated node."""
+    """The launcher command for one simulated node of ``hostfile`` (checked first).
+
+    ``parallel.expected_world_size`` is set to the hostfile's total slots (before ``overrides``,
+    which may change it), so that a world other than the hostfile's stops the run at start.
+
+    Raises:
+        HostfileError: See :func:`read_hostfile`; or ``node_rank`` names no line of it.
+    """
+    hosts = read_hostfile(hostfile)
+    if not 0 <= node_rank < len(hosts):
+        raise HostfileError(f"{hostfile}: node rank {node_rank} is not among its {len(hosts)} "
+                            f"hosts")
     launcher = shutil.which("deepspeed") or "deepspeed"
     return [
         launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
         "--master_addr", "127.0.0.1", "--master_port", str(master_port),
-        "--module", "megatron_tinyllama.train.pretrain", "--config", str(config), *overrides,
+        "--module", "megatron_tinyllama.train.pretrain", "--config", str(config),
+        f"parallel.expected_world_size={sum(hosts.values())}", *overrides,
     ]
 
 
 def launch_local(config: Path, *, nodes: int = 1, ranks_per_node: int = 2, work_dir: Path,
                  overrides: Sequence[str] = (), timeout_s: Optional[float] = None,
-                 log_path: Optional[Path] = None) -> subprocess.CompletedProcess:
+                 log_path: Optional[Path] = None,
+                 hostfile: Optional[Path] = None) -> subprocess.CompletedProcess:
     """Run the deepspeed launcher for ``nodes`` x ``ranks_per_node`` local ranks and wait.
+
+    With ``hostfile``, its hosts are the simulated nodes instead (it is checked first, see
+    :func:`read_hostfile`; the names must resolve to this machine).
 
     Returns the last launcher's completed process (its output, when ``log_path`` is None, is
     captured); raises ``subprocess.CalledProcessError`` if any launcher fails.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    hostfile = write_local_hostfile(work_dir / "hostfile", nodes, ranks_per_node)
+    if hostfile is None:
+        hostfile = write_local_hostfile(work_dir / "hostfile", nodes, ranks_per_node)
+    nodes = len(read_hostfile(hostfile))
     port = free_port()
     env = launcher_env()
     procs = []

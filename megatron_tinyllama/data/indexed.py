@@ -7,6 +7,11 @@ This module owns the on-disk format that megatron-core's ``IndexedDataset`` read
   ``<Q``, document count ``<Q``, then int32 sequence lengths, int64 byte pointers and int64
   document indices (sequence index where each document ends, starting with 0).
 
+Next to them we may write ``<prefix>.meta.json``, a record of how the dataset was made (the
+tokenizer, see :mod:`.provenance`) together with the dataset's fingerprint; megatron-core never
+reads it, and a record whose fingerprint no longer matches the files (another tool rewrote them)
+is ignored with a warning.
+
 We write it ourselves instead of using megatron-core's ``IndexedDatasetBuilder`` because that
 builder keeps every length in Python lists until ``finalize`` (memory grows with the corpus) and
 writes straight to the final names. :class:`IndexedDatasetWriter` spills lengths to a side file,
@@ -17,14 +22,22 @@ megatron-core's files (the merge tool and tests use it); megatron-core reads our
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
+from megatron_tinyllama.data.outputs import make_parent, remove_stale_temporaries, temporary_tag
+
+logger = logging.getLogger(__name__)
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
+META_FORMAT = "megatron-tinyllama dataset record"
 _HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype code, two counts
 # megatron-core's DType enum (indexed_dataset.py); the codes are part of the file format.
 DTYPE_CODES: dict[int, type] = {
@@ -55,9 +68,69 @@ def bin_path(prefix: str) -> str:
     return f"{prefix}.bin"
 
 
+def meta_path(prefix: str) -> str:
+    return f"{prefix}.meta.json"
+
+
 def dataset_exists(prefix: str) -> bool:
     """True when both files of a finished dataset are present."""
     return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def dataset_fingerprint(prefix: str) -> str:
+    """What identifies a dataset's contents: the SHA-256 of its ``.idx`` bytes and the ``.bin`` size.
+
+    The index holds every sequence length and document boundary, so any re-preprocessing that
+    could change a sample index changes it; paths and modification times do not enter (a copied
+    dataset keeps its fingerprint, a rewritten one in the same place gets a new one). Memoised per
+    process by the files' inode, size and mtime: reading a multi-GB ``.idx`` once is enough.
+    """
+    key = _version(prefix)
+    if key not in _FINGERPRINTS:
+        with open(idx_path(prefix), "rb") as stream:
+            digest = hashlib.file_digest(stream, "sha256").hexdigest()
+        _FINGERPRINTS[key] = _fingerprint(digest, os.path.getsize(bin_path(prefix)))
+    return _FINGERPRINTS[key]
+
+
+def _fingerprint(idx_sha256: str, bin_bytes: int) -> str:
+    return f"{idx_sha256}-{bin_bytes}"
+
+
+def _version(prefix: str) -> tuple:
+    """The files' identity on disk: a rewrite (a rename over them, or new bytes) changes it."""
+    return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns)
+                 for s in (os.stat(idx_path(prefix)), os.stat(bin_path(prefix))))
+
+
+def read_meta(prefix: str) -> Optional[dict[str, Any]]:
+    """The record written beside a dataset (see the module docstring), or None.
+
+    None when there is no record (megatron-core's builder, older datasets) or when it is stale:
+    its fingerprint is not the files' (they were rewritten by a tool that left it behind), which
+    is logged as a warning.
+
+    Raises:
+        IndexFormatError: The record exists but is not one of ours (not JSON, wrong format).
+    """
+    path = meta_path(prefix)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            record = json.load(stream)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise IndexFormatError(f"{path}: unreadable dataset record ({err})") from None
+    if not isinstance(record, dict) or record.get("format") != META_FORMAT:
+        raise IndexFormatError(f"{path}: not a dataset record (format is not {META_FORMAT!r})")
+    if record.get("fingerprint") != dataset_fingerprint(prefix):
+        logger.warning("%s: ignored, it describes other contents than %s.{bin,idx} (rewritten "
+                       "since by another tool?)", path, prefix)
+        return None
+    return record
 
 
 @dataclass(frozen=True)
@@ -97,6 +170,13 @@ class IndexInfo:
 def read_index(prefix: str) -> IndexInfo:
     """Open ``<prefix>.idx`` (ours or megatron-core's) and check it against ``<prefix>.bin``.
 
+    megatron-core reads each sequence at the byte its pointer names and trusts the document
+    indices, so an index that disagrees with itself trains on the wrong bytes (or crashes the
+    sample-index builder). Every array is therefore checked, streamed in blocks, once per process
+    and file version: lengths are >= 0, each pointer is the sum of the lengths before it times
+    the token size, the last sequence ends at the ``.bin`` size, and document indices start at 0,
+    never decrease and end at the sequence count.
+
     Args:
         prefix: Dataset prefix.
 
@@ -105,7 +185,8 @@ def read_index(prefix: str) -> IndexInfo:
 
     Raises:
         IndexFormatError: Bad magic/version/dtype, a truncated file, multimodal modes (not
-            supported), or a ``.bin`` whose size disagrees with the index.
+            supported), or arrays that disagree with each other or with the ``.bin`` size; the
+            message names the ``.idx`` and the first bad entry.
     """
     path = idx_path(prefix)
     with open(path, "rb") as stream:
@@ -128,13 +209,55 @@ def read_index(prefix: str) -> IndexInfo:
     pointers = np.frombuffer(mm, dtype=np.int64, count=n_seq, offset=_HEADER_BYTES + 4 * n_seq)
     docs = np.frombuffer(mm, dtype=np.int64, count=n_doc, offset=_HEADER_BYTES + 12 * n_seq)
     info = IndexInfo(prefix, np.dtype(DTYPE_CODES[code]), lengths, pointers, docs)
-    bin_size = os.path.getsize(bin_path(prefix))
-    if info.num_tokens * info.dtype.itemsize != bin_size:
-        raise IndexFormatError(
-            f"{prefix}: index lists {info.num_tokens} tokens but {bin_path(prefix)} holds "
-            f"{bin_size // info.dtype.itemsize}"
-        )
+    key = _version(prefix)
+    if key not in _CHECKED_INDEXES:
+        _check_index(info)
+        _CHECKED_INDEXES.add(key)
     return info
+
+
+_CHECKED_INDEXES: set[tuple] = set()
+
+
+def _check_index(info: IndexInfo) -> None:
+    path, itemsize = idx_path(info.prefix), info.dtype.itemsize
+    offset = 0  # bytes of the .bin before the current block
+    for start in range(0, info.num_sequences, _COPY_ITEMS):
+        lengths = np.asarray(info.sequence_lengths[start:start + _COPY_ITEMS], dtype=np.int64)
+        negative = np.flatnonzero(lengths < 0)
+        if negative.size:
+            k = int(negative[0])
+            raise IndexFormatError(f"{path}: sequence {start + k} has length {lengths[k]}")
+        nbytes = lengths * itemsize
+        expected = offset + np.cumsum(nbytes) - nbytes
+        actual = info.sequence_pointers[start:start + _COPY_ITEMS]
+        wrong = np.flatnonzero(actual != expected)
+        if wrong.size:
+            k = int(wrong[0])
+            raise IndexFormatError(
+                f"{path}: sequence {start + k} starts at byte {actual[k]}, but the lengths before "
+                f"it put it at byte {expected[k]} (corrupt or hand-edited index)")
+        offset = int(expected[-1] + nbytes[-1])
+    bin_size = os.path.getsize(bin_path(info.prefix))
+    if offset != bin_size:
+        raise IndexFormatError(f"{path}: index lists {offset // itemsize} tokens but "
+                               f"{bin_path(info.prefix)} holds {bin_size // itemsize}")
+    docs = info.document_indices
+    if docs.shape[0] == 0 or docs[0] != 0:
+        raise IndexFormatError(f"{path}: document indices must start with 0")
+    previous = 0
+    for start in range(0, docs.shape[0], _COPY_ITEMS):
+        block = np.asarray(docs[start:start + _COPY_ITEMS])
+        steps = np.diff(block, prepend=previous)
+        down = np.flatnonzero(steps < 0)
+        if down.size:
+            k = start + int(down[0])
+            raise IndexFormatError(f"{path}: document indices decrease at entry {k} "
+                                   f"({docs[k]} after {docs[k - 1]})")
+        previous = block[-1]
+    if docs[-1] != info.num_sequences:
+        raise IndexFormatError(f"{path}: last document ends at sequence {docs[-1]}, not "
+                               f"{info.num_sequences} (the sequence count)")
 
 
 class IndexedDatasetWriter:
@@ -143,25 +266,32 @@ class IndexedDatasetWriter:
     Memory stays flat: tokens go straight to the ``.bin`` temp file, and lengths and document
     ends to side files that :meth:`finalize` streams into the ``.idx``. Nothing carries the final
     names until :meth:`finalize` has checked that the lengths sum to the ``.bin`` token count.
-    Use as a context manager: an exception inside the block calls :meth:`abort`.
+    Use as a context manager: an exception inside the block calls :meth:`abort`. Temporary names
+    end in :func:`.outputs.temporary_tag`; those of a killed writer are removed by the next one.
 
     Args:
         prefix: Output prefix.
         dtype: Token dtype (see :func:`token_dtype`).
+        meta: When given, written as ``<prefix>.meta.json`` with the dataset's fingerprint (and
+            renamed into place with the other two); an old record is removed either way.
     """
 
-    def __init__(self, prefix: str, dtype: np.dtype) -> None:
+    def __init__(self, prefix: str, dtype: np.dtype,
+                 meta: Optional[dict[str, Any]] = None) -> None:
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
+        self.meta = meta
         if self.dtype not in _CODE_OF:
             raise ValueError(f"dtype {self.dtype} has no indexed-dataset code")
-        parent = os.path.dirname(os.path.abspath(prefix))
-        os.makedirs(parent, exist_ok=True)
-        tag = f".tmp{os.getpid()}"
+        make_parent(prefix)
+        remove_stale_temporaries([bin_path(prefix), idx_path(prefix), f"{prefix}.lengths",
+                                  f"{prefix}.docs", meta_path(prefix)])
+        tag = temporary_tag()
         self._bin_tmp = bin_path(prefix) + tag
         self._idx_tmp = idx_path(prefix) + tag
         self._len_tmp = f"{prefix}.lengths{tag}"
         self._doc_tmp = f"{prefix}.docs{tag}"
+        self._meta_tmp = meta_path(prefix) + tag
         self._bin = open(self._bin_tmp, "wb")
         self._lengths = open(self._len_tmp, "wb")
         self._docs = open(self._doc_tmp, "wb")
@@ -223,36 +353,50 @@ class IndexedDatasetWriter:
             self.abort()
             raise IndexFormatError(f"{self.prefix}: .bin has {bin_bytes} bytes, index expects "
                                    f"{self.num_tokens} tokens of {self.dtype}")
-        self._write_index()
-        # An old .idx next to a new .bin would look complete: drop it before the first rename.
-        if os.path.exists(idx_path(self.prefix)):
-            os.remove(idx_path(self.prefix))
+        fingerprint = _fingerprint(self._write_index(), bin_bytes)
+        if self.meta is not None:
+            with open(self._meta_tmp, "w", encoding="utf-8") as out:
+                json.dump({"format": META_FORMAT, "fingerprint": fingerprint, **self.meta}, out,
+                          indent=2)
+        # An old .idx (or record) next to a new .bin would look complete: drop them before the
+        # first rename. A kill between the renames leaves at worst a dataset without a record.
+        self._cleanup(idx_path(self.prefix), meta_path(self.prefix))
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(self._idx_tmp, idx_path(self.prefix))
+        if self.meta is not None:
+            os.replace(self._meta_tmp, meta_path(self.prefix))
         self._cleanup(self._len_tmp, self._doc_tmp)
+        _FINGERPRINTS[_version(self.prefix)] = fingerprint  # saves reading it back
         self._closed = True
 
-    def _write_index(self) -> None:
+    def _write_index(self) -> str:
+        """Write the ``.idx`` temp file; returns the SHA-256 of its bytes."""
         itemsize = np.int64(self.dtype.itemsize)
+        digest = hashlib.sha256()
         with open(self._idx_tmp, "wb") as out:
-            out.write(INDEX_HEADER)
-            out.write(struct.pack("<QBQQ", 1, _CODE_OF[self.dtype], self.num_sequences,
-                                  self.num_documents + 1))
+            def put(data: bytes) -> None:
+                out.write(data)
+                digest.update(data)
+
+            put(INDEX_HEADER)
+            put(struct.pack("<QBQQ", 1, _CODE_OF[self.dtype], self.num_sequences,
+                            self.num_documents + 1))
             lengths = np.memmap(self._len_tmp, dtype=np.int32, mode="r") if self.num_sequences \
                 else np.zeros(0, np.int32)
             for start in range(0, self.num_sequences, _COPY_ITEMS):
-                out.write(np.asarray(lengths[start:start + _COPY_ITEMS]).tobytes())
+                put(np.asarray(lengths[start:start + _COPY_ITEMS]).tobytes())
             offset = np.int64(0)
             for start in range(0, self.num_sequences, _COPY_ITEMS):
                 block = np.asarray(lengths[start:start + _COPY_ITEMS], dtype=np.int64) * itemsize
                 ends = np.cumsum(block) + offset
-                out.write((ends - block).tobytes())
+                put((ends - block).tobytes())
                 offset = ends[-1]
-            out.write(np.zeros(1, np.int64).tobytes())
+            put(np.zeros(1, np.int64).tobytes())
             with open(self._doc_tmp, "rb") as docs:
                 while chunk := docs.read(8 * _COPY_ITEMS):
-                    out.write(chunk)
+                    put(chunk)
             del lengths
+        return digest.hexdigest()
 
     def abort(self) -> None:
         """Close and delete every temporary file; the final names are left untouched."""
@@ -260,7 +404,8 @@ class IndexedDatasetWriter:
             return
         for stream in (self._bin, self._lengths, self._docs):
             stream.close()
-        self._cleanup(self._bin_tmp, self._idx_tmp, self._len_tmp, self._doc_tmp)
+        self._cleanup(self._bin_tmp, self._idx_tmp, self._len_tmp, self._doc_tmp,
+                      self._meta_tmp)
         self._closed = True
 
     @staticmethod

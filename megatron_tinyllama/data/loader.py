@@ -7,9 +7,11 @@ document boundaries (``tokens`` = the first ``seq_length``, ``labels`` = the las
 ``loss_mask`` all ones: there is no padding). We reuse megatron-core's ``GPTDataset`` for this:
 it shuffles documents, builds the sample index with its compiled C++ helper
 (``megatron.core.datasets.helpers_cpp``, shipped compiled in the megatron-core wheels; we compile
-it once if it is missing) and caches the index arrays as ``.npy`` files. We subclass it only so
-that a cache appears atomically (built in a temporary folder, then renamed), because an
-interrupted build would otherwise leave files that the next run loads as complete.
+it once if it is missing) and caches the index arrays as ``.npy`` files. We subclass it so that a
+cache is keyed on the dataset's contents (:func:`.indexed.dataset_fingerprint`; megatron-core
+keys it on the path, so a prefix preprocessed again would train on the old sample index and then
+fail with an IndexError) and appears atomically (built in a temporary folder, then renamed),
+because an interrupted build would otherwise leave files that the next run loads as complete.
 
 **Blend.** Global sample ``i`` comes from the dataset and position that
 :class:`.blend.BlendSchedule` assigns from ``(seed, i)`` alone (weights may move with tokens
@@ -38,6 +40,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -50,7 +54,8 @@ import torch
 
 from megatron_tinyllama.config import DataConfig
 from megatron_tinyllama.data.blend import BlendSchedule, parse_blend
-from megatron_tinyllama.data.indexed import dataset_exists, read_index
+from megatron_tinyllama.data.indexed import dataset_exists, dataset_fingerprint, read_index
+from megatron_tinyllama.data.provenance import TokenIdError
 
 Batch = dict[str, torch.Tensor]
 GlobalBatchSize = Union[int, Callable[[int], int]]
@@ -112,9 +117,26 @@ def _gpt_dataset_class():
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
     class CachedGPTDataset(GPTDataset):
-        """GPTDataset whose .npy index cache appears atomically (see the module docstring)."""
+        """GPTDataset whose .npy index cache is keyed on the dataset's contents and appears
+        atomically (see the module docstring)."""
+
+        def __init__(self, *args, fingerprint: str, **kwargs) -> None:
+            self._fingerprint = fingerprint
+            super().__init__(*args, **kwargs)
+
+        def _key_on_contents(self) -> None:
+            # megatron-core names the cache after the path and the config only, so a prefix that
+            # was preprocessed again would load the old contents' sample index. Add the contents.
+            if self.unique_identifiers.get("dataset_fingerprint") == self._fingerprint:
+                return
+            self.unique_identifiers["dataset_fingerprint"] = self._fingerprint
+            self.unique_description = json.dumps(self.unique_identifiers, indent=4,
+                                                 default=lambda obj: obj.unique_identifiers)
+            self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"),
+                                                       usedforsecurity=False).hexdigest()
 
         def _build_document_sample_shuffle_indices(self):
+            self._key_on_contents()
             cache = self.config.path_to_cache
             base = f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}"
             names = [f"{base}-{affix}" for affix in ("document_index.npy", "sample_index.npy",
@@ -186,7 +208,8 @@ def build_gpt_datasets(prefixes: Sequence[str], num_samples: Sequence[int], *, s
             config = _gpt_config(seq_length, seed, cache_dir, prefix)
             low = cls.build_low_level_dataset(prefix, config)
             docs = np.arange(low.sequence_lengths.shape[0], dtype=np.int32)
-            datasets.append(cls(low, prefix, docs, int(needed), Split[split], config))
+            datasets.append(cls(low, prefix, docs, int(needed), Split[split], config,
+                                fingerprint=dataset_fingerprint(prefix)))
         return datasets
 
     lock = os.path.join(cache_dir, ".build.lock")
@@ -268,10 +291,19 @@ def _train_plan(schedule: BlendSchedule, consumed_samples: int, num_samples: int
 
 
 class BlendedSamples(torch.utils.data.Dataset):
-    """Map-style dataset over (dataset, position) keys, returning the trainer's sample dict."""
+    """Map-style dataset over (dataset, position) keys, returning the trainer's sample dict.
 
-    def __init__(self, datasets: Sequence) -> None:
+    With ``vocab_size``, every sample's ids are checked to lie in ``[0, vocab_size)`` (one min/max
+    over seq_length + 1 integers, negligible next to a forward pass): an id past the embedding
+    is otherwise a bare IndexError on CPU and a device-side assert on GPU, or, below the
+    TP-padded size, no error at all.
+    """
+
+    def __init__(self, datasets: Sequence, prefixes: Sequence[str] = (),
+                 vocab_size: Optional[int] = None) -> None:
         self.datasets = list(datasets)
+        self.prefixes = list(prefixes)
+        self.vocab_size = vocab_size
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets if d is not None)
@@ -279,7 +311,17 @@ class BlendedSamples(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Batch:
         dataset, position = key
         sample = self.datasets[dataset][position]
-        return {"tokens": sample["tokens"], "labels": sample["labels"],
+        tokens, labels = sample["tokens"], sample["labels"]
+        if self.vocab_size is not None:
+            low, high = (int(v) for v in torch.aminmax(tokens))
+            low, high = min(low, int(labels[-1])), max(high, int(labels[-1]))
+            if low < 0 or high >= self.vocab_size:
+                raise TokenIdError(
+                    f"{self.prefixes[dataset]}: sample {position} holds token id "
+                    f"{high if high >= self.vocab_size else low}, outside the model's vocabulary "
+                    f"[0, {self.vocab_size}) (model.vocab_size): the dataset was tokenized with "
+                    f"a bigger tokenizer, or merges datasets from different tokenizers")
+        return {"tokens": tokens, "labels": labels,
                 "loss_mask": sample["loss_mask"].to(torch.float32)}
 
 
@@ -311,10 +353,28 @@ def _resolve(data_cfg: DataConfig, blend: Sequence[str],
     return prefixes, weights, cache_dir, (data_cfg.seed if data_cfg.seed is not None else seed)
 
 
+def check_datasets_exist(data_cfg: DataConfig) -> None:
+    """Fail before any heavy set-up when a dataset of the recipe is missing.
+
+    Raises:
+        ConfigError: naming the field and the prefix without ``.bin``/``.idx``.
+    """
+    from megatron_tinyllama.config import ConfigError
+
+    for name in ("blend", "valid_blend"):
+        blend = getattr(data_cfg, name)
+        if not blend:
+            continue
+        for prefix in parse_blend(blend)[0]:
+            if not dataset_exists(prefix):
+                raise ConfigError(f"data.{name}: {prefix} has no indexed dataset (.bin/.idx)")
+
+
 def build_train_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_size: int,
                         dp_rank: int, dp_size: int, consumed_samples: int, seed: int,
                         global_batch_size_at: GlobalBatchSize, num_samples: int,
-                        num_workers: Optional[int] = None) -> Iterator[Batch]:
+                        num_workers: Optional[int] = None,
+                        vocab_size: Optional[int] = None) -> Iterator[Batch]:
     """This DP rank's training micro-batches, from ``consumed_samples`` on.
 
     Each item is ``{'tokens': int64 [mb, seq], 'labels': int64 [mb, seq], 'loss_mask':
@@ -335,6 +395,8 @@ def build_train_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_si
             stops before a step that would pass it. Keep it fixed across resumes (it keys the
             shuffle and the cache).
         num_workers: DataLoader workers (default ``data_cfg.num_workers``).
+        vocab_size: ``model.vocab_size``; when given, a sample holding an id outside
+            ``[0, vocab_size)`` raises :class:`.provenance.TokenIdError` naming its dataset.
 
     Returns:
         An iterator of micro-batches.
@@ -355,16 +417,18 @@ def build_train_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_si
     plan = _train_plan(schedule, consumed_samples, num_samples, global_batch_size_at, dp_rank,
                        dp_size, micro_batch_size)
     workers = data_cfg.num_workers if num_workers is None else num_workers
-    return _batches(BlendedSamples(datasets), plan, workers)
+    return _batches(BlendedSamples(datasets, prefixes, vocab_size), plan, workers)
 
 
 def build_valid_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_size: int,
-                        dp_rank: int, dp_size: int, num_samples: int, seed: int) -> Iterator[Batch]:
+                        dp_rank: int, dp_size: int, num_samples: int, seed: int,
+                        vocab_size: Optional[int] = None) -> Iterator[Batch]:
     """This DP rank's share of a fixed set of held-out samples from ``data_cfg.valid_blend``.
 
     The same samples come back on every call. ``num_samples`` is rounded down to a multiple of
     ``dp_size * micro_batch_size``; rank ``r`` reads the ``r``-th contiguous slice. Same dict
-    format as :func:`build_train_batches`; collective under ``torch.distributed``.
+    format and ``vocab_size`` check as :func:`build_train_batches`; collective under
+    ``torch.distributed``.
     """
     if not data_cfg.valid_blend:
         raise ValueError("data.valid_blend is empty: validation has no data")
@@ -379,4 +443,4 @@ def build_valid_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_si
                                   seq_length=seq_length, seed=seed, cache_dir=cache_dir,
                                   split="valid")
     plan = _train_plan(schedule, 0, usable, usable, dp_rank, dp_size, micro_batch_size)
-    return _batches(BlendedSamples(datasets), plan, 0)
+    return _batches(BlendedSamples(datasets, prefixes, vocab_size), plan, 0)

@@ -5,7 +5,8 @@ Megatron-LM's ``tools/merge_datasets.py`` it takes a directory of ``.bin/.idx`` 
 sorted name order) and an output prefix; it also accepts explicit prefixes and globs. Inputs
 written by megatron-core's builder (including several sequences per document) merge too.
 Memory stays flat (``.bin`` files are copied in blocks, index arrays streamed), and the result
-appears only when complete (see :class:`.indexed.IndexedDatasetWriter`).
+appears only when complete (see :class:`.indexed.IndexedDatasetWriter`). Inputs recorded as made
+by different tokenizers are refused; the output records their tokenizer when all share one.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ import numpy as np
 
 from megatron_tinyllama.data.indexed import (IndexedDatasetWriter, IndexFormatError, bin_path,
                                              dataset_exists, idx_path, read_index)
+from megatron_tinyllama.data.outputs import OutputPathError
+from megatron_tinyllama.data.provenance import (TokenizerRecord, dataset_meta,
+                                                read_tokenizer_record)
 
 _BLOCK = 1 << 20
 
 
 class MergeError(ValueError):
-    """Inputs that cannot be merged (missing halves, mixed dtypes, output among the inputs)."""
+    """Inputs that cannot be merged (missing halves, mixed dtypes or tokenizers, output among the
+    inputs)."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,10 @@ class MergeSummary:
     documents: int
     sequences: int
     tokens: int
+    tokenizer: Optional[TokenizerRecord]
+    """The inputs' common tokenizer, recorded in the output; None when some input has no record."""
+    unrecorded: tuple[str, ...] = ()
+    """Inputs without a tokenizer record (megatron-core's builder, older datasets)."""
 
 
 def resolve_prefixes(inputs: Sequence[str]) -> list[str]:
@@ -87,7 +96,17 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str) -> MergeSummary:
     dtypes = {str(info.dtype) for info in infos}
     if len(dtypes) != 1:
         raise MergeError(f"inputs mix token dtypes {sorted(dtypes)}; tokenize them alike")
-    with IndexedDatasetWriter(output_prefix, infos[0].dtype) as writer:
+    records = {prefix: read_tokenizer_record(prefix) for prefix in prefixes}
+    known = [(prefix, record) for prefix, record in records.items() if record is not None]
+    for prefix, record in known[1:]:
+        if record.sha256 != known[0][1].sha256:
+            raise MergeError(f"{prefix} was tokenized with {record.describe()}, but "
+                             f"{known[0][0]} with {known[0][1].describe()}: token ids of "
+                             f"different tokenizers mean different things; tokenize them alike")
+    unrecorded = tuple(prefix for prefix, record in records.items() if record is None)
+    common = known[0][1] if known and not unrecorded else None
+    meta = dataset_meta(common) if common else None
+    with IndexedDatasetWriter(output_prefix, infos[0].dtype, meta=meta) as writer:
         for info in infos:
             seq_offset = writer.num_sequences
             for start in range(0, info.num_sequences, _BLOCK):
@@ -99,7 +118,7 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str) -> MergeSummary:
             with open(bin_path(info.prefix), "rb") as source:
                 shutil.copyfileobj(source, writer.bin_stream, _BLOCK)
     return MergeSummary(output_prefix, tuple(prefixes), writer.num_documents,
-                        writer.num_sequences, writer.num_tokens)
+                        writer.num_sequences, writer.num_tokens, common, unrecorded)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -113,12 +132,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = merge_datasets(args.input, args.output_prefix)
-    except (MergeError, IndexFormatError) as err:
+    except (MergeError, IndexFormatError, OutputPathError) as err:
         print(f"error: {err}", file=sys.stderr)
         print("error: nothing was written", file=sys.stderr)
         return 1
     print(f"merged {len(summary.inputs)} datasets -> {summary.output_prefix}: "
           f"{summary.documents} docs, {summary.sequences} sequences, {summary.tokens} tokens")
+    if summary.tokenizer is not None:
+        print(f"tokenizer: {summary.tokenizer.describe()}")
+    else:
+        print(f"tokenizer: not recorded ({len(summary.unrecorded)} of the inputs carry no "
+              f"record, e.g. {summary.unrecorded[0]}); token ids are checked against the model "
+              f"per sample at training time")
     return 0
 
 

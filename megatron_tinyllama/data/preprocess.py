@@ -9,7 +9,9 @@ output does not depend on the number of workers.
 
 Documents are written exactly as tokenized, plus ``--bos`` before and ``--append-eod`` (EOS)
 after each document, once: no filler, no padding. Empty (blank) documents are skipped and
-counted. Each unit's token counts are checked against these rules before it is written.
+counted; a job that is left with no document for an output writes nothing and fails. Each unit's
+token counts are checked against these rules before it is written. Every output records the
+tokenizer that made it (``<prefix>.meta.json``, :mod:`.provenance`).
 
 Output names follow Megatron-LM: ``<output-prefix>_<key>_document`` per json key; a prefix
 containing ``{key}`` is formatted instead (``out/{key}_document``).
@@ -30,7 +32,9 @@ import numpy as np
 
 from megatron_tinyllama.data.encode import PlainEncoder, make_encoder
 from megatron_tinyllama.data.indexed import IndexedDatasetWriter, token_dtype
+from megatron_tinyllama.data.outputs import OutputPathError
 from megatron_tinyllama.data.progress import Progress, human
+from megatron_tinyllama.data.provenance import dataset_meta, tokenizer_record
 from megatron_tinyllama.data.readers import (BadInputError, WorkUnit, expand_inputs,
                                              iter_units, parse_unit)
 from megatron_tinyllama.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -38,6 +42,10 @@ from megatron_tinyllama.data.tokenizer import Tokenizer, TokenizerError, load_to
 # SlimPajama marks its GitHub subset so; TinyLlama drops it (StarCoder already has the code).
 SLIMPAJAMA_GITHUB = ("meta.redpajama_set_name", "RedPajamaGithub")
 _MAX_EXAMPLES = 5
+
+
+class EmptyOutputError(ValueError):
+    """Every document for an output was empty, blank or filtered out: nothing to train on."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,6 +274,9 @@ def preprocess_data(cfg: PreprocessConfig) -> PreprocessSummary:
         BadInputError: Bad input (file and line named) unless ``skip_bad_lines`` covers it;
             no output (not even a partial one) is left behind.
         TokenizerError: Unusable tokenizer, or EOS/BOS requested but missing.
+        EmptyOutputError: No document is left for an output (all empty or filtered); nothing
+            is written.
+        OutputPathError: The output prefix's folder cannot be created (a file is in the way).
     """
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer_model)
@@ -280,8 +291,11 @@ def preprocess_data(cfg: PreprocessConfig) -> PreprocessSummary:
     total_bytes = sum(os.path.getsize(path) for path in files)
     progress = Progress(total_bytes, cfg.log_interval, enabled=cfg.progress)
     counts: Counter = Counter()
-    writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in summary.outputs.items()}
+    meta = dataset_meta(tokenizer_record(tokenizer))
+    writers: dict[str, IndexedDatasetWriter] = {}
     try:
+        for key, prefix in summary.outputs.items():
+            writers[key] = IndexedDatasetWriter(prefix, dtype, meta=meta)
         units = _units(files, cfg, summary)
         for result in _ordered_map(_work, units, cfg.workers, _init_worker, (cfg, dtype)):
             if result.errors and not cfg.skip_bad_lines:
@@ -297,6 +311,12 @@ def preprocess_data(cfg: PreprocessConfig) -> PreprocessSummary:
                 docs += len(result.lengths[key])
                 tokens += int(result.tokens[key].shape[0])
             progress.update(docs, tokens, result.nbytes)
+        for key, writer in writers.items():
+            if writer.num_documents == 0:  # megatron-core's sampler would fail on it at train time
+                raise EmptyOutputError(
+                    f"{writer.prefix}: no document to write for key {key!r} "
+                    f"({counts['records']} records read, {counts[f'empty:{key}']} empty, "
+                    f"{counts['filtered']} filtered out, {counts['bad_lines']} bad lines skipped)")
         for writer in writers.values():
             writer.finalize()
     except BaseException:
@@ -408,7 +428,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(err))
     try:
         summary = preprocess_data(cfg)
-    except (BadInputError, TokenizerError) as err:
+    except (BadInputError, TokenizerError, EmptyOutputError, OutputPathError) as err:
         hint = getattr(err, "skippable", False) and not cfg.skip_bad_lines
         print(f"error: {err}", file=sys.stderr)
         print("error: nothing was written" + (" (--skip-bad-lines counts and skips such input)"

@@ -14,6 +14,9 @@ filters and the bad-input rules:
   the file is read whole, as the document it is) or per non-blank line (``"line"``, streamed);
   the json key only names the output.
 * A zero-byte file is bad input: an error, or a skipped file with ``skip_bad_lines``.
+* A ``.zst`` file whose compressed stream ends inside a frame (cut short) is an error that says
+  "truncated", whatever byte it was cut at, even with ``skip_bad_lines``: part of a file is not
+  a document set anyone asked for.
 
 The main process only cuts files into :class:`WorkUnit` s (cheap); parsing and filtering
 (:func:`parse_unit`) run in the workers, next to tokenization.
@@ -22,7 +25,6 @@ The main process only cuts files into :class:`WorkUnit` s (cheap); parsing and f
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 from collections import Counter
@@ -121,13 +123,62 @@ class WorkUnit:
     nbytes: int
 
 
-def _open_binary(path: str) -> tuple[io.BufferedIOBase, Any]:
+def _open_binary(path: str) -> tuple[Any, Any]:
     raw = open(path, "rb")
     if path.lower().endswith(".zst"):
+        return _ZstdFrames(path, raw), raw
+    return raw, raw
+
+
+class _ZstdFrames:
+    """Decompresses the frames of a ``.zst`` file one after another, and knows where they end.
+
+    zstandard's ``stream_reader`` returns end-of-file when the compressed bytes run out, even in
+    the middle of a frame: a file cut at a block boundary then reads as a shorter, valid file,
+    and one cut inside a block as a file whose last line is malformed. Here the end of the
+    compressed bytes inside an unfinished frame is an error that says so. (A cut exactly between
+    two complete frames leaves a valid file and cannot be told apart from a shorter one.)
+    """
+
+    _INPUT_BYTES = 1 << 17  # compressed bytes per step: bounds what one step decompresses
+
+    def __init__(self, path: str, raw) -> None:
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), raw
-    return raw, raw
+        self._path, self._raw = path, raw
+        self._context = zstandard.ZstdDecompressor()
+        self._frame = None  # decompressor of the frame in progress, None between frames
+        self._buffer = bytearray()
+        self._decompressed = 0
+
+    def read(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            data = self._raw.read(self._INPUT_BYTES)
+            if not data:
+                if self._frame is not None:
+                    raise BadInputError(self._path, None, (
+                        f"truncated: the zstd stream ends inside a frame, after "
+                        f"{self._decompressed} decompressed bytes (an interrupted download or "
+                        f"copy?); nothing of this file is used"))
+                break
+            self._feed(data)
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return out
+
+    def _feed(self, data: bytes) -> None:
+        while data:
+            if self._frame is None:
+                self._frame = self._context.decompressobj()
+            out = self._frame.decompress(data)
+            self._buffer += out
+            self._decompressed += len(out)
+            if not self._frame.eof:
+                return
+            data, self._frame = self._frame.unused_data, None
+
+    def close(self) -> None:
+        self._buffer.clear()
 
 
 def iter_units(path: str, *, chunk_bytes: int = 1 << 20, text_mode: str = "file",
@@ -180,6 +231,8 @@ def iter_units(path: str, *, chunk_bytes: int = 1 << 20, text_mode: str = "file"
 def _read_block(path: str, stream, size: int) -> bytes:
     try:
         return stream.read(size)
+    except BadInputError:
+        raise
     except Exception as err:  # zstandard.ZstdError and OSError
         raise BadInputError(path, None, f"cannot read ({type(err).__name__}: {err})") from None
 

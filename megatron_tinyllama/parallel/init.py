@@ -50,6 +50,30 @@ def read_launcher_env() -> DistributedEnv:
     )
 
 
+def check_launched_world(parallel_cfg) -> DistributedEnv:
+    """The launcher's world, refused when it is not ``parallel.expected_world_size``.
+
+    Made on every rank before any collective, so all of them stop alike.
+
+    Args:
+        parallel_cfg: The recipe's :class:`~megatron_tinyllama.config.ParallelConfig`.
+
+    Raises:
+        ConfigError: Naming both sizes and what usually causes the difference.
+    """
+    env = read_launcher_env()
+    expected = parallel_cfg.expected_world_size
+    if expected is not None and env.world_size != expected:
+        nodes = f"{env.num_nodes} node{'s' if env.num_nodes > 1 else ''} of " \
+                f"{env.local_world_size}"
+        raise ConfigError(
+            f"the launcher started {env.world_size} rank{'s' if env.world_size > 1 else ''} "
+            f"({nodes}) but parallel.expected_world_size={expected}: check deepspeed's "
+            f"--hostfile (a missing one makes it run on this machine's devices alone, with only "
+            f"a warning), --num_nodes, --num_gpus and --include/--exclude")
+    return env
+
+
 def set_thread_env_defaults(num_threads: int | None = None) -> None:
     """On CPU, several ranks share the cores: default OMP_NUM_THREADS to cores/local ranks."""
     if torch.cuda.is_available():

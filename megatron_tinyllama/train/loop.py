@@ -24,6 +24,7 @@ from megatron_tinyllama.checkpoint.training import (
     start_state,
 )
 from megatron_tinyllama.config import JobConfig, save_config
+from megatron_tinyllama.data.provenance import check_data_vocab
 from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
 from megatron_tinyllama.model.build import forward_logits, language_model_loss
 from megatron_tinyllama.parallel.init import initialize_distributed, initialize_model_parallel
@@ -123,7 +124,7 @@ def evaluate(te: TrainingEngine, cfg: JobConfig) -> Optional[float]:
     batches = build_valid_batches(
         cfg.data, seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
         dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp_size, num_samples=num_samples,
-        seed=_data_seed(cfg),
+        seed=_data_seed(cfg), vocab_size=cfg.model.vocab_size,
     )
     te.engine.eval()
     losses = []
@@ -150,25 +151,6 @@ def stage_data_config(data_cfg, state: TrainerState, seq_length: int):
     return dataclasses.replace(data_cfg, mixture_warmup=start)
 
 
-def check_datasets_exist(cfg: JobConfig) -> None:
-    """Fail before any heavy set-up when a dataset of the recipe is missing.
-
-    Raises:
-        ConfigError: naming the field and the prefix without ``.bin``/``.idx``.
-    """
-    from megatron_tinyllama.config import ConfigError
-    from megatron_tinyllama.data.blend import parse_blend
-    from megatron_tinyllama.data.indexed import dataset_exists
-
-    for name in ("blend", "valid_blend"):
-        blend = getattr(cfg.data, name)
-        if not blend:
-            continue
-        for prefix in parse_blend(blend)[0]:
-            if not dataset_exists(prefix):
-                raise ConfigError(f"data.{name}: {prefix} has no indexed dataset (.bin/.idx)")
-
-
 def applied_updates(te: TrainingEngine) -> int:
     """Optimizer updates actually applied (skipped steps excluded), from AdamW's own step count."""
     inner = getattr(te.engine.optimizer, "optimizer", te.engine.optimizer)
@@ -188,8 +170,10 @@ def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]
 
     if batch_source is None:
         from megatron_tinyllama.data.loader import build_train_batches as batch_source
+        from megatron_tinyllama.data.loader import check_datasets_exist
 
-        check_datasets_exist(cfg)
+        check_datasets_exist(cfg.data)
+        check_data_vocab(cfg.data, cfg.model.vocab_size)
 
     env = initialize_distributed()
     initialize_model_parallel(cfg.parallel.tensor_parallel_size, cfg.parallel.seed)
@@ -206,7 +190,7 @@ def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]
         dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
         consumed_samples=state.consumed_samples, seed=_data_seed(cfg),
         global_batch_size_at=te.geometry.global_batch_size,
-        num_samples=state.samples_needed(cfg, te.geometry.global_batch_size),
+        num_samples=state.samples_needed(cfg, te.geometry.global_batch_size), vocab_size=cfg.model.vocab_size,
     )
     metrics = MetricsWriter(cfg, dist.get_rank(), dist.get_world_size())
     result = TrainResult(state=state)

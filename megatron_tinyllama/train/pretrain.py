@@ -1,7 +1,7 @@
 """Pretraining entry point, started by the ``deepspeed`` launcher on every rank.
 
-    deepspeed --hostfile hostfile -m megatron_tinyllama.train.pretrain --config recipe.yaml \
-        train.micro_batch_size=4 checkpoint.save_dir=runs/v1
+    deepspeed --hostfile hostfile --module megatron_tinyllama.train.pretrain --config recipe.yaml \
+        parallel.expected_world_size=16 train.micro_batch_size=4 checkpoint.save_dir=runs/v1
 
 Overrides are ``section.field=value`` (also accepted as ``--override section.field=value``).
 """
@@ -42,15 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
+    from megatron_tinyllama.parallel.init import (check_launched_world, set_thread_env_defaults,
+                                                  shutdown_distributed)
+
     try:
         cfg = load_config(args.config, list(args.override) + list(args.overrides))
+        check_launched_world(cfg.parallel)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from megatron_tinyllama.checkpoint.hf import ConversionError
     from megatron_tinyllama.checkpoint.training import CheckpointError
     from megatron_tinyllama.checkpoint.weights import ReplicaDriftError
-    from megatron_tinyllama.parallel.init import set_thread_env_defaults, shutdown_distributed
     from megatron_tinyllama.train.loop import NonFiniteLossError, train
 
     set_thread_env_defaults()

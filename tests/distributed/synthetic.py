@@ -13,8 +13,9 @@ def synthetic_sample(index: int, seq_length: int, vocab: int = 64) -> torch.Tens
 
 
 def synthetic_batches(data_cfg, *, seq_length, micro_batch_size, dp_rank, dp_size, consumed_samples,
-                      seed, global_batch_size_at, num_samples):
-    """Same contract as build_train_batches: this rank's contiguous slice of each global batch."""
+                      seed, global_batch_size_at, num_samples, vocab_size=None):
+    """Same contract as build_train_batches: this rank's contiguous slice of each global batch
+    (ids are below 64, so ``vocab_size`` needs no check)."""
     consumed = consumed_samples
     while True:
         gbs = global_batch_size_at if isinstance(global_batch_size_at, int) else global_batch_size_at(consumed)

@@ -97,7 +97,8 @@ def test_failure_keeps_an_existing_dataset_untouched(tmp_path, llama_spm, monkey
     good.write_text("\n".join([GOOD] * 50) + "\n")
     preprocess_data(_cfg(tmp_path, [good], llama_spm))
     before = {n: (tmp_path / n).read_bytes() for n in _outputs(tmp_path)}
-    assert sorted(before) == ["out_text_document.bin", "out_text_document.idx"]
+    assert sorted(before) == ["out_text_document.bin", "out_text_document.idx",
+                              "out_text_document.meta.json"]
 
     calls = {"n": 0}
     real = preprocess_module.tokenize_documents

@@ -47,5 +47,5 @@ def test_demo_corpus_builds_two_datasets_and_a_llama_tokenizer_idempotently(tmp_
     (out / "code_document.idx").unlink()
     build_demo_corpus(out)
     redone = {k for k, v in _stamps(out).items() if stamps.get(k) != v}
-    assert redone == {"code_document.bin", "code_document.idx"}
+    assert redone == {"code_document.bin", "code_document.idx", "code_document.meta.json"}
     assert not [p for p in out.iterdir() if ".tmp" in p.name]

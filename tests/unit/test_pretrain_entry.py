@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_tinyllama.config import ConfigError, config_from_dict
-from megatron_tinyllama.train.loop import check_datasets_exist
+from megatron_tinyllama.data.loader import check_datasets_exist
 from megatron_tinyllama.train.pretrain import build_parser, main
 
 
@@ -26,4 +26,4 @@ def test_missing_dataset_is_named_before_any_setup(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"")
     (tmp_path / "a.idx").write_bytes(b"")
     with pytest.raises(ConfigError, match=rf"data\.blend: {tmp_path}/b has no indexed dataset"):
-        check_datasets_exist(cfg)
+        check_datasets_exist(cfg.data)

@@ -1,0 +1,71 @@
+"""Launcher helpers: hostfiles are checked before deepspeed reads them, and the pretraining entry
+refuses a world other than the one the recipe declares."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_tinyllama.config import ConfigError, config_from_dict
+from megatron_tinyllama.launch import HostfileError, deepspeed_command, read_hostfile
+
+BAD_HOSTFILES = {
+    "no slots": ("node-001 slots=4\nnode-002\n", 2, "expected 'hostname slots=<count>'"),
+    "slots not a number": ("node-001 slots=four\n", 1, "slots='four' is not a positive integer"),
+    "slots zero": ("# two nodes\nnode-001 slots=4\nnode-002 slots=0\n", 3,
+                   "slots='0' is not a positive integer"),
+    "slots fraction": ("node-001 slots=4.5\n", 1, "slots='4.5' is not a positive integer"),
+    "trailing words": ("node-001 slots=4 gpus=8\n", 1, "expected 'hostname slots=<count>'"),
+    "duplicate host": ("node-001 slots=4\n\nnode-001 slots=4\n", 3,
+                       "node-001 is listed again (first on line 1)"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_HOSTFILES))
+def test_malformed_hostfile_is_named_with_its_line(tmp_path, name):
+    text, line, message = BAD_HOSTFILES[name]
+    path = tmp_path / "hostfile"
+    path.write_text(text)
+    with pytest.raises(HostfileError) as info:
+        read_hostfile(path)
+    assert str(info.value).startswith(f"{path}:{line}: ") and message in str(info.value)
+    with pytest.raises(HostfileError):  # the command builder checks what it is given
+        deepspeed_command(path, 0, 29500, tmp_path / "recipe.yaml")
+
+
+def test_missing_and_empty_hostfiles_are_errors(tmp_path):
+    with pytest.raises(HostfileError, match=rf"{tmp_path}/hostfile: no such file \(deepspeed would "
+                                            rf"fall back to this machine's devices"):
+        read_hostfile(tmp_path / "hostfile")
+    (tmp_path / "hostfile").write_text("# nothing but a comment\n\n")
+    with pytest.raises(HostfileError, match=rf"{tmp_path}/hostfile: lists no host"):
+        read_hostfile(tmp_path / "hostfile")
+
+
+def test_good_hostfile_reads_like_deepspeed(tmp_path):
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    path = tmp_path / "hostfile"
+    path.write_text("# cluster\nnode-001 slots=8\n\n  node-002   slots=8  # second box\n")
+    assert read_hostfile(path) == {"node-001": 8, "node-002": 8} == dict(fetch_hostfile(str(path)))
+
+
+def test_pretrain_refuses_a_world_other_than_the_recipe_declares(tmp_path, monkeypatch, capsys):
+    from megatron_tinyllama.parallel.init import check_launched_world
+    from megatron_tinyllama.train.pretrain import main
+
+    parallel = config_from_dict({"parallel": {"expected_world_size": 16}}).parallel
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_SIZE", "8")
+    with pytest.raises(ConfigError, match=r"launcher started 8 ranks \(1 node of 8\) but "
+                                          r"parallel\.expected_world_size=16"):
+        check_launched_world(parallel)
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert check_launched_world(parallel).world_size == 16
+    assert check_launched_world(config_from_dict({}).parallel).world_size == 16  # not declared
+    with pytest.raises(ConfigError, match="parallel.expected_world_size=0: must be >= 1"):
+        config_from_dict({"parallel": {"expected_world_size": 0}})
+    # The entry checks it before anything else: exit 2, the field named.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("parallel:\n  expected_world_size: 2\n")
+    assert main(["--config", str(recipe)]) == 2
+    assert "parallel.expected_world_size=2" in capsys.readouterr().err
