@@ -231,6 +231,9 @@ class TrainConfig:
 class CheckpointConfig:
     save_dir: Optional[str] = None
     save_interval_steps: int = 1000
+    continue_from: Optional[str] = None
+    """A previous stage's save_dir: its last complete checkpoint's weights, optimizer state, token
+    count and data position carry over; the data blend and batch size may change."""
     load_dir: Optional[str] = None
     """Resume from here (defaults to save_dir when it has a 'latest')."""
     init_from: Optional[str] = None
