@@ -210,7 +210,7 @@ def run_evaluation(source: ModelSource, tasks: Sequence[EvalTask], *, device: Op
     by_shots: dict[int, list[EvalTask]] = {}
     for task in tasks:
         by_shots.setdefault(task.num_fewshot, []).append(task)
-    results, raws = [], []
+    results, raws, versions = [], [], {}
     with hf_directory(source) as hf_dir:
         lm = HFLM(pretrained=str(hf_dir), device=device, dtype=dtype, batch_size=batch_size,
                   add_bos_token=True)
@@ -228,6 +228,7 @@ def run_evaluation(source: ModelSource, tasks: Sequence[EvalTask], *, device: Op
             except KeyError as err:
                 raise EvalError(f"lm-eval does not know a task of {', '.join(names)}: {err}") from err
             results += [TaskResult(t, *_metric(raw, t)) for t in group]
+            versions.update({n: raw.get("versions", {}).get(n) for n in names})
             if keep_raw:
                 raws.append(raw)
     order = {t.name: i for i, t in enumerate(tasks)}
@@ -235,5 +236,5 @@ def run_evaluation(source: ModelSource, tasks: Sequence[EvalTask], *, device: Op
     model = {"path": str(source.path), "kind": source.kind,
              "checkpoint_tag": source.checkpoint_tag, "tokens": source.tokens}
     settings = {"device": device, "dtype": dtype, "batch_size": batch_size, "limit": limit,
-                "add_bos_token": True}
+                "add_bos_token": True, "lm_eval_task_versions": versions}
     return EvalReport(tuple(results), model, getattr(lm_eval, "__version__", ""), settings), raws

@@ -139,6 +139,7 @@ def test_cli_on_a_run_checkpoint_converts_it_and_writes_the_json_into_the_run(
     assert report.values == {"tiny_mc": hf_run[0].values["tiny_acc_norm"]}
     assert report.model["checkpoint_tag"] == "global_step000010" and report.model["tokens"] == 20480
     assert report.settings["limit"] is None
+    assert report.settings["lm_eval_task_versions"] == {"tiny_mc": "Yaml"}
     assert list(scratch.iterdir()) == []  # the temporary HF conversion is gone
 
 
