@@ -16,7 +16,7 @@ import yaml
 
 from megatron_tinyllama.config import load_config
 from megatron_tinyllama.data.blend import parse_blend
-from megatron_tinyllama.engine.ds_config import batch_geometry
+from megatron_tinyllama.engine.ds_config import batch_geometry, build_ds_config
 from megatron_tinyllama.train.schedule import learning_rate
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -61,6 +61,9 @@ def test_example_batch_splits_at_16_32_and_64_data_parallel_ranks(path, dp):
     assert geometry.global_batch_size * cfg.model.seq_length == cfg.train.global_batch_tokens
     assert (geometry.micro_batch_size * geometry.gradient_accumulation_steps * dp
             == geometry.global_batch_size)
+    # The whole DeepSpeed config too, on nodes of 4 GPUs (v1.1's node-local sharding groups).
+    ds = build_ds_config(cfg, data_parallel_size=dp, local_world_size=4)
+    assert ds["train_batch_size"] == geometry.global_batch_size
 
 
 def test_v1_1_batch_rule_micro_batch_7_splits_on_every_power_of_two_up_to_128():
