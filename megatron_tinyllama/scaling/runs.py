@@ -343,7 +343,8 @@ def held_out_runs(
 
 
 def _load_stack_eval(path: Path):
-    """A tinyllama-eval results file as (report), refusing smoke-test (``--limit``) results."""
+    """A tinyllama-eval results file (an ``EvalReport``); smoke-test (``--limit``) results are
+    refused."""
     from megatron_tinyllama.evaluation.report import EvalFileError, load_report
 
     try:
@@ -428,9 +429,9 @@ def load_stack_run(path: Union[str, Path], eval_path: Optional[Union[str, Path]]
         )
     if eval_tokens is not None and at_eval is None:
         raise RunFileError(
-            f"{metrics_path}: no validation loss at {eval_tokens:,} tokens, the checkpoint "
-            f"{report.source} evaluated (last at {last[0]:,}); evaluate the checkpoint whose "
-            "tokens have a validation record (the final one always has)"
+            f"{metrics_path}: no validation loss at {eval_tokens:,} tokens, where the checkpoint "
+            f"evaluated in {report.source} stood (last validation at {last[0]:,}); evaluate a "
+            "checkpoint whose tokens have a validation record (the final one always has)"
         )
     tokens, loss = at_eval or last
     model = cfg.model
