@@ -10,6 +10,7 @@ from setuptools import find_packages, setup
 
 # megatron-core 0.17+ requires Python 3.12; on 3.11 the newest is 0.16.x.
 MCORE = "megatron-core>=0.16,<0.20" if sys.version_info >= (3, 12) else "megatron-core>=0.16,<0.17"
+LM_EVAL = "lm-eval[hf]>=0.4.8,<0.5"
 
 setup(
     name="megatron-tinyllama",
@@ -37,7 +38,10 @@ setup(
         "einops",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # lm-evaluation-harness for tinyllama-eval (tested with 0.4.13); the test extra carries it
+        # because the evaluation tests run in CI.
+        "eval": [LM_EVAL],
+        "test": ["pytest>=8", LM_EVAL],
         # Optional accelerators; each is used only when importable (see the log line "backend:").
         "flash": ["flash-attn>=2.5"],
         "te": ["transformer-engine[pytorch]"],
@@ -50,6 +54,7 @@ setup(
             "tinyllama-convert-to-hf=megatron_tinyllama.checkpoint.convert:main_to_hf",
             "tinyllama-convert-from-hf=megatron_tinyllama.checkpoint.convert:main_from_hf",
             "tinyllama-scaling=megatron_tinyllama.scaling.cli:main",
+            "tinyllama-eval=megatron_tinyllama.evaluation.cli:main",
             "tinyllama-demo=megatron_tinyllama.demo:main",
         ]
     },

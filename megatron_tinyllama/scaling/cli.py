@@ -72,7 +72,43 @@ def _law_from_args(args) -> LawFit:
     if getattr(args, "fit", None):
         return load_fit(args.fit)
     runs = load_testbed(find_testbed_dir(args.testbed_dir), [args.dataset])
-    return fit_testbed(runs, args.dataset, args.eval_set or C4_EVAL, args.tasks)
+    return fit_testbed(runs, args.dataset, args.eval_set or C4_EVAL,
+                       args.tasks or list(PAPER_17_TASKS))
+
+
+def error_tasks_of(runs: Sequence[RunPoint]) -> list[str]:
+    """Tasks averaged for the runs' top-1 error when --tasks is not given.
+
+    Runs evaluated by tinyllama-eval: the multiple-choice tasks all of them ran (in the first run's
+    order), so every run's error is the mean over the same tasks. Testbed runs: the paper's 17.
+
+    Raises:
+        RunFileError: the runs mix both kinds, or share no task.
+    """
+    stack = [r for r in runs if r.error_tasks]
+    if not stack:
+        return list(PAPER_17_TASKS)
+    if len(stack) != len(runs):
+        raise RunFileError(
+            "the runs mix tinyllama-eval results with testbed evaluations, which score different "
+            "tasks; pass --tasks")
+    common = [t for t in stack[0].error_tasks if all(t in r.error_tasks for r in stack)]
+    if not common:
+        raise RunFileError("the runs' tinyllama-eval results share no multiple-choice task")
+    dropped = sorted({t for r in stack for t in r.error_tasks} - set(common))
+    if dropped:
+        print(f"note: task(s) {dropped} were not evaluated on every run; averaging over {common}")
+    return common
+
+
+def _eval_files(pairs: Sequence[str]) -> dict[str, str]:
+    files = {}
+    for pair in pairs:
+        run, sep, path = pair.partition("=")
+        if not sep or not run or not path:
+            raise RunFileError(f"--eval {pair!r}: expected RUN_DIR=EVAL_JSON")
+        files[run] = path
+    return files
 
 
 def _describe(law: LawFit) -> str:
@@ -137,7 +173,7 @@ def cmd_reproduce(args) -> int:
 
 def cmd_fit(args) -> int:
     if args.runs:
-        runs = load_runs(args.runs)
+        runs = load_runs(args.runs, _eval_files(args.eval))
         eval_set = args.eval_set or (
             C4_EVAL if all(C4_EVAL in r.losses for r in runs) else STACK_EVAL
         )
@@ -146,11 +182,13 @@ def cmd_fit(args) -> int:
             runs,
             eval_set,
             runs if with_err else None,
-            args.tasks,
+            args.tasks or (error_tasks_of(runs) if with_err else list(PAPER_17_TASKS)),
             f"{len(runs)} runs given with --runs",
         )
         if not with_err:
-            print("note: no downstream evaluations for these runs; fitting the loss law only")
+            missing = [r.name for r in runs if r.accuracies is None]
+            print(f"note: no downstream evaluations for run(s) {missing} (tinyllama-eval writes "
+                  "eval_results.json into a run folder); fitting the loss law only")
     else:
         law = _law_from_args(args)
     print(_describe(law))
@@ -321,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--tasks",
             nargs="+",
-            default=list(PAPER_17_TASKS),
-            help="tasks averaged for top-1 error (default: the paper's 17)",
+            default=None,
+            help="tasks averaged for top-1 error (default: the paper's 17 for the testbed; for "
+            "--runs of this stack, the multiple-choice tasks tinyllama-eval ran on every run)",
         )
         if fit_file:
             sp.add_argument(
@@ -371,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs",
         nargs="+",
         help="this stack's run folders (config.yaml + metrics.jsonl) or testbed model JSONs",
+    )
+    sp.add_argument(
+        "--eval",
+        nargs="*",
+        default=[],
+        metavar="RUN_DIR=EVAL_JSON",
+        help="tinyllama-eval results kept outside a run folder (default: <run>/eval_results.json)",
     )
     sp.add_argument("--out", type=Path, help="write the fit as JSON")
     sp.set_defaults(func=cmd_fit)

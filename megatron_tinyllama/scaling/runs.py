@@ -9,7 +9,9 @@ the testbed the downstream accuracies):
   accuracies as fractions in ``eval_metrics.icl``.
 * A run of this stack: its ``checkpoint.save_dir`` holds ``config.yaml`` (the resolved
   JobConfig) and ``metrics.jsonl``; N comes from the model config, D and L from the last record
-  with a ``valid_loss``.
+  with a ``valid_loss``. The downstream accuracies come from ``eval_results.json``, written there
+  by ``tinyllama-eval`` (or given explicitly); when it names the checkpoint's token count, D and L
+  are those of the validation record at that count, so loss and error describe the same weights.
 
 A file without a needed field raises :class:`RunFileError` naming the file and the field.
 """
@@ -98,6 +100,9 @@ class RunPoint:
     """The testbed's released hyperparameters (empty for this stack's runs)."""
     launch_args: tuple[str, ...] = ()
     """The testbed's ``open_lm_args`` (the command line the run was started with)."""
+    error_tasks: tuple[str, ...] = ()
+    """Tasks whose mean error is this run's average top-1 error by default (a stack run: the
+    multiple-choice tasks tinyllama-eval ran); empty means the paper's 17."""
 
     @property
     def compute(self) -> float:
@@ -118,13 +123,16 @@ class RunPoint:
             )
         return self.losses[eval_set]
 
-    def average_error(self, tasks: Sequence[str] = PAPER_17_TASKS) -> float:
-        """Average top-1 error ``mean(1 − accuracy)`` over ``tasks``."""
+    def average_error(self, tasks: Optional[Sequence[str]] = None) -> float:
+        """Average top-1 error ``mean(1 − accuracy)`` over ``tasks`` (default: ``error_tasks``,
+        else the paper's 17)."""
         if self.accuracies is None:
             raise RunFileError(f"{self.source}: no downstream evaluations for run {self.name!r}")
+        tasks = tuple(tasks or self.error_tasks or PAPER_17_TASKS)
         missing = [t for t in tasks if t not in self.accuracies]
         if missing:
-            raise RunFileError(f"{self.accuracy_source}: eval_metrics.icl lacks task(s) {missing}")
+            raise RunFileError(f"{self.accuracy_source}: lacks task(s) {missing}; it has "
+                               f"{sorted(self.accuracies)}")
         return sum(1.0 - self.accuracies[t] for t in tasks) / len(tasks)
 
 
@@ -334,26 +342,54 @@ def held_out_runs(
 # This stack's runs.
 
 
-def load_stack_run(path: Union[str, Path]) -> RunPoint:
+def _load_stack_eval(path: Path):
+    """A tinyllama-eval results file (an ``EvalReport``); smoke-test (``--limit``) results are
+    refused."""
+    from megatron_tinyllama.evaluation.report import EvalFileError, load_report
+
+    try:
+        report = load_report(path)
+    except EvalFileError as err:
+        raise RunFileError(str(err)) from None
+    if report.settings.get("limit") is not None:
+        raise RunFileError(f"{path}: evaluated with --limit {report.settings['limit']} (a smoke "
+                           "test on part of each task); rerun tinyllama-eval without it to fit")
+    if not report.top1_error_tasks:
+        raise RunFileError(f"{path}: no multiple-choice task, so no average top-1 error")
+    return report
+
+
+def load_stack_run(path: Union[str, Path], eval_path: Optional[Union[str, Path]] = None
+                   ) -> RunPoint:
     """Read a run of this stack from its ``checkpoint.save_dir``.
 
     Args:
         path: the run folder (or its ``config.yaml`` / ``metrics.jsonl``).
+        eval_path: tinyllama-eval's results for this run; defaults to ``eval_results.json`` in the
+            run folder when present (else the run has no downstream accuracies).
 
     Returns:
         N from ``ModelConfig.num_parameters()`` of the saved config (LayerNorm biases counted, so a
         testbed shape comes out slightly larger than open_lm's ``params``), D and L from the last
-        ``metrics.jsonl`` record with a ``valid_loss``.
+        ``metrics.jsonl`` record with a ``valid_loss``, or, when the results file names the
+        evaluated checkpoint's tokens, from the record at those tokens. Accuracies are the results'
+        values (fractions); ``error_tasks`` are its multiple-choice tasks.
 
     Raises:
         RunFileError: a missing or invalid config.yaml, metrics.jsonl, JSON line, ``tokens`` or
-            ``valid_loss`` field, or no ``valid_loss`` record at all.
+            ``valid_loss`` field, no ``valid_loss`` record at all, an invalid results file, or no
+            validation record at the evaluated checkpoint's tokens.
     """
     from megatron_tinyllama.config import ConfigError, load_config
+    from megatron_tinyllama.evaluation.report import EVAL_FILE
 
     run_dir = Path(path)
     if run_dir.is_file():
         run_dir = run_dir.parent
+    if eval_path is None and (run_dir / EVAL_FILE).is_file():
+        eval_path = run_dir / EVAL_FILE
+    report = _load_stack_eval(Path(eval_path)) if eval_path is not None else None
+    eval_tokens = report.model.get("tokens") if report is not None else None
     config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
     if not config_path.is_file():
         raise RunFileError(
@@ -368,7 +404,7 @@ def load_stack_run(path: Union[str, Path]) -> RunPoint:
     except OSError as err:
         raise RunFileError(f"{metrics_path}: cannot read ({err.strerror})") from None
 
-    last = None
+    last = at_eval = None
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -385,11 +421,19 @@ def load_stack_run(path: Union[str, Path]) -> RunPoint:
             int(_positive_number(record["tokens"], f"{where}: field 'tokens'")),
             float(_positive_number(record["valid_loss"], f"{where}: field 'valid_loss'")),
         )
+        if eval_tokens is not None and last[0] == eval_tokens:
+            at_eval = last
     if last is None:
         raise RunFileError(
             f"{metrics_path}: no record with field 'valid_loss' (was validation enabled?)"
         )
-    tokens, loss = last
+    if eval_tokens is not None and at_eval is None:
+        raise RunFileError(
+            f"{metrics_path}: no validation loss at {eval_tokens:,} tokens, where the checkpoint "
+            f"evaluated in {report.source} stood (last validation at {last[0]:,}); evaluate a "
+            "checkpoint whose tokens have a validation record (the final one always has)"
+        )
+    tokens, loss = at_eval or last
     model = cfg.model
     shape = (
         model.preset or f"d={model.hidden_size}_l={model.num_layers}_h={model.num_attention_heads}"
@@ -402,20 +446,41 @@ def load_stack_run(path: Union[str, Path]) -> RunPoint:
         params=model.num_parameters(),
         tokens=tokens,
         losses={STACK_EVAL: loss},
+        accuracies=report.values if report is not None else None,
+        accuracy_source=report.source if report is not None else None,
+        error_tasks=report.top1_error_tasks if report is not None else (),
     )
 
 
-def load_runs(paths: Iterable[Union[str, Path]]) -> list[RunPoint]:
-    """Read runs given as testbed model JSONs or this stack's run folders, in order."""
-    runs = []
+def load_runs(
+    paths: Iterable[Union[str, Path]],
+    eval_files: Optional[Mapping[Union[str, Path], Union[str, Path]]] = None,
+) -> list[RunPoint]:
+    """Read runs given as testbed model JSONs or this stack's run folders, in order.
+
+    Args:
+        paths: testbed model JSONs or run folders.
+        eval_files: run folder -> tinyllama-eval results file, for results kept elsewhere than
+            the run folder's ``eval_results.json``.
+
+    Raises:
+        RunFileError: a path that is neither, or an eval file given for a run not in ``paths``.
+    """
+    eval_files = {Path(k).resolve(): Path(v) for k, v in (eval_files or {}).items()}
+    runs, used = [], set()
     for p in paths:
         p = Path(p)
         if p.suffix == ".json" and p.is_file():
             runs.append(load_testbed_run(p))
         elif p.is_dir() or p.name in ("config.yaml", "metrics.jsonl"):
-            runs.append(load_stack_run(p))
+            run_dir = (p if p.is_dir() else p.parent).resolve()
+            used.add(run_dir)
+            runs.append(load_stack_run(p, eval_files.get(run_dir)))
         else:
             raise RunFileError(f"{p}: not a testbed model JSON nor a run folder with config.yaml")
+    stray = sorted(str(k) for k in set(eval_files) - used)
+    if stray:
+        raise RunFileError(f"--eval names run folder(s) not given with --runs: {stray}")
     return runs
 
 

@@ -57,7 +57,7 @@ def test_every_example_recipe_loads(path):
 
 def test_examples_exist():
     names = {p.name for p in EXAMPLES}
-    assert {"tinyllama_v1.yaml", "demo_cpu.yaml", "stage1_basic.yaml", "stage3_cooldown.yaml"} <= names
+    assert {"tinyllama_v1.yaml", "demo_cpu.yaml", "stage1_basic.yaml", "stage3_math_code.yaml"} <= names
 
 
 def test_v1_recipe_is_the_published_one():
