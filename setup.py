@@ -56,6 +56,7 @@ setup(
             "tinyllama-scaling=megatron_tinyllama.scaling.cli:main",
             "tinyllama-eval=megatron_tinyllama.evaluation.cli:main",
             "tinyllama-demo=megatron_tinyllama.demo:main",
+            "tinyllama-pipeline=megatron_tinyllama.pipeline:main",
         ]
     },
 )

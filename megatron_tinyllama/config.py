@@ -331,6 +331,24 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """Where this run sits in a multi-stage recipe (TinyLlama v1.1: three stages, three variants).
+
+    Recorded in every checkpoint with the rest of the recipe; ``tinyllama-pipeline`` runs the
+    stages in order and checks these numbers.
+    """
+
+    number: int = 1
+    count: int = 1
+    variant: Optional[str] = None
+    """e.g. 'general', 'math_code', 'chinese' (None for a single-stage run)."""
+
+    def __post_init__(self) -> None:
+        _check_range("stage", "count", self.count, low=1)
+        _check_range("stage", "number", self.number, low=1, high=self.count)
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """Everything one training run needs; saved next to its checkpoints."""
 
@@ -342,6 +360,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
 
     def __post_init__(self) -> None:
         if self.checkpoint.continue_from and self.train.start_tokens:

@@ -1,0 +1,160 @@
+"""Checkpoint faults on real runs: each one reproduced, then the outcome, the message naming the
+place, and the bytes of every earlier good checkpoint checked unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.ranks import run_on_ranks
+
+pytestmark = pytest.mark.distributed
+
+SEQ, GLOBAL_BATCH = 64, 8
+STEP_TOKENS = SEQ * GLOBAL_BATCH
+
+
+def recipe(save_dir: Path, steps: int, **model) -> dict:
+    return {"model": {"preset": "tinyllama-debug", **model},
+            "train": {"train_tokens": steps * STEP_TOKENS, "global_batch_tokens": STEP_TOKENS,
+                      "micro_batch_size": 2, "precision": "fp32"},
+            "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_tokens": STEP_TOKENS, "decay_tokens": 20 * STEP_TOKENS},
+            "checkpoint": {"save_dir": str(save_dir), "save_interval_steps": 2, "keep_last": 0},
+            "logging": {"log_interval_steps": 1}}
+
+
+def _log_to(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.INFO)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def _train_worker(rank, world_size, tree, log_path):
+    from megatron_tinyllama.config import config_from_dict
+    from megatron_tinyllama.train.loop import train
+    from tests.distributed.synthetic import synthetic_batches
+
+    _log_to(Path(f"{log_path}.rank{rank}"))
+    train(config_from_dict(tree), batch_source=synthetic_batches)
+
+
+def run(save_dir: Path, steps: int, log: Path, world_size: int = 1) -> str:
+    run_on_ranks(_train_worker, world_size, recipe(save_dir, steps), str(log))
+    return Path(f"{log}.rank0").read_text()
+
+
+def losses(save_dir: Path) -> list[tuple[int, float]]:
+    lines = (save_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["train_loss"]) for r in map(json.loads, lines) if "train_loss" in r]
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_damaged_or_missing_checkpoints_fall_back_and_nothing_good_is_lost(tmp_path):
+    save_dir = tmp_path / "run"
+    run(save_dir, 6, tmp_path / "a.log")
+    first = dict(losses(save_dir))
+    assert sorted(p.name for p in save_dir.glob("global_step*")) == [
+        "global_step000002", "global_step000004", "global_step000006"]
+    good = {tag: digest(save_dir / tag) for tag in ("global_step000002", "global_step000004")}
+
+    # 1. A truncated optimizer shard in the newest checkpoint: named, set aside, step 4 used.
+    shard = next((save_dir / "global_step000006").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    damaged = digest(save_dir / "global_step000006")
+    log = run(save_dir, 8, tmp_path / "b.log")
+    assert f"{shard}: " in log and "truncated" in log and "fell back to" in log
+    assert digest(save_dir / "global_step000006.corrupt") == damaged  # kept, byte for byte
+    resumed = losses(save_dir)[len(first):]
+    assert [s for s, _ in resumed] == [5, 6, 7, 8]
+    assert all(loss == first[s] for s, loss in resumed if s in first)  # exact from step 4
+    assert {tag: digest(save_dir / tag) for tag in good} == good
+
+    # 2. 'latest' names a directory that is gone: the newest complete one (6) is used, said so.
+    shutil.rmtree(save_dir / "global_step000008")
+    log = run(save_dir, 10, tmp_path / "c.log")
+    assert "names global_step000008, which is missing" in log
+    assert [s for s, _ in losses(save_dir)[-4:]] == [7, 8, 9, 10]
+    assert {tag: digest(save_dir / tag) for tag in good} == good
+
+    # 3. The converter meets a corrupt model export: it names the file and uses the previous one.
+    from megatron_tinyllama.checkpoint.convert import resolve_model_dir
+
+    model_file = next((save_dir / "global_step000010" / "model").glob("*.safetensors"))
+    model_file.write_bytes(b"\0" * model_file.stat().st_size)
+    assert resolve_model_dir(save_dir) == save_dir / "global_step000008" / "model"
+
+
+def _drift_worker(rank, world_size, tree, log_path, out):
+    """Perturb TP rank 1's copy of a norm gain just before the first checkpoint is written."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_tinyllama.checkpoint import training
+    from megatron_tinyllama.checkpoint.weights import ReplicaDriftError
+    from megatron_tinyllama.config import config_from_dict
+    from megatron_tinyllama.train.loop import train
+    from tests.distributed.synthetic import synthetic_batches
+
+    _log_to(Path(f"{log_path}.rank{rank}"))
+    original = training.gather_full_weights
+
+    def drifted(engine, keep_all):
+        state = original(engine, keep_all)
+        if parallel_state.get_tensor_model_parallel_rank() == 1:
+            state["decoder.final_layernorm.weight"] = state["decoder.final_layernorm.weight"] + torch.full_like(
+                state["decoder.final_layernorm.weight"], 1e-3)
+        return state
+
+    training.gather_full_weights = drifted
+    try:
+        train(config_from_dict(tree), batch_source=synthetic_batches)
+        error = None
+    except ReplicaDriftError as err:
+        error = str(err)
+    (Path(out) / f"drift{rank}.json").write_text(json.dumps({"error": error}))
+
+
+def test_tp_replicas_that_drift_stop_the_run_before_the_checkpoint_counts(tmp_path):
+    tree = recipe(tmp_path / "run", 4)
+    tree["parallel"] = {"tensor_parallel_size": 2}
+    run_on_ranks(_drift_worker, 2, tree, str(tmp_path / "d.log"), str(tmp_path))
+    for rank in range(2):
+        error = json.loads((tmp_path / f"drift{rank}.json").read_text())["error"]
+        assert error is not None and "differs from TP rank 0's copy by 1.000e-03" in error
+    assert "decoder.final_layernorm.weight" in json.loads((tmp_path / "drift1.json").read_text())["error"]
+    assert not (tmp_path / "run" / "latest").exists()
+    assert not (tmp_path / "run" / "global_step000002" / "trainer_state.json").exists()
+
+
+def _entry_worker(rank, world_size, recipe_path, out):
+    from megatron_tinyllama.train.pretrain import main
+
+    (Path(out) / "exit.json").write_text(json.dumps({"code": main(["--config", str(recipe_path)])}))
+
+
+def test_resuming_with_another_head_layout_exits_2_naming_the_fields(tmp_path, capfd):
+    import yaml
+
+    save_dir = tmp_path / "run"
+    run(save_dir, 2, tmp_path / "a.log")
+    before = digest(save_dir)
+    # 16 heads in 4 groups of dim 4: every tensor has the shape of 8 heads in 2 groups of dim 8.
+    other = recipe(save_dir, 4, num_attention_heads=16, num_query_groups=4)
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(other))
+    run_on_ranks(_entry_worker, 1, path, str(tmp_path))
+    assert json.loads((tmp_path / "exit.json").read_text())["code"] == 2
+    err = capfd.readouterr().err
+    assert "model.num_attention_heads: checkpoint 8, recipe 16" in err
+    assert "model.num_query_groups: checkpoint 2, recipe 4" in err
+    assert digest(save_dir) == before
