@@ -36,7 +36,8 @@ SETTINGS = ReferenceSettings(lr=1e-3, min_lr=1e-4, warmup_tokens=STEP_TOKENS, de
 
 
 def recipe(save_dir: Path, *, tp: int = 1, precision: str = "fp32", steps: int = STEPS,
-           init_from=None, continue_from=None, save_interval: int = 100, hpz: int = 1) -> dict:
+           init_from=None, continue_from=None, save_interval: int = 100, hpz: int = 1,
+           lr: float = SETTINGS.lr) -> dict:
     model = {k: v for k, v in dataclasses.asdict(MODEL).items() if k != "preset"}
     checkpoint = {"save_dir": str(save_dir), "save_interval_steps": save_interval, "keep_last": 0}
     if init_from:
@@ -46,7 +47,7 @@ def recipe(save_dir: Path, *, tp: int = 1, precision: str = "fp32", steps: int =
     return {
         "model": model,
         "parallel": {"tensor_parallel_size": tp, "hpz_partition_size": hpz, "seed": 7},
-        "optimizer": {"lr": SETTINGS.lr, "min_lr": SETTINGS.min_lr, "warmup_tokens": SETTINGS.warmup_tokens,
+        "optimizer": {"lr": lr, "min_lr": min(lr, SETTINGS.min_lr), "warmup_tokens": SETTINGS.warmup_tokens,
                       "decay_tokens": SETTINGS.decay_tokens, "weight_decay": SETTINGS.weight_decay,
                       "grad_clip": SETTINGS.grad_clip, "beta1": SETTINGS.beta1, "beta2": SETTINGS.beta2,
                       "eps": SETTINGS.eps},
@@ -127,10 +128,36 @@ def assert_weights_match_reference(save_dir: Path, reference, tmp: Path, toleran
         assert (ours[name] - tensor).abs().max().item() <= tolerance, name
 
 
-def test_dp2_from_converted_weights_matches_reference(source):
-    save_dir = run_stack(source["tmp"], "dp2", 2, init_from=source["converted"][1])
-    assert_matches_reference(save_dir, source["fp32"])
-    assert_weights_match_reference(save_dir, source["fp32"], source["tmp"])
+@pytest.fixture(scope="module")
+def dp2_run(source):
+    return run_stack(source["tmp"], "dp2", 2, init_from=source["converted"][1])
+
+
+def test_dp2_from_converted_weights_matches_reference(source, dp2_run):
+    assert_matches_reference(dp2_run, source["fp32"])
+    assert_weights_match_reference(dp2_run, source["fp32"], source["tmp"])
+
+
+def test_init_from_a_previous_run_at_another_tp_degree_keeps_its_weights(source, dp2_run):
+    """The issue's reproduction: at LR 0 every step's loss is the loss of the loaded weights (the
+    first optimizer step used to put back the random initialisation)."""
+    import transformers
+
+    tmp = source["tmp"]
+    save_dir = run_stack(tmp, "from_run", 2, tp=2, steps=3, init_from=dp2_run, lr=0.0)
+    hf_dir = tmp / "dp2_final_as_hf"
+    from megatron_tinyllama.checkpoint.convert import convert_to_hf
+
+    convert_to_hf(dp2_run, hf_dir)
+    model = transformers.LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    records = step_records(save_dir)
+    with torch.no_grad():
+        for step, micro_batches in enumerate(reference_batches(3), start=1):
+            rows = torch.cat(micro_batches)
+            logits = model(input_ids=rows[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     rows[:, 1:].reshape(-1)).item()
+            assert abs(records[step]["train_loss"] - loss) <= 1e-5, (step, records[step], loss)
 
 
 def test_tp2_from_a_tp4_checkpoint_matches_reference(source):
