@@ -33,6 +33,7 @@ and only those carrying this run's id): a run never deletes checkpoints it did n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -431,8 +432,6 @@ def plan_start(cfg: JobConfig, world_size: int) -> StartPlan:
         from megatron_tinyllama.checkpoint.native import read_model_index
 
         directory = resolve_model_dir(ckpt.init_from)
-        import dataclasses
-
         saved_model, _ = read_model_index(directory)
         _refuse("checkpoint.init_from", directory, model_differences(dataclasses.asdict(saved_model), cfg.model))
         return StartPlan("init", init_dir=directory)
