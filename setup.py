@@ -20,6 +20,19 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_tinyllama", "megatron_tinyllama.*"]),
+    # The released over-training testbed results (MIT; see its PROVENANCE.md) ship with the
+    # package, so `tinyllama-scaling reproduce` needs no path after `pip install`.
+    package_data={
+        "megatron_tinyllama.scaling": [
+            "testbed_data/LICENSE.txt",
+            "testbed_data/PROVENANCE.md",
+            "testbed_data/exp_data/*.csv",
+            "testbed_data/exp_data/*.json",
+            "testbed_data/exp_data/*.yaml",
+            "testbed_data/exp_data/models/*.json",
+            "testbed_data/exp_data/evals/*.json",
+        ]
+    },
     install_requires=[
         "torch>=2.4",
         MCORE,
