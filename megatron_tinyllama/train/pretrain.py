@@ -47,13 +47,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from megatron_tinyllama.parallel.cpu_shim import cpu_shim
     from megatron_tinyllama.parallel.init import set_thread_env_defaults, shutdown_distributed
     from megatron_tinyllama.train.loop import NonFiniteLossError, train
 
     set_thread_env_defaults()
     code, clean = 0, False
     try:
-        train(cfg)
+        with cpu_shim():  # megatron-core's CUDA-only calls get CPU stand-ins (no-op with CUDA)
+            train(cfg)
         clean = True
     except (ConfigError, NonFiniteLossError) as err:
         # Both are decided on every rank alike, so the peers are at the same point.
