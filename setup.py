@@ -47,13 +47,11 @@ setup(
         "matplotlib>=3.7",
         "zstandard>=0.22",
         "pyarrow>=14",
-        "einops",
     ],
     extras_require={
         "test": ["pytest>=8"],
-        # Optional accelerators; each is used only when importable (see the log line "backend:").
+        # Optional accelerator, used only when importable (the log says "attention backend: ...").
         "flash": ["flash-attn>=2.5"],
-        "te": ["transformer-engine[pytorch]"],
     },
     entry_points={
         "console_scripts": [

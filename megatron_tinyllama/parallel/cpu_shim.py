@@ -15,7 +15,7 @@ our model and training path reach:
 3. ``RotaryEmbedding.get_emb`` moves its inverse frequencies to ``torch.cuda.current_device()`` on
    the first forward -> wrapped so that, inside it only, the current device is the CPU.
    Layer initialisation calls ``current_device()`` too unless ``use_cpu_initialization`` is set,
-   which we always set without CUDA (:func:`megatron_tinyllama.model.build.build_transformer_config`).
+   which we always set (:func:`megatron_tinyllama.model.build.build_transformer_config`).
 4. megatron-core's distributed optimizer and DDP wrapper are CUDA-only; we do not use them
    (DeepSpeed owns optimizer and gradient reduction).
 
