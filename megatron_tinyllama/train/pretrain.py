@@ -15,6 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_tinyllama.config import ConfigError, load_config
+from megatron_tinyllama.console import hide_known_noise
 
 
 def _setup_logging() -> None:
@@ -24,9 +25,11 @@ def _setup_logging() -> None:
         format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # DeepSpeed and megatron-core are chatty at INFO; their warnings still show.
+    # DeepSpeed and megatron-core are chatty at INFO; their warnings still show, except the
+    # known ones that say nothing about this job (TINYLLAMA_VERBOSE=1 shows those too).
     for name in ("DeepSpeed", "deepspeed", "megatron", "megatron.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    hide_known_noise()
 
 
 def build_parser() -> argparse.ArgumentParser:
