@@ -47,6 +47,7 @@ setup(
         "matplotlib>=3.7",
         "zstandard>=0.22",
         "pyarrow>=14",
+        "tqdm>=4.62",
     ],
     extras_require={
         "test": ["pytest>=8"],
