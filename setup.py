@@ -63,6 +63,7 @@ setup(
             "tinyllama-convert-from-hf=megatron_tinyllama.checkpoint.convert:main_from_hf",
             "tinyllama-scaling=megatron_tinyllama.scaling.cli:main",
             "tinyllama-demo=megatron_tinyllama.demo:main",
+            "tinyllama-generate=megatron_tinyllama.generate:main",
         ]
     },
 )
