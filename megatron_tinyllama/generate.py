@@ -26,6 +26,8 @@ from megatron_tinyllama.checkpoint.hf import ConversionError
 
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _HF_TOKENIZER = ("tokenizer.json", "tokenizer.model")
+DEFAULT_PROMPTS = ('The "for" statement is used to', "def read_lines(path):")
+"""One prose and one code prompt (the demo's two streams)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +41,8 @@ class SamplingConfig:
     top_k: int = 40
     top_p: float = 0.95
     repetition_penalty: float = 1.1
-    """Divides the logit of tokens already in the text (1.0: off); keeps small models out of loops."""
+    """Divides the logit of tokens already in the text (1.0: off); keeps small models out of
+    loops."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,7 +106,8 @@ def load_hf_model(source: Union[str, Path], dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval()
 
 
-def load_tokenizer_for(source: Union[str, Path], tokenizer_model: Optional[Union[str, Path]] = None):
+def load_tokenizer_for(source: Union[str, Path],
+                       tokenizer_model: Optional[Union[str, Path]] = None):
     """The ``transformers`` tokenizer that goes with ``source`` (see the module docstring).
 
     Raises:
@@ -176,9 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
                         default=SamplingConfig.repetition_penalty)
     parser.add_argument("--seed", type=int, default=SamplingConfig.seed)
     return parser
-
-
-DEFAULT_PROMPTS = ("The for statement", "def ")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
