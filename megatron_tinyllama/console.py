@@ -45,7 +45,8 @@ KNOWN_LOG_MESSAGES: tuple[str, ...] = (
 
 # The deepspeed launcher's INFO lines in a subprocess's output (the command, the world info,
 # "exits successfully").
-_LAUNCHER_INFO = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[INFO\] \[(runner|launch)\.py:\d+:main\] ")
+_LAUNCHER_INFO = re.compile(
+    r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[INFO\] \[(runner|launch)\.py:\d+:main\] ")
 # "path.py:12: UserWarning: message", then the warning's source line indented by two spaces.
 _WARNING_LINE = re.compile(r"^\S+\.py:\d+: \w*Warning: (?P<message>.*)$")
 _WARNING_SOURCE = re.compile(r"^  \S")
