@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
 import yaml
 
 from megatron_tinyllama.generate import DEFAULT_PROMPTS
@@ -48,8 +49,6 @@ _RANK_LINE = re.compile(r"^\[rank(?P<rank>\d+)\] [\d:]+ (?P<level>\w+) [\w.]+: (
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16), where bf16 training is faster
     than fp32; elsewhere bf16 is emulated and slower."""
-    import torch
-
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -152,7 +151,8 @@ def run_demo(work_dir: Path, *, ranks: int = 2, overrides: Sequence[str] = (),
     from megatron_tinyllama.checkpoint.convert import convert_to_hf
     from megatron_tinyllama.config import load_config
     from megatron_tinyllama.data.demo_corpus import build_demo_corpus
-    from megatron_tinyllama.generate import SamplingConfig, generate, load_hf_model
+    from megatron_tinyllama.generate import (SamplingConfig, generate, load_hf_model,
+                                             load_tokenizer_for)
     from megatron_tinyllama.launch import launch_local
 
     start = time.time()
@@ -162,8 +162,6 @@ def run_demo(work_dir: Path, *, ranks: int = 2, overrides: Sequence[str] = (),
     recipe = write_demo_recipe(REPO_EXAMPLES / "demo_cpu.yaml", data_dir, save_dir,
                                work_dir / "recipe.yaml")
     cfg = load_config(recipe, list(overrides))
-    import torch
-
     if cfg.train.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_fast_bf16():
         log.info("this CPU has no bf16 matrix units (AMX, AVX512-BF16): training in fp32")
         overrides = [*overrides, "train.precision=fp32"]
@@ -200,8 +198,8 @@ def run_demo(work_dir: Path, *, ranks: int = 2, overrides: Sequence[str] = (),
 
     if not verbose:
         transformers.utils.logging.disable_progress_bar()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
-    samples = tuple(generate(load_hf_model(hf_dir), tokenizer, prompts, SamplingConfig()))
+    samples = tuple(generate(load_hf_model(hf_dir), load_tokenizer_for(hf_dir), prompts,
+                             SamplingConfig()))
     return DemoResult(work_dir=work_dir, save_dir=save_dir, hf_dir=hf_dir, recipe=recipe,
                       tokenizer_model=corpus.tokenizer_model,
                       train_log=work_dir / "train.node0.log", final_valid_loss=valid_loss,
