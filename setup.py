@@ -21,6 +21,19 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_tinyllama", "megatron_tinyllama.*"]),
+    # The released over-training testbed results (MIT; see its PROVENANCE.md) ship with the
+    # package, so `tinyllama-scaling reproduce` needs no path after `pip install`.
+    package_data={
+        "megatron_tinyllama.scaling": [
+            "testbed_data/LICENSE.txt",
+            "testbed_data/PROVENANCE.md",
+            "testbed_data/exp_data/*.csv",
+            "testbed_data/exp_data/*.json",
+            "testbed_data/exp_data/*.yaml",
+            "testbed_data/exp_data/models/*.json",
+            "testbed_data/exp_data/evals/*.json",
+        ]
+    },
     install_requires=[
         "torch>=2.4",
         MCORE,
@@ -35,16 +48,15 @@ setup(
         "matplotlib>=3.7",
         "zstandard>=0.22",
         "pyarrow>=14",
-        "einops",
+        "tqdm>=4.62",
     ],
     extras_require={
         # lm-evaluation-harness for tinyllama-eval (tested with 0.4.13); the test extra carries it
         # because the evaluation tests run in CI.
         "eval": [LM_EVAL],
         "test": ["pytest>=8", LM_EVAL],
-        # Optional accelerators; each is used only when importable (see the log line "backend:").
+        # Optional accelerator, used only when importable (the log says "attention backend: ...").
         "flash": ["flash-attn>=2.5"],
-        "te": ["transformer-engine[pytorch]"],
     },
     entry_points={
         "console_scripts": [
@@ -57,6 +69,7 @@ setup(
             "tinyllama-eval=megatron_tinyllama.evaluation.cli:main",
             "tinyllama-demo=megatron_tinyllama.demo:main",
             "tinyllama-pipeline=megatron_tinyllama.pipeline:main",
+            "tinyllama-generate=megatron_tinyllama.generate:main",
         ]
     },
 )

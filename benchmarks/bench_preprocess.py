@@ -116,12 +116,16 @@ def run_baseline(input_path: Path, model: Path, prefix: Path) -> tuple[float, in
     return time.perf_counter() - start, tokens
 
 
-def run_ours(input_path: Path, model: Path, prefix: Path, workers: int) -> float:
+def run_ours(input_path: Path, model: Path, prefix: Path, workers: int,
+             progress: bool = False) -> float:
     command = [sys.executable, "-m", "megatron_tinyllama.data.preprocess", "--input",
                str(input_path), "--output-prefix", f"{prefix}_{{key}}", "--tokenizer-model",
-               str(model), "--append-eod", "--workers", str(workers), "--quiet"]
+               str(model), "--append-eod", "--workers", str(workers)]
+    if not progress:
+        command.append("--quiet")
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -131,6 +135,8 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=40.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--progress", action="store_true",
+                        help="run ours with its progress bar drawing (default: --quiet)")
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -149,7 +155,7 @@ def main() -> None:
         base_times.append(seconds)
         for workers in args.workers:
             ours_times[workers].append(run_ours(input_path, model, workdir / f"ours{workers}",
-                                                workers))
+                                                workers, args.progress))
     base = min(base_times)
     print(f"megatron-core IndexedDatasetBuilder, 1 process: {tokens / base / 1e6:.3f} M tokens/s "
           f"(best of {[round(t, 2) for t in base_times]} s, {tokens} tokens)")

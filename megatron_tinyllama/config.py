@@ -44,11 +44,16 @@ def _check_range(section: str, name: str, value: float, *, low: Optional[float] 
                  f"{where}: must be {'<' if high_open else '<='} {high}")
 
 
-@dataclass(frozen=True, kw_only=True)
+# init=False: the constructor below resolves ``preset`` before the fields are set, so a preset
+# means the same in Python as in a recipe file.
+@dataclass(frozen=True, kw_only=True, init=False)
 class ModelConfig:
     """Architecture of a decoder-only Llama-style transformer.
 
-    Start from a named preset (``preset: tinyllama-1.1b``) and override single fields.
+    Start from a named preset and override single fields, in a recipe (``preset: tinyllama-1.1b``)
+    or in Python (``ModelConfig.from_preset("tinyllama-debug", vocab_size=1024)``, or equally
+    ``ModelConfig(preset="tinyllama-debug", vocab_size=1024)``). A field given explicitly wins over
+    the preset's value, which wins over the defaults below (the 1.1B shape).
     """
 
     preset: Optional[str] = None
@@ -80,6 +85,32 @@ class ModelConfig:
     """Core attention: 'auto' picks flash-attn when importable on GPU, else torch SDPA."""
     activation_checkpointing: bool = False
     """Recompute each transformer layer in backward to save activation memory."""
+
+    def __init__(self, **fields: Any) -> None:
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(fields) - set(names))
+        if unknown:
+            raise TypeError(f"ModelConfig got unknown field(s) {unknown}; known: {sorted(names)}")
+        if fields.get("preset") is not None:
+            from megatron_tinyllama.model.presets import preset_values
+
+            fields = {**preset_values(str(fields["preset"])), **fields}
+        for f in dataclasses.fields(self):
+            if f.name in fields:
+                value = fields[f.name]
+            else:
+                value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            object.__setattr__(self, f.name, value)
+        self.__post_init__()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """Preset ``name`` with ``overrides`` applied (an unknown name lists the known ones).
+
+        Raises:
+            ConfigError: unknown preset, or overrides that make an invalid shape.
+        """
+        return cls(**overrides, preset=name)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
@@ -455,10 +486,6 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    if cls is ModelConfig and data.get("preset"):
-        from megatron_tinyllama.model.presets import preset_values
-
-        data = {**preset_values(str(data["preset"])), **data}
     kwargs = {k: _cast(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)

@@ -1,26 +1,56 @@
 """``tinyllama-demo``: the README's main job, end to end on one machine.
 
-1. Build the demo corpus (Python's documentation prose and standard library, a tokenizer, two
-   indexed datasets) — :mod:`megatron_tinyllama.data.demo_corpus`.
+This module owns the demo's steps and what it shows while they run:
+
+1. Build the demo corpus (Python's documentation prose and standard library, a tokenizer, indexed
+   datasets with held-out documents) — :mod:`megatron_tinyllama.data.demo_corpus`.
 2. Fill ``examples/demo_cpu.yaml`` with those paths and train through the ``deepspeed`` launcher and
-   a hostfile of local ranks (CPU with gloo when there is no GPU).
-3. Convert the final checkpoint to Hugging Face Llama format and generate a sample with
-   ``transformers``.
+   a hostfile of local ranks (CPU with gloo when there is no GPU). Rank 0's lines are read as they
+   come: a progress bar shows step, loss and tokens/s, validation losses and our own log lines are
+   printed, known third-party noise is hidden (``--verbose`` shows every line); the launcher's
+   whole output is kept in ``<work-dir>/train.node0.log``.
+3. Convert the final checkpoint to Hugging Face Llama format, sample from it with
+   ``transformers``, and print the validation loss, the wall time, where everything is and what
+   to run next.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
+import os
+import re
+import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
 import yaml
 
+from megatron_tinyllama.generate import DEFAULT_PROMPTS
+
 REPO_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+log = logging.getLogger("demo")
+
+# Rank 0's metric lines (train/metrics.py), as they arrive from the launcher.
+_STEP_LINE = re.compile(r"train\.metrics: step (?P<step>\d+) \| loss (?P<loss>\S+) .*\| "
+                        r"(?P<tokens_per_s>[\d,]+) tok/s")
+_VALID_LINE = re.compile(r"train\.metrics: step (?P<step>\d+) \| validation loss (?P<loss>\S+)")
+_RANK_LINE = re.compile(r"^\[rank(?P<rank>\d+)\] [\d:]+ (?P<level>\w+) [\w.]+: (?P<message>.*)$")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16), where bf16 training is faster
+    than fp32; elsewhere bf16 is emulated and slower."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def write_demo_recipe(template: Path, data_dir: Path, save_dir: Path, out: Path,
@@ -38,66 +68,238 @@ def write_demo_recipe(template: Path, data_dir: Path, save_dir: Path, out: Path,
     return out
 
 
-def generate_sample(hf_dir: Path, prompt: str, max_new_tokens: int = 60) -> str:
-    """A sampled continuation of ``prompt`` (fixed seed) by the converted model, via ``transformers``."""
-    import torch
-    import transformers
+class TrainingDisplay:
+    """Turns the launcher's output lines into a progress bar and a few printed lines.
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    inputs = tokenizer(prompt, return_tensors="pt")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8,
-                                top_k=40, no_repeat_ngram_size=3, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(output[0], skip_special_tokens=True)
+    Args:
+        total_steps: optimizer steps of the run (the bar's length).
+        verbose: print every line as it comes (the bar still moves).
+    """
+
+    def __init__(self, total_steps: int, verbose: bool = False) -> None:
+        from tqdm import tqdm
+
+        from megatron_tinyllama.console import NoiseFilter
+
+        self.verbose = verbose
+        self.noise = NoiseFilter()
+        self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                   "[{elapsed}<{remaining}{postfix}]")
+        self.valid_losses: list[tuple[int, float]] = []
+
+    def __call__(self, line: str) -> None:
+        line = line.rstrip("\n")
+        step = _STEP_LINE.search(line)
+        if step:
+            self.bar.update(int(step["step"]) - self.bar.n)
+            self.bar.set_postfix_str(f"loss {float(step['loss']):.3f}, "
+                                     f"{step['tokens_per_s']} tok/s")
+        valid = _VALID_LINE.search(line)
+        if valid:
+            self.valid_losses.append((int(valid["step"]), float(valid["loss"])))
+        if self.verbose:
+            self.bar.write(line)
+        elif not step and line.strip() and not self.noise.is_noise(line):
+            ours = _RANK_LINE.match(line)
+            if ours:
+                level = "" if ours["level"] == "INFO" else f"{ours['level']} "
+                line = f"  [rank{ours['rank']}] {level}{ours['message']}"
+            self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo produced (paths absolute)."""
+
+    work_dir: Path
+    save_dir: Path
+    hf_dir: Path
+    recipe: Path
+    tokenizer_model: Path
+    train_log: Path
+    final_valid_loss: Optional[float]
+    final_train_loss: Optional[float]
+    steps: int
+    tokens: int
+    samples: tuple[str, ...]
+    overrides: tuple[str, ...]
+    """Recipe overrides the run used (the user's, plus the fp32 fallback if any)."""
+    train_seconds: float
+    total_seconds: float
+
+
+def _last_metrics(save_dir: Path) -> tuple[Optional[float], Optional[float], int, int]:
+    """(validation loss, training loss, step, tokens) of the run's last records."""
+    valid = train = None
+    step = tokens = 0
+    for line in (save_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        step, tokens = max(step, record["step"]), max(tokens, record.get("tokens", 0))
+        if "valid_loss" in record:
+            valid = record["valid_loss"]
+        if "train_loss" in record:
+            train = record["train_loss"]
+    return valid, train, step, tokens
 
 
 def run_demo(work_dir: Path, *, ranks: int = 2, overrides: Sequence[str] = (),
-             prompt: str = "The for statement") -> str:
+             prompts: Sequence[str] = DEFAULT_PROMPTS, verbose: bool = False) -> DemoResult:
+    """Build the corpus, train through the launcher, convert and sample (see the module docstring).
+
+    Raises:
+        subprocess.CalledProcessError: training failed (its log is in ``work_dir``).
+        ConfigError: the recipe with ``overrides`` is invalid (before anything is launched).
+    """
     from megatron_tinyllama.checkpoint.convert import convert_to_hf
+    from megatron_tinyllama.config import load_config
     from megatron_tinyllama.data.demo_corpus import build_demo_corpus
+    from megatron_tinyllama.generate import (SamplingConfig, generate, load_hf_model,
+                                             load_tokenizer_for)
     from megatron_tinyllama.launch import launch_local
 
-    log = logging.getLogger("demo")
-    work_dir = work_dir.resolve()
     start = time.time()
-    log.info("1/3 building the demo corpus in %s", work_dir / "data")
-    corpus = build_demo_corpus(work_dir / "data", progress=True)
-    recipe = write_demo_recipe(REPO_EXAMPLES / "demo_cpu.yaml", work_dir / "data", work_dir / "run",
+    work_dir = work_dir.resolve()
+    data_dir, save_dir, hf_dir = work_dir / "data", work_dir / "run", work_dir / "hf"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    recipe = write_demo_recipe(REPO_EXAMPLES / "demo_cpu.yaml", data_dir, save_dir,
                                work_dir / "recipe.yaml", ranks=ranks)
-    if (work_dir / "run").exists():  # a demo run starts fresh; resuming is for real runs
-        shutil.rmtree(work_dir / "run")
-    log.info("2/3 training: deepspeed launcher, %d local ranks, recipe %s", ranks, recipe)
-    launch_local(recipe, nodes=1, ranks_per_node=ranks, work_dir=work_dir, overrides=overrides,
-                 log_path=work_dir / "train.log")
-    tail = (work_dir / "train.node0.log").read_text().splitlines()
-    for line in [l for l in tail if "| loss" in l or "validation loss" in l][-4:]:
-        log.info("    %s", line.split("INFO ", 1)[-1])
-    log.info("3/3 converting to Hugging Face format in %s", work_dir / "hf")
-    hf_dir = convert_to_hf(work_dir / "run", work_dir / "hf", tokenizer_model=corpus.tokenizer_model,
-                           overwrite=True)
-    sample = generate_sample(hf_dir, prompt)
-    log.info("done in %.0f s; sample generated by transformers from %s:", time.time() - start, hf_dir)
-    print(f"\n{sample}\n")
-    return sample
+    cfg = load_config(recipe, list(overrides))
+    if cfg.train.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_fast_bf16():
+        log.info("this CPU has no bf16 matrix units (AMX, AVX512-BF16): training in fp32")
+        overrides = [*overrides, "train.precision=fp32"]
+        cfg = load_config(recipe, list(overrides))
+    vocab_size = cfg.model.vocab_size
+    if (data_dir / "tokenizer.model").is_file():
+        from megatron_tinyllama.data.tokenizer import load_tokenizer
+
+        if load_tokenizer(data_dir / "tokenizer.model").vocab_size != vocab_size:
+            shutil.rmtree(data_dir)  # built for another model.vocab_size: the ids would not fit
+    log.info("1/3 corpus: Python's documentation + standard library, tokenizer of %d pieces -> %s",
+             vocab_size, _show(data_dir))
+    corpus = build_demo_corpus(data_dir, vocab_size=vocab_size, progress=True)
+    if save_dir.exists():  # a demo run starts fresh; resuming is for real runs
+        shutil.rmtree(save_dir)
+    steps = math.ceil((cfg.train.train_tokens - cfg.train.start_tokens)
+                      / cfg.train.global_batch_tokens)
+    log.info("2/3 training: deepspeed launcher, %d local ranks, %d steps of %d tokens, %s; "
+             "full log: %s", ranks, steps, cfg.train.global_batch_tokens, cfg.train.precision,
+             _show(work_dir / "train.node0.log"))
+    display = TrainingDisplay(steps, verbose=verbose)
+    train_start = time.time()
+    try:
+        launch_local(recipe, nodes=1, ranks_per_node=ranks, work_dir=work_dir,
+                     overrides=overrides, log_path=work_dir / "train.log", on_line=display)
+    finally:
+        display.close()
+    train_seconds = time.time() - train_start
+    valid_loss, train_loss, last_step, tokens = _last_metrics(save_dir)
+    log.info("3/3 converting to Hugging Face format -> %s; sampling with transformers",
+             _show(hf_dir))
+    convert_to_hf(save_dir, hf_dir, tokenizer_model=corpus.tokenizer_model, overwrite=True)
+    import transformers
+
+    if not verbose:
+        transformers.utils.logging.disable_progress_bar()
+    samples = tuple(generate(load_hf_model(hf_dir), load_tokenizer_for(hf_dir), prompts,
+                             SamplingConfig()))
+    return DemoResult(work_dir=work_dir, save_dir=save_dir, hf_dir=hf_dir, recipe=recipe,
+                      tokenizer_model=corpus.tokenizer_model,
+                      train_log=work_dir / "train.node0.log", final_valid_loss=valid_loss,
+                      final_train_loss=train_loss, steps=last_step, tokens=tokens,
+                      samples=samples, overrides=tuple(overrides), train_seconds=train_seconds,
+                      total_seconds=time.time() - start)
+
+
+def _show(path: Path) -> str:
+    """``path`` relative to the current directory when it lies below it (shorter to copy)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def report(result: DemoResult) -> str:
+    """The closing text: losses, time, samples, outputs and the next commands."""
+    from megatron_tinyllama.launch import deepspeed_command, launcher_env
+
+    latest = (result.save_dir / "latest").read_text().strip()
+    valid = "n/a" if result.final_valid_loss is None else f"{result.final_valid_loss:.3f}"
+    train = "n/a" if result.final_train_loss is None else f"{result.final_train_loss:.3f}"
+    lines = [
+        f"done in {result.total_seconds:.0f} s (training {result.train_seconds:.0f} s): "
+        f"validation loss {valid} on held-out documents (training loss {train}) after "
+        f"{result.steps} steps, {result.tokens:,} tokens",
+        "",
+    ]
+    for sample in result.samples:
+        lines += [sample.rstrip(), "-" * 60]
+    command = deepspeed_command(Path(_show(result.work_dir / "hostfile")), 0, 29500,
+                                Path(_show(result.recipe)), result.overrides)
+    command[0] = "deepspeed"
+    accelerator = "DS_ACCELERATOR=cpu " if launcher_env().get("DS_ACCELERATOR") == "cpu" else ""
+    tokenizer = _show(result.tokenizer_model)
+    lines += [
+        "",
+        f"outputs in {_show(result.work_dir)}/:",
+        f"  data/     corpus jsonl, tokenizer ({tokenizer}), indexed datasets",
+        f"  run/      checkpoints (latest {latest}), config.yaml, metrics.jsonl, tb/",
+        "  hf/       Hugging Face Llama export (AutoModelForCausalLM.from_pretrained)",
+        "  train.node0.log  everything the launcher and the ranks printed",
+        "next:",
+        f"  tensorboard --logdir {_show(result.save_dir / 'tb')}",
+        f"  tinyllama-generate {_show(result.save_dir)} --prompt 'class Stack:'",
+        f"  tinyllama-convert-to-hf --input {_show(result.save_dir)} --output "
+        f"{_show(result.hf_dir)} --tokenizer-model {tokenizer} --overwrite",
+        "  # resume (the same command continues from run/latest; a larger train.train_tokens "
+        "trains on):",
+        f"  {accelerator}{shlex.join(command)} train.train_tokens={2 * result.tokens}",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Build data, train a small TinyLlama on CPU, convert, sample.")
+    parser = argparse.ArgumentParser(
+        prog="tinyllama-demo",
+        description="Build data, train a small TinyLlama through the deepspeed launcher, convert, "
+                    "sample.")
     parser.add_argument("--work-dir", default="runs/demo", type=Path)
-    parser.add_argument("--ranks", type=int, default=2, help="local ranks for the deepspeed launcher")
-    parser.add_argument("--prompt", default="The for statement")
+    parser.add_argument("--ranks", type=int, default=2,
+                        help="local ranks for the deepspeed launcher")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="repeatable (default: one prose and one code prompt)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every line the launcher and the ranks print, known "
+                             "third-party noise included (also: TINYLLAMA_VERBOSE=1)")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE",
                         help="recipe overrides, e.g. train.train_tokens=500000")
     args = parser.parse_args(argv)
+    from megatron_tinyllama.console import VERBOSE_ENV, hide_known_noise, verbose
+
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the ranks inherit it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    hide_known_noise()
     import subprocess
 
+    from megatron_tinyllama.config import ConfigError
+
     try:
-        run_demo(args.work_dir, ranks=args.ranks, overrides=args.overrides, prompt=args.prompt)
+        result = run_demo(args.work_dir, ranks=args.ranks, overrides=args.overrides,
+                          prompts=args.prompt or DEFAULT_PROMPTS, verbose=verbose())
+    except ConfigError as err:
+        print(f"tinyllama-demo: error: {err}", file=sys.stderr)
+        return 2
     except subprocess.CalledProcessError as err:
-        print(f"error: training failed (exit {err.returncode}); see {args.work_dir}/train.node0.log",
-              file=sys.stderr)
+        print(f"tinyllama-demo: training failed (exit {err.returncode}); full log: "
+              f"{_show(args.work_dir / 'train.node0.log')}", file=sys.stderr)
         return 1
+    print("\n" + report(result))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,17 +52,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-TESTBED_DIR = REPO_ROOT.parent / "shared" / "scaling_testbed" / "exp_data"
-
-
 @pytest.fixture(scope="session")
 def testbed_models() -> dict[str, int]:
-    """Released parameter count per open_lm shape, read in place from ../shared (never copied)."""
+    """Released parameter count per open_lm shape, from the testbed copy shipped in the package."""
     import json
 
-    assert TESTBED_DIR.is_dir(), f"released testbed not found at {TESTBED_DIR}"
+    from megatron_tinyllama.scaling.runs import find_testbed_dir
+
     counts = {}
-    for path in sorted((TESTBED_DIR / "models").glob("*.json")):
+    for path in sorted((find_testbed_dir() / "models").glob("*.json")):
         hyper = json.loads(path.read_text())["hyperparameters"]
         shape = Path(hyper["model"]).stem if "/" in hyper["model"] else hyper["model"]
         counts[shape] = hyper["params"]

@@ -29,15 +29,22 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from megatron_tinyllama.data.encode import PlainEncoder, make_encoder
 from megatron_tinyllama.data.indexed import IndexedDatasetWriter, token_dtype
 from megatron_tinyllama.data.outputs import OutputPathError
-from megatron_tinyllama.data.progress import Progress, human
 from megatron_tinyllama.data.provenance import dataset_meta, tokenizer_record
 from megatron_tinyllama.data.readers import (BadInputError, WorkUnit, expand_inputs,
                                              iter_units, parse_unit)
 from megatron_tinyllama.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+def human(value: float, unit: str = "") -> str:
+    """``1234567 -> '1.23M'`` as tqdm formats its own counters; small whole numbers as they are."""
+    if value == int(value) and abs(value) < 1000:
+        return f"{int(value)}{unit}"
+    return tqdm.format_sizeof(value, unit, divisor=1000)
+
 
 # SlimPajama marks its GitHub subset so; TinyLlama drops it (StarCoder already has the code).
 SLIMPAJAMA_GITHUB = ("meta.redpajama_set_name", "RedPajamaGithub")
@@ -72,13 +79,12 @@ class PreprocessConfig:
     """Count and skip bad lines and zero-byte files instead of failing."""
     text_mode: Literal["file", "line"] = "file"
     """Plain-text inputs: one document per file, or per non-blank line."""
-    log_interval: int = 10000
-    """Redraw the progress line every this many documents."""
     chunk_bytes: int = 1 << 20
     """Input bytes per work unit (bounds memory: about 2 * workers + 1 units are held)."""
     segment_cache: bool = True
     """Memoise sentencepiece per whitespace segment where that is exact (see :mod:`.encode`)."""
     progress: bool = True
+    """Show a progress bar (input bytes, documents and tokens per second) on stderr."""
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -289,7 +295,9 @@ def preprocess_data(cfg: PreprocessConfig) -> PreprocessSummary:
     summary = PreprocessSummary({key: output_prefix_for(cfg.output_prefix, key)
                                  for key in cfg.json_keys}, files=len(files))
     total_bytes = sum(os.path.getsize(path) for path in files)
-    progress = Progress(total_bytes, cfg.log_interval, enabled=cfg.progress)
+    progress = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
+                    desc="preprocess", disable=not cfg.progress, mininterval=0.5, smoothing=0.1)
+    done_docs = done_tokens = done_bytes = 0
     counts: Counter = Counter()
     meta = dataset_meta(tokenizer_record(tokenizer))
     writers: dict[str, IndexedDatasetWriter] = {}
@@ -310,7 +318,13 @@ def preprocess_data(cfg: PreprocessConfig) -> PreprocessSummary:
                 writer.add_documents(result.tokens[key], result.lengths[key])
                 docs += len(result.lengths[key])
                 tokens += int(result.tokens[key].shape[0])
-            progress.update(docs, tokens, result.nbytes)
+            done_docs, done_tokens, done_bytes = (done_docs + docs, done_tokens + tokens,
+                                                  done_bytes + result.nbytes)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            progress.set_postfix_str(f"{human(done_docs)} docs ({human(done_docs / elapsed)}/s), "
+                                     f"{human(done_tokens)} tok ({human(done_tokens / elapsed)}/s)",
+                                     refresh=False)
+            progress.update(result.nbytes)
         for key, writer in writers.items():
             if writer.num_documents == 0:  # megatron-core's sampler would fail on it at train time
                 raise EmptyOutputError(
@@ -334,7 +348,7 @@ def preprocess_data(cfg: PreprocessConfig) -> PreprocessSummary:
     summary.blank_lines = counts["blank_lines"]
     summary.bad_lines = counts["bad_lines"]
     summary.bad_line_reasons = {k[4:]: v for k, v in counts.items() if k.startswith("bad:")}
-    summary.input_bytes = progress.bytes
+    summary.input_bytes = done_bytes
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -396,10 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "instead")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    group.add_argument("--log-interval", type=int, default=10000,
-                       help="redraw progress every this many documents")
+    group.add_argument("--log-interval", type=int, default=None,
+                       help="accepted for Megatron-LM command lines; the progress bar redraws "
+                            "twice a second")
     group.add_argument("--chunk-mb", type=float, default=1.0, help="input MB per work unit")
-    group.add_argument("--quiet", action="store_true", help="no progress line")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
     group.add_argument("--no-segment-cache", action="store_true",
                        help="call sentencepiece on whole documents (same output, slower)")
     return parser
@@ -414,7 +429,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         tokenizer_model=args.tokenizer_model, json_keys=tuple(args.json_keys),
         workers=args.workers, append_eod=args.append_eod, bos=args.bos,
         exclude=tuple(exclude), skip_bad_lines=args.skip_bad_lines, text_mode=args.text_mode,
-        log_interval=args.log_interval, chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
+        chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
         segment_cache=not args.no_segment_cache, progress=not args.quiet)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +31,18 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
 
 
 def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int = 1,
-                             precision: str = "fp32", use_cpu_initialization: Optional[bool] = None):
+                             precision: str = "fp32"):
     """The megatron-core ``TransformerConfig`` for ``model_cfg``.
+
+    Weights are always initialised on the CPU (``use_cpu_initialization``): full matrices from
+    torch's default RNG, sliced per TP rank, so the same seed gives the same model at any TP
+    degree; without CUDA it is also the only path (megatron's GPU path calls
+    ``torch.cuda.current_device()``).
 
     Args:
         model_cfg: architecture.
         tensor_parallel_size: TP degree; must divide heads and query groups.
         precision: "fp32", "bf16" or "fp16" (parameter dtype of the built modules).
-        use_cpu_initialization: initialise full weights on CPU from torch's default RNG and slice
-            them per TP rank, so the same seed gives the same model at any TP degree. Always on
-            without CUDA (megatron's GPU path calls torch.cuda.current_device()).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -53,10 +54,6 @@ def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int =
                 f"parallel.tensor_parallel_size={tensor_parallel_size} does not divide "
                 f"model.{name}={getattr(model_cfg, name)}"
             )
-    if use_cpu_initialization is None:
-        use_cpu_initialization = True
-    if not torch.cuda.is_available():
-        use_cpu_initialization = True
     dtype = _DTYPES[precision]
     recompute = model_cfg.activation_checkpointing
     return TransformerConfig(
@@ -78,7 +75,7 @@ def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int =
         init_method_std=model_cfg.init_method_std,
         tensor_model_parallel_size=tensor_parallel_size,
         sequence_parallel=False,
-        use_cpu_initialization=use_cpu_initialization,
+        use_cpu_initialization=True,
         params_dtype=dtype,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -97,8 +94,7 @@ def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int =
     )
 
 
-def build_model(model_cfg: ModelConfig, tensor_parallel_size: int = 1, precision: str = "fp32",
-                use_cpu_initialization: Optional[bool] = None):
+def build_model(model_cfg: ModelConfig, tensor_parallel_size: int = 1, precision: str = "fp32"):
     """Build this rank's shard of the GPTModel (megatron-core parallel state must be initialised).
 
     Weights are drawn from torch's default RNG; seed it identically on all ranks first
@@ -106,9 +102,7 @@ def build_model(model_cfg: ModelConfig, tensor_parallel_size: int = 1, precision
     """
     from megatron.core.models.gpt import GPTModel
 
-    transformer_config = build_transformer_config(
-        model_cfg, tensor_parallel_size, precision, use_cpu_initialization
-    )
+    transformer_config = build_transformer_config(model_cfg, tensor_parallel_size, precision)
     spec = get_layer_spec(model_cfg.normalization, model_cfg.qk_layernorm, model_cfg.attention_backend)
     model = GPTModel(
         config=transformer_config,

@@ -2,7 +2,9 @@
 
 It is megatron-core's local spec (ColumnParallelLinear for fused QKV and [gate; up], RowParallelLinear
 for the output projections) with our :class:`FusedCoreAttention` as core attention and the norm
-chosen here: apex's fused RMSNorm/LayerNorm when apex is importable on CUDA, torch's otherwise.
+chosen here: torch's RMSNorm (TinyLlama) always; for LayerNorm shapes (the over-training testbed)
+megatron-core's apex-backed ``FusedLayerNorm`` when NVIDIA apex is importable on CUDA, torch's
+otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 def _norm_module(normalization: str) -> type:
-    """apex's fused norm when it can run (CUDA + apex), else torch's; the log says which."""
+    """apex's FusedLayerNorm for LayerNorm when it can run (CUDA + apex), else torch's norm
+    (always for RMSNorm); the log says which."""
     if torch.cuda.is_available():
         try:
             import apex  # noqa: F401  (NVIDIA apex, never the PyPI name)

@@ -1,7 +1,8 @@
 """Named model shapes: TinyLlama, the over-training testbed of Gadre et al., and tiny test shapes.
 
 A preset is a plain dict of :class:`~megatron_tinyllama.config.ModelConfig` fields; a recipe names
-it (``model.preset``) and may override any field.
+it (``model.preset``), Python code calls ``ModelConfig.from_preset(name, **overrides)``, and
+either may override any field.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def preset_values(name: str) -> dict[str, Any]:
 
 
 def get_preset(name: str, **overrides: Any):
-    """A :class:`ModelConfig` for preset ``name`` with ``overrides`` applied."""
+    """A :class:`ModelConfig` for preset ``name`` with ``overrides`` applied
+    (:meth:`ModelConfig.from_preset <megatron_tinyllama.config.ModelConfig.from_preset>`)."""
     from megatron_tinyllama.config import ModelConfig
 
-    return ModelConfig(**{**preset_values(name), **overrides, "preset": name})
+    return ModelConfig.from_preset(name, **overrides)

@@ -1,7 +1,8 @@
-"""CPU stand-ins for the few CUDA-only calls megatron-core makes, applied only without CUDA.
+"""CPU stand-ins for the few CUDA-only calls megatron-core makes, in a scoped, reversible context.
 
-megatron-core (checked against 0.16.1; the same call sites exist in 0.17-0.19) assumes a GPU in
-these places that our model and training path reach:
+This module owns everything that lets megatron-core's layers run without a GPU. megatron-core
+(checked against 0.16.1; the same call sites exist in 0.17-0.19) assumes a GPU in these places that
+our model and training path reach:
 
 1. ``tensor_parallel.random`` keeps per-purpose RNG streams in a tracker built on
    ``torch.cuda.get_rng_state``/``manual_seed`` (used by dropout forks and by activation
@@ -14,12 +15,17 @@ these places that our model and training path reach:
 3. ``RotaryEmbedding.get_emb`` moves its inverse frequencies to ``torch.cuda.current_device()`` on
    the first forward -> wrapped so that, inside it only, the current device is the CPU.
    Layer initialisation calls ``current_device()`` too unless ``use_cpu_initialization`` is set,
-   which we always set without CUDA (:func:`megatron_tinyllama.model.build.build_transformer_config`).
+   which we always set (:func:`megatron_tinyllama.model.build.build_transformer_config`).
 4. megatron-core's distributed optimizer and DDP wrapper are CUDA-only; we do not use them
    (DeepSpeed owns optimizer and gradient reduction).
 
-Nothing happens on import. :func:`apply_cpu_shim` is idempotent and a no-op when CUDA is present;
-:func:`single_rank_cpu` is a context manager for tests and tools that need a 1-rank gloo group.
+Nothing happens on import. :func:`cpu_shim` is a context manager: entering it without CUDA installs
+the stand-ins, leaving the outermost entry puts back exactly the objects that were there; nested
+entries share one installation; with CUDA it does nothing. The training entry
+(:mod:`megatron_tinyllama.train.pretrain`) holds it for the whole run, tests through fixtures
+(:func:`single_rank_cpu` adds a 1-rank gloo group), and
+:func:`megatron_tinyllama.parallel.init.initialize_model_parallel` refuses to start on CPU outside
+it (:func:`require_cpu_shim`).
 """
 
 from __future__ import annotations
@@ -28,11 +34,17 @@ import contextlib
 import functools
 import os
 import socket
-from typing import Iterator
+import threading
+from typing import Any, Iterator
 
 import torch
 
-_APPLIED = False
+_ABSENT = object()
+_lock = threading.Lock()
+_depth = 0
+"""How many :func:`cpu_shim` blocks are open (with or without CUDA)."""
+_saved: list[tuple[Any, str, Any]] = []
+"""(owner, attribute, original object or _ABSENT) for every replacement currently installed."""
 
 
 class CPURNGStatesTracker:
@@ -113,29 +125,88 @@ def _on_cpu(method):
     return wrapper
 
 
-def apply_cpu_shim() -> bool:
-    """Install the CPU stand-ins when CUDA is absent. Returns True if the shim is active."""
-    global _APPLIED
-    if torch.cuda.is_available():
-        return False
-    if _APPLIED:
-        return True
+def _replacements() -> list[tuple[Any, str, Any]]:
+    """(owner, attribute, stand-in) for every megatron-core object the shim replaces."""
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    from megatron.core.utils import GlobalMemoryBuffer
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer import utils as mcore_transformer_utils
+    from megatron.core.utils import GlobalMemoryBuffer
 
-    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
-    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
-    mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
-    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    mcore_transformer_utils.get_default_causal_mask = _cpu_default_causal_mask
-    fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
-    for owner, name in ((RotaryEmbedding, "get_emb"), (GlobalMemoryBuffer, "get_tensor")):
-        if not getattr(getattr(owner, name), "__wrapped_by_cpu_shim__", False):
-            setattr(owner, name, _on_cpu(getattr(owner, name)))
-    _APPLIED = True
+    return [
+        (mcore_random, "_get_cuda_rng_state", _cpu_get_rng_state),
+        (mcore_random, "_set_cuda_rng_state", _cpu_set_rng_state),
+        (mcore_random, "_CUDA_RNG_STATE_TRACKER", CPURNGStatesTracker()),
+        (mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True),
+        (mcore_transformer_utils, "get_default_causal_mask", _cpu_default_causal_mask),
+        # fused_softmax imported the function by name, so its reference is replaced too.
+        (fused_softmax, "get_default_causal_mask", _cpu_default_causal_mask),
+        (RotaryEmbedding, "get_emb", _on_cpu(RotaryEmbedding.get_emb)),
+        (GlobalMemoryBuffer, "get_tensor", _on_cpu(GlobalMemoryBuffer.get_tensor)),
+    ]
+
+
+def _install() -> None:
+    for owner, name, stand_in in _replacements():
+        # vars(): the object defined on the owner itself (absent when inherited), so that
+        # restoring puts back exactly what was there.
+        _saved.append((owner, name, vars(owner).get(name, _ABSENT)))
+        setattr(owner, name, stand_in)
+
+
+def _restore() -> None:
+    while _saved:
+        owner, name, original = _saved.pop()
+        if original is _ABSENT:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def cpu_shim() -> Iterator[bool]:
+    """Install the CPU stand-ins for the duration of the block when CUDA is absent.
+
+    Yields:
+        True if the stand-ins are active (no CUDA), False if CUDA is present (nothing changed).
+
+    Re-entrant: an inner block shares the outer installation, and only the outermost exit
+    restores the originals (also when the block raises).
+    """
+    global _depth
+    with _lock:
+        if _depth == 0 and not torch.cuda.is_available():
+            _install()
+        _depth += 1
+        active = bool(_saved)
+    try:
+        yield active
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _restore()
+
+
+def cpu_shim_active() -> bool:
+    """Whether the stand-ins are installed (inside a :func:`cpu_shim` block, without CUDA)."""
+    return bool(_saved)
+
+
+def require_cpu_shim() -> bool:
+    """Check that megatron-core can run here; returns True when on CPU (stand-ins active).
+
+    Raises:
+        RuntimeError: no CUDA and no open :func:`cpu_shim` block.
+    """
+    if torch.cuda.is_available():
+        return False
+    if not cpu_shim_active():
+        raise RuntimeError(
+            "no CUDA: megatron-core needs the CPU stand-ins; run inside "
+            "megatron_tinyllama.parallel.cpu_shim.cpu_shim() (the training entry and the test "
+            "fixtures do)"
+        )
     return True
 
 
@@ -147,7 +218,8 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def single_rank_cpu(tensor_parallel_size: int = 1, seed: int = 1234) -> Iterator[None]:
-    """A 1-rank gloo process group with megatron-core parallel state, torn down on exit.
+    """A 1-rank gloo process group with megatron-core parallel state inside :func:`cpu_shim`,
+    all torn down on exit.
 
     Mirrors the set-up/tear-down of megatron-core's own unit-test utilities, which are NCCL-only.
     """
@@ -163,9 +235,12 @@ def single_rank_cpu(tensor_parallel_size: int = 1, seed: int = 1234) -> Iterator
         dist.init_process_group("gloo", rank=0, world_size=1)
         created = True
     try:
-        initialize_model_parallel(tensor_parallel_size=tensor_parallel_size, seed=seed)
-        yield
+        with cpu_shim():
+            try:
+                initialize_model_parallel(tensor_parallel_size=tensor_parallel_size, seed=seed)
+                yield
+            finally:
+                parallel_state.destroy_model_parallel()
     finally:
-        parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()

@@ -122,7 +122,7 @@ def initialize_model_parallel(tensor_parallel_size: int, seed: int) -> None:
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_tinyllama.parallel.cpu_shim import apply_cpu_shim
+    from megatron_tinyllama.parallel.cpu_shim import require_cpu_shim
 
     world = dist.get_world_size()
     if world % tensor_parallel_size:
@@ -130,7 +130,7 @@ def initialize_model_parallel(tensor_parallel_size: int, seed: int) -> None:
             f"parallel.tensor_parallel_size={tensor_parallel_size} does not divide the "
             f"world size {world}"
         )
-    on_cpu = apply_cpu_shim()
+    on_cpu = require_cpu_shim()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

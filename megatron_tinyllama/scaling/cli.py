@@ -343,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     def testbed_opts(sp, fit_file: bool = True):
         sp.add_argument(
             "--testbed-dir",
-            help="the testbed's exp_data folder "
-            "(default: ../shared/scaling_testbed/exp_data from the repo root or cwd)",
+            help="the testbed's exp_data folder (default: the released results shipped with "
+            "the package)",
         )
         sp.add_argument(
             "--dataset",
@@ -383,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--save-root", default="runs", help="checkpoint.save_dir = <save-root>/<recipe>"
     )
-    sp.add_argument("--testbed-dir")
+    sp.add_argument(
+        "--testbed-dir", help="the testbed's exp_data folder (default: the packaged copy)"
+    )
     sp.add_argument("--global-batch-size", type=int)
     sp.add_argument("--warmup-steps", type=int)
     sp.add_argument("--lr", type=float)
@@ -439,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "reproduce", help="the paper's held-out check for RedPajama, C4, RefinedWeb"
     )
-    sp.add_argument("--testbed-dir")
+    sp.add_argument(
+        "--testbed-dir", help="the testbed's exp_data folder (default: the packaged copy)"
+    )
     sp.add_argument(
         "--datasets", nargs="+", default=list(TESTBED_DATASETS), choices=sorted(TESTBED_DATASETS)
     )

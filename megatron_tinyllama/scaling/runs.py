@@ -3,7 +3,8 @@
 Two sources give the same :class:`RunPoint` (N parameters, D tokens, validation losses, and for
 the testbed the downstream accuracies):
 
-* The testbed of Gadre et al. (2024), read in place from its ``exp_data`` folder (never copied):
+* The testbed of Gadre et al. (2024), whose released ``exp_data`` folder ships with this package
+  (``scaling/testbed_data/``, MIT licence, unchanged; see its ``PROVENANCE.md``):
   ``models/<name>.json`` holds hyperparameters (``params`` = N, ``tokens`` = D) and ``results``,
   one validation loss per eval set; ``evals/evaluation_<name>_heavy.json`` holds 46 downstream
   accuracies as fractions in ``eval_metrics.icl``.
@@ -27,8 +28,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from megatron_tinyllama.scaling.fit import ScalingError
 
-TESTBED_RELATIVE = Path("..") / "shared" / "scaling_testbed" / "exp_data"
-"""Where the testbed sits relative to the repository root (or the current directory)."""
+PACKAGED_TESTBED = Path(__file__).resolve().parent / "testbed_data" / "exp_data"
+"""The released testbed results shipped with the package (the default of ``--testbed-dir``)."""
 C4_EVAL = "c4_val"
 """Key of the paper's default loss set, C4 eval (``val_data`` path .../c4_val/...)."""
 STACK_EVAL = "valid"
@@ -148,23 +149,23 @@ def find_testbed_dir(explicit: Optional[Union[str, Path]] = None) -> Path:
             folder holding it.
 
     Returns:
-        The folder holding ``models/`` and ``evals/``. Without ``explicit``, looks for
-        ``../shared/scaling_testbed/exp_data`` from the repository root, then from the current
-        directory (a CI clone has ``shared/`` beside it).
+        The folder holding ``models/`` and ``evals/``: ``explicit`` when given, else the copy
+        shipped with the package (:data:`PACKAGED_TESTBED`).
 
     Raises:
         RunFileError: nothing found, naming every place looked at.
     """
     if explicit is not None:
         candidates = [Path(explicit), Path(explicit) / "exp_data"]
+        hint = "pass the testbed's exp_data folder to --testbed-dir"
     else:
-        repo_root = Path(__file__).resolve().parents[2]
-        candidates = [repo_root / TESTBED_RELATIVE, Path.cwd() / TESTBED_RELATIVE]
+        candidates = [PACKAGED_TESTBED]
+        hint = "the package was installed without its data; reinstall it or pass --testbed-dir"
     for cand in candidates:
         if (cand / "models").is_dir():
             return cand.resolve()
     looked = ", ".join(str(c) for c in candidates)
-    raise RunFileError(f"testbed not found (no models/ folder in: {looked}); pass --testbed-dir")
+    raise RunFileError(f"testbed not found (no models/ folder in: {looked}); {hint}")
 
 
 def _read_json(path: Path) -> Any:

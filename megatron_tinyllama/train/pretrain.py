@@ -15,6 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_tinyllama.config import ConfigError, load_config
+from megatron_tinyllama.console import hide_known_noise
 
 
 def _setup_logging() -> None:
@@ -24,9 +25,11 @@ def _setup_logging() -> None:
         format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # DeepSpeed and megatron-core are chatty at INFO; their warnings still show.
+    # DeepSpeed and megatron-core are chatty at INFO; their warnings still show, except the
+    # known ones that say nothing about this job (TINYLLAMA_VERBOSE=1 shows those too).
     for name in ("DeepSpeed", "deepspeed", "megatron", "megatron.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    hide_known_noise()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,12 +57,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_tinyllama.checkpoint.hf import ConversionError
     from megatron_tinyllama.checkpoint.training import CheckpointError
     from megatron_tinyllama.checkpoint.weights import ReplicaDriftError
+    from megatron_tinyllama.parallel.cpu_shim import cpu_shim
     from megatron_tinyllama.train.loop import NonFiniteLossError, train
 
     set_thread_env_defaults()
     code, clean = 0, False
     try:
-        train(cfg)
+        with cpu_shim():  # megatron-core's CUDA-only calls get CPU stand-ins (no-op with CUDA)
+            train(cfg)
         clean = True
     except (ConfigError, NonFiniteLossError, CheckpointError, ReplicaDriftError) as err:
         # Decided on every rank alike (from the same files, or after a collective), so the peers

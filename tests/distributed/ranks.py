@@ -18,6 +18,7 @@ def _entry(rank: int, world_size: int, port: int, ranks_per_node: int, fn, args)
     import torch
     import torch.distributed as dist
 
+    from megatron_tinyllama.parallel.cpu_shim import cpu_shim
     from megatron_tinyllama.parallel.init import exit_process, shutdown_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -26,7 +27,8 @@ def _entry(rank: int, world_size: int, port: int, ranks_per_node: int, fn, args)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        fn(rank, world_size, *args)
+        with cpu_shim():  # as the training entry holds it for the whole run
+            fn(rank, world_size, *args)
     except BaseException:
         # mp.spawn records the traceback for the parent; a peer may be stuck, so no barrier.
         shutdown_distributed(wait_for_peers=False)

@@ -17,6 +17,29 @@ def test_preset_fills_fields_and_overrides_cast_to_the_field_type():
     assert cfg.data.blend == ("0.7", "a", "0.3", "b")
 
 
+def test_a_preset_means_the_same_in_python_as_in_a_recipe():
+    import dataclasses
+
+    from megatron_tinyllama.config import ModelConfig
+    from megatron_tinyllama.model.presets import PRESETS
+
+    debug = PRESETS["tinyllama-debug"]
+    for cfg in (ModelConfig(preset="tinyllama-debug", vocab_size=1000),
+                ModelConfig.from_preset("tinyllama-debug", vocab_size=1000),
+                config_from_dict({"model": {"preset": "tinyllama-debug", "vocab_size": 1000}}).model):
+        assert cfg.preset == "tinyllama-debug" and cfg.vocab_size == 1000  # the override wins
+        assert {k: getattr(cfg, k) for k in debug if k != "vocab_size"} == \
+            {k: v for k, v in debug.items() if k != "vocab_size"}
+    assert ModelConfig(preset="tinyllama-debug").num_parameters() < 10**6 < ModelConfig().num_parameters()
+    # Copies keep what they were given; only fields not given come from the preset.
+    small = dataclasses.replace(ModelConfig.from_preset("tinyllama-debug"), num_layers=3)
+    assert (small.num_layers, small.hidden_size) == (3, debug["hidden_size"])
+    with pytest.raises(ConfigError, match=r"model\.preset: unknown preset 'nope'; known: \["):
+        ModelConfig.from_preset("nope")
+    with pytest.raises(TypeError, match=r"unknown field\(s\) \['hidden'\]"):
+        ModelConfig(hidden=3)
+
+
 @pytest.mark.parametrize("tree, overrides, message", [
     ({"model": {"hidden_sizes": 3}}, [], r"model: unknown key\(s\) \['hidden_sizes'\]"),
     ({}, ["train.micro_batch_size=two"], r"train\.micro_batch_size: expected an integer"),

@@ -172,12 +172,17 @@ def test_large_vocabularies_are_stored_as_int32(tmp_path):
 
 def test_cli_prints_progress_and_summary(tmp_path, llama_spm, capsys):
     src = write_jsonl(tmp_path / "a.jsonl", DOCS)
+    size = src.stat().st_size
     code = main(["--input", str(src), "--output-prefix", str(tmp_path / "cli"), "--tokenizer-model",
-                 str(llama_spm), "--append-eod", "--workers", "1", "--log-interval", "2"])
+                 str(llama_spm), "--append-eod", "--workers", "1",
+                 "--log-interval", "2"])  # Megatron-LM's flag is accepted
     assert code == 0
     out, err = capsys.readouterr()
     assert "5 docs" in out and "tokens/s" in out and "docs/s" in out and "B/s" in out
-    progress = err.strip().splitlines()  # not a terminal: one line per update
-    assert len(progress) >= 2 and all(("docs (" in line and "tok (" in line and "B/s)" in line)
-                                      for line in progress)
+    final = err.strip().split("\r")[-1]  # tqdm redraws with carriage returns
+    assert final.startswith("preprocess: 100%") and f"{size}/{size}" in final.replace("B", "")
+    assert "5 docs (" in final and " tok (" in final and "/s)" in final
     assert (tmp_path / "cli_text_document.idx").exists()
+    main(["--input", str(src), "--output-prefix", str(tmp_path / "q"), "--tokenizer-model",
+          str(llama_spm), "--quiet"])
+    assert capsys.readouterr().err == ""

@@ -1,6 +1,6 @@
-"""Reading the released testbed in place and this stack's run folders; bad files name the field.
+"""Reading the released testbed and this stack's run folders; bad files name the field.
 
-The testbed is located as the CLI does: ../shared/scaling_testbed/exp_data beside the clone.
+The testbed is located as the CLI does: the copy shipped inside the package.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+import megatron_tinyllama
 from megatron_tinyllama.config import config_from_dict, save_config
 from megatron_tinyllama.scaling.runs import (
     PAPER_17_TASKS,
     PAPER_ERROR_EXTRA_RUNS,
     PAPER_LOSS_FIT_RUNS,
+    PACKAGED_TESTBED,
     RunFileError,
     find_testbed_dir,
     held_out_runs,
@@ -85,10 +87,15 @@ def test_paper_protocol_selection(testbed):
 
 
 def test_find_testbed_dir(testbed_dir, tmp_path):
+    # The default is the copy inside the package, with its licence and provenance beside it.
+    assert testbed_dir == PACKAGED_TESTBED.resolve()
+    assert testbed_dir.is_relative_to(Path(megatron_tinyllama.__file__).resolve().parent)
+    assert "MIT License" in (testbed_dir.parent / "LICENSE.txt").read_text()
+    assert "mlfoundations/scaling" in (testbed_dir.parent / "PROVENANCE.md").read_text()
     assert (
         find_testbed_dir(testbed_dir.parent) == testbed_dir
     )  # the folder holding exp_data works too
-    with pytest.raises(RunFileError, match="testbed not found.*pass --testbed-dir"):
+    with pytest.raises(RunFileError, match="testbed not found.*pass the testbed's exp_data"):
         find_testbed_dir(tmp_path)
 
 
