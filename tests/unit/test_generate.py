@@ -4,6 +4,7 @@ megatron-core model, and the HF export gives the same; the tokenizer is found fr
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -42,7 +43,8 @@ def _greedy_with_our_model(model, ids: list[int], vocab_size: int) -> tuple[list
 @pytest.fixture
 def trained_run(mcore_cpu, tmp_path, llama_spm):
     """A run's save_dir as the trainer leaves it: config.yaml naming the tokenizer, a 'latest'
-    file and the model weights of that checkpoint (random weights, decisive logits)."""
+    file and the model weights of that checkpoint (random weights, decisive logits), marked
+    complete by its trainer_state.json."""
     cfg = dataclasses.replace(tricky_config(vocab_size=512), init_method_std=0.3)
     set_seed(5)
     model = build_model(cfg).eval()
@@ -54,6 +56,8 @@ def trained_run(mcore_cpu, tmp_path, llama_spm):
     job = config_from_dict({"model": dataclasses.asdict(cfg),
                             "data": {"tokenizer_model": str(llama_spm)}})
     save_config(job, save_dir / "config.yaml")
+    (save_dir / "global_step000003" / "trainer_state.json").write_text(json.dumps(
+        {"step": 3, "consumed_samples": 24, "consumed_tokens": 24 * cfg.seq_length, "config": job.to_dict()}))
     return save_dir, model, cfg
 
 
