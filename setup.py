@@ -4,15 +4,32 @@ torch must be installed first (a CPU or CUDA build of your choice), and deepspee
 ``--no-build-isolation`` so that its build step does not pull another torch; see README.md.
 """
 
+import shutil
 import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithResources(build_py):
+    """Copies ds_configs/ and examples/ into the built package (megatron_tinyllama/resources/),
+    where megatron_tinyllama.resources finds them when there is no checkout beside the code."""
+
+    def run(self):
+        super().run()
+        for name in ("ds_configs", "examples"):
+            target = Path(self.build_lib) / "megatron_tinyllama" / "resources" / name
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(Path(__file__).resolve().parent / name, target,
+                            ignore=shutil.ignore_patterns("__pycache__"))
 
 # megatron-core 0.17+ requires Python 3.12; on 3.11 the newest is 0.16.x.
 MCORE = "megatron-core>=0.16,<0.20" if sys.version_info >= (3, 12) else "megatron-core>=0.16,<0.17"
 LM_EVAL = "lm-eval[hf]>=0.4.8,<0.5"
 
 setup(
+    cmdclass={"build_py": BuildPyWithResources},
     name="megatron-tinyllama",
     version="0.1.0",
     description="TinyLlama-class pretraining with megatron-core layers and DeepSpeed ZeRO-3",

@@ -34,8 +34,9 @@ import torch
 import yaml
 
 from megatron_tinyllama.generate import DEFAULT_PROMPTS
+from megatron_tinyllama.resources import resource_dir
 
-REPO_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO_EXAMPLES = resource_dir("examples")
 
 log = logging.getLogger("demo")
 

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megatron_tinyllama.config import ConfigError, JobConfig, load_config
+from megatron_tinyllama.resources import resource_dir
 
 logger = logging.getLogger(__name__)
 
-REPO_V1_1 = Path(__file__).resolve().parents[1] / "examples" / "tinyllama_v1_1"
+REPO_V1_1 = resource_dir("examples") / "tinyllama_v1_1"
 
 Launcher = Callable[[Path, list[str]], None]
 """Runs one stage: (recipe, overrides) -> returns when the launcher has finished."""

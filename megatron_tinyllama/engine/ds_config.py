@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_tinyllama.config import ConfigError, JobConfig
+from megatron_tinyllama.resources import resource_dir
 
 logger = logging.getLogger(__name__)
 
-REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+REPO_DS_CONFIGS = resource_dir("ds_configs")
 
 
 @dataclass(frozen=True)
