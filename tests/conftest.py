@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -45,11 +44,6 @@ def train_llama_style_spm(out_dir: Path, vocab_size: int = 512) -> Path:
 def llama_spm(tmp_path_factory) -> Path:
     return train_llama_style_spm(tmp_path_factory.mktemp("spm"))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import socket
 import threading
 from typing import Any, Iterator
 
@@ -210,11 +209,6 @@ def require_cpu_shim() -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @contextlib.contextmanager
 def single_rank_cpu(tensor_parallel_size: int = 1, seed: int = 1234) -> Iterator[None]:
@@ -231,7 +225,9 @@ def single_rank_cpu(tensor_parallel_size: int = 1, seed: int = 1234) -> Iterator
     created = False
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        from megatron_tinyllama.launch import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
         created = True
     try:

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_tinyllama.launch import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, ranks_per_node: int, fn, args) -> None:
@@ -46,4 +41,4 @@ def run_on_ranks(fn, world_size: int, *args, ranks_per_node: int = 0) -> None:
     them); 0 puts every rank on one node.
     """
     per_node = ranks_per_node or world_size
-    mp.spawn(_entry, args=(world_size, _free_port(), per_node, fn, args), nprocs=world_size, join=True)
+    mp.spawn(_entry, args=(world_size, free_port(), per_node, fn, args), nprocs=world_size, join=True)
