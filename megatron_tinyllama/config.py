@@ -80,6 +80,28 @@ class ModelConfig:
     """Core attention: 'auto' picks flash-attn when importable on GPU, else torch SDPA."""
     activation_checkpointing: bool = False
     """Recompute each transformer layer in backward to save activation memory."""
+    # Speed levers. Each computes the same function as its plain path (tests compare loss and
+    # gradients); 'auto' picks the fastest backend this machine can run and the log names it
+    # ("norm backend: ..."). Rules in megatron_tinyllama/model/kernels.py; measurements in
+    # docs/performance.md.
+    norm_backend: Literal["auto", "torch", "compiled", "liger", "te", "apex"] = "auto"
+    """RMSNorm kernel: torch's, a torch.compile'd one, liger-kernel's, Transformer Engine's or apex's."""
+    swiglu_backend: Literal["auto", "torch", "fused"] = "auto"
+    """SwiGLU: torch ops, or megatron-core's fused kernel (bias_activation_fusion, jit-compiled)."""
+    rope_backend: Literal["auto", "torch", "compiled", "liger"] = "auto"
+    """RoPE: megatron-core's unfused ops, or one kernel (compiled or liger) inside core attention;
+    angles are computed from fp32 positions in every backend."""
+    cross_entropy_backend: Literal["auto", "plain", "chunked", "megatron_fused", "liger"] = "auto"
+    """Loss: 'plain' takes an fp32 copy of all logits; 'chunked' works through the tokens in chunks
+    and writes the gradient into the logits' storage; 'megatron_fused' is megatron-core's fused
+    vocab-parallel kernel (bf16 only); 'liger' liger-kernel's (TP=1). All keep z-loss and leave the
+    vocabulary padding out of the softmax."""
+    gqa_backend: Literal["auto", "native", "repeat"] = "auto"
+    """'native' lets attention read the shared K/V heads in place (SDPA enable_gqa, flash-attn);
+    'repeat' copies them per query head first."""
+    torch_compile: Literal["auto", "layers", "none"] = "auto"
+    """torch.compile every transformer layer (fuses norms, RoPE, SwiGLU and residual adds);
+    'auto' does below ZeRO-3 on CUDA."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",

@@ -24,6 +24,7 @@ from megatron_tinyllama.engine.ds_config import (
     build_ds_config,
 )
 from megatron_tinyllama.model.build import build_model, use_fp32_rotary_frequencies
+from megatron_tinyllama.model.kernels import KernelPlan, resolve_kernels
 from megatron_tinyllama.parallel.init import DistributedEnv, initialize_node_local_group
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class TrainingEngine:
     geometry: BatchGeometry
     ds_config: dict
     mpu: MegatronMpu
+    kernels: KernelPlan
+    """The speed levers as resolved on this machine (the loss backend is read from here)."""
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -113,8 +116,11 @@ def build_engine(cfg: JobConfig, env: DistributedEnv) -> TrainingEngine:
                             zero_param_parallel_group=node_local_group)
         if zero3 else contextlib.nullcontext()
     )
+    kernels = resolve_kernels(cfg.model, precision=cfg.train.precision,
+                              tensor_parallel_size=cfg.parallel.tensor_parallel_size,
+                              zero_stage=cfg.parallel.zero_stage)
     with init_context:
-        model = build_model(cfg.model, cfg.parallel.tensor_parallel_size, precision="fp32")
+        model = build_model(cfg.model, cfg.parallel.tensor_parallel_size, precision="fp32", kernels=kernels)
     use_fp32_rotary_frequencies(model, cfg.model)  # zero.Init made them bf16 under bf16
     optimizer = torch.optim.AdamW(
         optimizer_param_groups(model, cfg.optimizer.weight_decay),
@@ -132,5 +138,5 @@ def build_engine(cfg: JobConfig, env: DistributedEnv) -> TrainingEngine:
         geometry.gradient_accumulation_steps,
         ds_config["zero_optimization"].get("zero_hpz_partition_size", "off"), cfg.train.precision,
     )
-    return TrainingEngine(engine, engine.module, optimizer, geometry, ds_config, mpu)
+    return TrainingEngine(engine, engine.module, optimizer, geometry, ds_config, mpu, kernels)
 

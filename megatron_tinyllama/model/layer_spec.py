@@ -1,15 +1,13 @@
 """The megatron-core ``ModuleSpec`` of one TinyLlama decoder layer.
 
 It is megatron-core's local spec (ColumnParallelLinear for fused QKV and [gate; up], RowParallelLinear
-for the output projections) with our :class:`FusedCoreAttention` as core attention and the norm
-chosen here: apex's fused RMSNorm/LayerNorm when apex is importable on CUDA, torch's otherwise.
+for the output projections) with our :class:`FusedCoreAttention` as core attention, and the norm,
+RoPE and GQA kernels of a resolved :class:`~megatron_tinyllama.model.kernels.KernelPlan`
+(megatron-core's fused SwiGLU is switched in the TransformerConfig, not here).
 """
 
 from __future__ import annotations
 
-import logging
-
-import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -17,50 +15,41 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megatron_tinyllama.model.attention import core_attention_class
-
-logger = logging.getLogger(__name__)
-
-
-def _norm_module(normalization: str) -> type:
-    """apex's fused norm when it can run (CUDA + apex), else torch's; the log says which."""
-    if torch.cuda.is_available():
-        try:
-            import apex  # noqa: F401  (NVIDIA apex, never the PyPI name)
-            from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
-
-            if normalization == "LayerNorm":
-                logger.info("norm backend: apex FusedLayerNorm")
-                return FusedLayerNorm
-        except ImportError:
-            pass
-    logger.info("norm backend: torch %s", normalization)
-    return WrappedTorchNorm
+from megatron_tinyllama.model.attention import CoreRotarySelfAttention, core_attention_class
+from megatron_tinyllama.model.kernels import PLAIN_PLAN, KernelPlan
+from megatron_tinyllama.model.norm import norm_class
 
 
 def get_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False,
-                   attention_backend: str = "auto") -> ModuleSpec:
+                   attention_backend: str = "auto", kernels: KernelPlan = PLAIN_PLAN,
+                   rope_base: float = 10000.0) -> ModuleSpec:
     """Spec of a pre-norm decoder layer: norm -> GQA attention -> norm -> SwiGLU MLP, no biases.
 
     Args:
         normalization: "RMSNorm" (TinyLlama) or "LayerNorm" (the over-training testbed).
         qk_layernorm: normalise queries and keys per head before RoPE.
         attention_backend: "auto", "sdpa", "flash_attn" or "math" (see attention.py).
+        kernels: resolved backends; the plain plan is what the stack always computed.
+        rope_base: RoPE base, for the backends that apply RoPE inside core attention.
     """
-    norm = _norm_module(normalization)
+    norm = norm_class(normalization, kernels.norm)
+    rope_in_core = kernels.rope != "torch"
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                # RoPE in core attention: megatron-core's SelfAttention must not apply it first.
+                module=CoreRotarySelfAttention if rope_in_core else SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=core_attention_class(attention_backend),
+                    core_attention=core_attention_class(
+                        attention_backend, rope=kernels.rope if rope_in_core else None,
+                        rope_base=rope_base, gqa=kernels.gqa),
                     linear_proj=RowParallelLinear,
                     q_layernorm=norm if qk_layernorm else IdentityOp,
                     k_layernorm=norm if qk_layernorm else IdentityOp,
@@ -75,3 +64,11 @@ def get_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False,
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def get_block_spec(layer_spec: ModuleSpec, num_layers: int, normalization: str = "RMSNorm",
+                   kernels: KernelPlan = PLAIN_PLAN) -> TransformerBlockSubmodules:
+    """All layers plus the final norm, which then uses the same norm backend as the layers
+    (megatron-core otherwise picks its own at import time: TE, else apex's LayerNorm-only kernel)."""
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers,
+                                      layer_norm=norm_class(normalization, kernels.norm))
