@@ -147,7 +147,12 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1
     """megatron-core tensor parallelism; ranks of one TP group are consecutive (same node)."""
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    """DeepSpeed ZeRO stage. 'auto': ZeRO-1 when the data-parallel size is 1, else ZeRO-3. With one
+    data-parallel rank there is nothing to shard, and ZeRO-1 under bf16 is DeepSpeed's
+    BF16_Optimizer (fp32 master weights, fp32 gradient accumulation, as ZeRO-3) without ZeRO-3's
+    per-layer parameter hooks; tests/distributed/test_zero_stages.py checks that they train alike.
+    Stage 0 is fp32/fp16 only: DeepSpeed's stage 0 in bf16 has no fp32 master weights."""
     hpz_partition_size: int = 1
     """ZeRO++ hierarchical partitioning: keep a secondary parameter shard within groups of this many
     ranks (GPUs per node for TinyLlama v1.1's node-local sharding). 1 disables it; 0 means the
@@ -210,8 +215,13 @@ class DataConfig:
     """sentencepiece .model (or HF tokenizer.json) used to build the data; copied to HF exports."""
     cache_dir: Optional[str] = None
     """Where sample indices are cached; defaults to beside the first dataset."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (0: samples are read in the training process)."""
+    num_workers: Optional[int] = None
+    """DataLoader worker processes per rank (0: samples are read in the training process).
+    None (auto): 2 with CUDA, so reading and collating overlap the GPU's work; 0 without, where the
+    ranks share the CPU cores."""
+    pin_memory: Optional[bool] = None
+    """Collate batches into page-locked memory, so the copy to the GPU runs asynchronously.
+    None (auto): on when CUDA is available."""
     seed: Optional[int] = None
     """Data-order seed; defaults to parallel.seed."""
 
@@ -237,8 +247,8 @@ class DataConfig:
                 raise ConfigError(
                     f"data.mixture_warmup.start_weights has {len(self.mixture_warmup.start_weights)}"
                     f" weights for {len(prefixes)} datasets in data.blend")
-        if self.num_workers < 0:
-            raise ConfigError("data.num_workers must be >= 0")
+        if self.num_workers is not None:
+            _check_range("data", "num_workers", self.num_workers, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)
