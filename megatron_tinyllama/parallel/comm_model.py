@@ -304,21 +304,21 @@ def step_communication(model_cfg: ModelConfig, cluster: ClusterShape, zero: Zero
     return estimate
 
 
-def estimate_for_recipe(cfg, cluster: ClusterShape, *, zero_stage: Optional[int] = None,
-                        hpz: Optional[bool] = None, mfu: float = 0.56,
+VARIANTS = {"zero1": (1, False), "zero2": (2, False), "zero3": (3, False), "zero3-hpz": (3, True)}
+"""Named set-ups: ZeRO stage and whether parameters are also sharded node-locally (hpZ)."""
+
+
+def estimate_for_recipe(cfg, cluster: ClusterShape, variant: str = "zero3", *, mfu: float = 0.56,
                         peak_tflops: float = 312.0) -> CommEstimate:
     """:func:`step_communication` for a recipe (:class:`~megatron_tinyllama.config.JobConfig`) on
-    ``cluster``, with the DeepSpeed config this stack would build there."""
+    ``cluster`` in one of :data:`VARIANTS`, with the DeepSpeed config this stack builds there."""
     import dataclasses
 
     from megatron_tinyllama.engine.ds_config import batch_geometry, build_ds_config
 
-    parallel = cfg.parallel
-    if zero_stage is not None:
-        parallel = dataclasses.replace(parallel, zero_stage=zero_stage)
-    if hpz is not None:
-        parallel = dataclasses.replace(parallel, hpz_partition_size=0 if hpz else 1,
-                                       ds_config="zero3_node_local.json" if hpz else "zero3.json")
+    stage, hpz = VARIANTS[variant]
+    parallel = dataclasses.replace(cfg.parallel, zero_stage=stage, hpz_partition_size=0 if hpz else 1,
+                                   ds_config="zero3_node_local.json" if hpz else "zero3.json")
     cfg = dataclasses.replace(cfg, parallel=parallel)
     dp = cluster.world_size // parallel.tensor_parallel_size
     ds = build_ds_config(cfg, dp, cluster.gpus_per_node)
@@ -327,3 +327,76 @@ def estimate_for_recipe(cfg, cluster: ClusterShape, *, zero_stage: Optional[int]
                               micro_batch_size=geometry.micro_batch_size,
                               accumulation_steps=geometry.gradient_accumulation_steps,
                               tensor_parallel_size=parallel.tensor_parallel_size, mfu=mfu, peak_tflops=peak_tflops)
+
+
+def format_estimate(variant: str, estimate: CommEstimate) -> str:
+    """A plain-text table of one estimate."""
+    lines = [f"{variant}: {estimate.world_size} GPUs, {estimate.tokens_per_step:,} tokens/step"]
+    lines.append(f"  {'collective':58s} {'op':22s} {'logged MB':>10s} {'wire MB':>9s} {'group':>5s} "
+                 f"{'nodes':>5s} {'s':>7s}")
+    for c in estimate.collectives:
+        lines.append(f"  {c.what:58s} {c.op:22s} {c.logged_bytes / 1e6:10.1f} {c.wire_bytes / 1e6:9.1f} "
+                     f"{c.group_size:5d} {'many' if c.spans_nodes else 'one':>5s} {c.seconds:7.3f}")
+    per_gpu = lambda tps: tps / estimate.world_size  # noqa: E731
+    lines.append(f"  compute {estimate.compute_seconds:.3f} s + communication {estimate.comm_seconds:.3f} s "
+                 f"per step ({estimate.wire_bytes / 1e9:.2f} GB on the wire per GPU)")
+    lines.append(f"  tokens/s: {estimate.tokens_per_s_serial:,.0f} ({per_gpu(estimate.tokens_per_s_serial):,.0f}"
+                 f"/GPU) not overlapped .. {estimate.tokens_per_s_overlapped:,.0f} "
+                 f"({per_gpu(estimate.tokens_per_s_overlapped):,.0f}/GPU) fully overlapped")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``tools/comm_model.py``: estimate a recipe's communication on a cluster shape."""
+    import argparse
+    import json
+    import sys
+
+    from megatron_tinyllama.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="recipe YAML (model shape, batch, precision)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    shape = parser.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--hostfile", help="deepspeed hostfile: nodes = hosts, GPUs per node = slots")
+    shape.add_argument("--nodes", type=int, help="number of nodes (with --gpus-per-node)")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--intra-node-gbps", type=float, default=230.0,
+                        help="collective bus bandwidth inside a node, GB/s (A100 NVLink3: ~230)")
+    parser.add_argument("--inter-node-gbps", type=float, default=25.0,
+                        help="bandwidth between nodes per node, GB/s (1 x 200 Gb/s HDR: 25)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {list(VARIANTS)}")
+    parser.add_argument("--mfu", type=float, default=0.56, help="compute efficiency (paper's A100 runs: ~0.56)")
+    parser.add_argument("--peak-tflops", type=float, default=312.0, help="dense bf16 peak per GPU (A100: 312)")
+    parser.add_argument("--json", help="also write the estimates here")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.hostfile:
+            from megatron_tinyllama.launch import read_hostfile
+
+            slots = set(read_hostfile(args.hostfile).values())
+            if len(slots) != 1:
+                raise ConfigError(f"{args.hostfile}: hosts have different slot counts {sorted(slots)}")
+            nodes, gpus = len(read_hostfile(args.hostfile)), slots.pop()
+        else:
+            nodes, gpus = args.nodes, args.gpus_per_node
+        cluster = ClusterShape(nodes, gpus, args.intra_node_gbps, args.inter_node_gbps)
+        report = {}
+        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            if variant not in VARIANTS:
+                raise ConfigError(f"--variants: unknown {variant!r}; known {list(VARIANTS)}")
+            estimate = estimate_for_recipe(cfg, cluster, variant, mfu=args.mfu, peak_tflops=args.peak_tflops)
+            print(format_estimate(variant, estimate))
+            report[variant] = {"collectives": [c.__dict__ for c in estimate.collectives],
+                               "compute_seconds": estimate.compute_seconds, "comm_seconds": estimate.comm_seconds,
+                               "tokens_per_s_serial": estimate.tokens_per_s_serial,
+                               "tokens_per_s_overlapped": estimate.tokens_per_s_overlapped}
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps({"nodes": nodes, "gpus_per_node": gpus, **report}, indent=1))
+    return 0
