@@ -322,7 +322,16 @@ def main(argv=None) -> int:
     parser.add_argument("--time-budget-s", type=float, default=0, help="skip plan entries after this long (0: none)")
     parser.add_argument("--out", help="folder for results.json (default: $OUT, else none)")
     parser.add_argument("--override", action="append", default=[], help="extra recipe override for every stack run")
+    parser.add_argument("--summarise", metavar="RESULTS_JSON", help="only print (and write beside it) the summary "
+                        "of an earlier run's results.json, e.g. one stopped by a time limit")
     args = parser.parse_args(argv)
+    if args.summarise:
+        saved = json.loads(Path(args.summarise).read_text())
+        lines = summarise(saved["results"], saved["flops_per_token"], saved["peak_tflops"])
+        (Path(args.summarise).parent / "summary.txt").write_text(
+            "\n".join([json.dumps({k: v for k, v in saved.items() if k != "results"})] + lines) + "\n")
+        print("\n".join(lines))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     for noisy in ("DeepSpeed", "deepspeed", "torch._dynamo", "torch._inductor"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
