@@ -116,7 +116,9 @@ def _plan(name):
 
 def _assert_close_to_fp32(result, references, factor=3.0):
     fp32, bf16, delta = references
-    assert abs(result[0] - fp32[0]) <= factor * delta, (result[0], fp32[0], delta)
+    # bf16's own error (delta) is one draw and may be small by luck: floor it at 5e-4 of the loss.
+    tolerance = factor * max(delta, 5e-4 * abs(fp32[0]))
+    assert abs(result[0] - fp32[0]) <= tolerance, (result[0], fp32[0], delta)
     for name, grad in fp32[1].items():
         ours = torch.nn.functional.cosine_similarity(result[1][name].flatten(), grad.flatten(), dim=0).item()
         plain = torch.nn.functional.cosine_similarity(bf16[1][name].flatten(), grad.flatten(), dim=0).item()

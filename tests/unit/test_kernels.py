@@ -219,3 +219,50 @@ def test_lever_fields_are_validated_by_name():
     cfg = config_from_dict({"model": {"preset": "tinyllama-debug", "cross_entropy_backend": "chunked",
                                       "torch_compile": "none"}})
     assert cfg.model.cross_entropy_backend == "chunked" and cfg.model.torch_compile == "none"
+
+
+@pytest.fixture
+def fake_liger(monkeypatch):
+    """liger-kernel's functional API with its documented semantics written in torch, so that our
+    glue (layouts, masks, padding, the z-loss split) is checked on CPU; the real Triton kernels are
+    compared in tests/gpu."""
+    import sys
+    import types
+
+    import transformers
+
+    def liger_cross_entropy(input, target, ignore_index=-100, reduction="mean", lse_square_scale=0.0,
+                            return_z_loss=False, **unused):
+        assert input.dim() == 2 and reduction == "sum"
+        keep = target != ignore_index
+        lse = torch.logsumexp(input.float(), dim=-1)
+        ce = torch.nn.functional.cross_entropy(input.float(), target.clamp(min=0), reduction="none")
+        z = lse_square_scale * lse ** 2
+        loss = ((ce + z) * keep).sum()
+        return types.SimpleNamespace(loss=loss, z_loss=(z * keep).sum().detach()) if return_z_loss else loss
+
+    def liger_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        assert q.dim() == 4 and cos.dim() == 3 and cos.shape[0] == 1 and cos.dtype == torch.float32
+        rotated = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q.float(), k.float(), cos, sin)
+        return rotated[0].to(q.dtype), rotated[1].to(k.dtype)
+
+    def liger_rms_norm(x, w, eps, offset=0.0, casting_mode="llama", in_place=True):
+        assert casting_mode == "llama" and not in_place
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
+
+    functional = types.ModuleType("liger_kernel.transformers.functional")
+    functional.liger_cross_entropy, functional.liger_rope, functional.liger_rms_norm = (
+        liger_cross_entropy, liger_rope, liger_rms_norm)
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", functional)
+
+
+def test_liger_glue_gives_the_plain_loss_and_gradients(mcore_cpu, fake_liger, hf_model, batch, plain):
+    loss, metrics, grads = _loss_and_grads(hf_model, KernelPlan(norm="liger", rope="liger", cross_entropy="liger"),
+                                           batch)
+    assert abs(loss.item() - plain[0].item()) <= 1e-5
+    assert abs(metrics["z_loss"].item() - plain[1]["z_loss"].item()) <= 1e-4
+    assert abs(metrics["lm_loss"].item() - plain[1]["lm_loss"].item()) <= 1e-5
+    for name, grad in plain[2].items():
+        assert (grads[name] - grad).abs().max().item() <= 1e-5 * max(1.0, grad.abs().max().item()), name
