@@ -23,6 +23,21 @@ from megatron_tinyllama.model.kernels import PLAIN_PLAN, KernelPlan
 from megatron_tinyllama.model.norm import norm_class
 
 
+class RowParallelLinearWithGroup(RowParallelLinear):
+    """megatron-core's RowParallelLinear, handing its own TP group to the matmul.
+
+    megatron-core (0.16-0.19) calls its matmul with ``tp_group=None``, which makes the matmul look
+    the default group up again and issue a deprecation warning on every call; under torch.compile
+    that warning breaks the layer's graph twice per layer. The group it falls back to is this
+    layer's own, so passing it changes nothing else.
+    """
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 def get_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False,
                    attention_backend: str = "auto", kernels: KernelPlan = PLAIN_PLAN,
                    rope_base: float = 10000.0) -> ModuleSpec:
@@ -50,7 +65,7 @@ def get_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False,
                     core_attention=core_attention_class(
                         attention_backend, rope=kernels.rope if rope_in_core else None,
                         rope_base=rope_base, gqa=kernels.gqa),
-                    linear_proj=RowParallelLinear,
+                    linear_proj=RowParallelLinearWithGroup,
                     q_layernorm=norm if qk_layernorm else IdentityOp,
                     k_layernorm=norm if qk_layernorm else IdentityOp,
                 ),
@@ -59,7 +74,7 @@ def get_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False,
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(
                 module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinearWithGroup),
             ),
             mlp_bda=get_bias_dropout_add,
         ),

@@ -266,3 +266,17 @@ def test_liger_glue_gives_the_plain_loss_and_gradients(mcore_cpu, fake_liger, hf
     assert abs(metrics["lm_loss"].item() - plain[1]["lm_loss"].item()) <= 1e-5
     for name, grad in plain[2].items():
         assert (grads[name] - grad).abs().max().item() <= 1e-5 * max(1.0, grad.abs().max().item()), name
+
+
+def test_a_compiled_layer_is_one_graph(mcore_cpu):
+    """torch.compile fuses across the whole layer only if dynamo traces it without a break
+    (megatron-core's RowParallelLinear warned on every call, which broke the graph twice per layer)."""
+    import torch._dynamo as dynamo
+
+    model = build_model(CFG, kernels=KernelPlan(gqa="native"))
+    layer = model.decoder.layers[0]
+    hidden = torch.randn(CFG.seq_length, 2, CFG.hidden_size, requires_grad=True)
+    explanation = dynamo.explain(layer)(hidden, attention_mask=None,
+                                        rotary_pos_emb=model.rotary_pos_emb(CFG.seq_length))
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
