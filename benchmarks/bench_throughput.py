@@ -75,10 +75,11 @@ STACK_CONFIGS: dict[str, list[str]] = {
 }
 HF_CONFIGS = {"hf-eager": False, "hf-compile": True}
 
-DEFAULT_PLAN = ("hf-compile@8,stack-auto@8,hf-eager@8,stack-plain@8,stack-auto@16,stack-auto@24,"
-                "stack-auto-ce-plain@8,stack-auto-ce-chunked@8,stack-auto-gqa-repeat@8,"
-                "stack-auto-loader-plain@8,stack-no-compile@8,stack-no-compile-no-kernels@8,"
-                "stack-zero2@8,stack-zero3@8,stack-zero3-compiled@8,hf-compile@16,stack-auto@12")
+DEFAULT_PLAN = ("hf-compile@8,stack-auto@8,hf-eager@8,stack-auto@16,stack-plain@8,stack-no-compile@8,"
+                "stack-auto-gqa-repeat@8,stack-auto-ce-plain@8,stack-zero3@8,stack-auto-loader-plain@8,"
+                "stack-auto@24,stack-no-compile-no-kernels@8,stack-auto-ce-chunked@8,stack-zero2@8,"
+                "hf-compile@16,stack-zero3-compiled@8,stack-auto@12")
+"""In priority order: the run stops starting entries when --time-budget-s is spent."""
 
 
 # ---------------------------------------------------------------------------------------------
