@@ -21,7 +21,7 @@ pytestmark = pytest.mark.distributed
 OPS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
 # tinyllama-small at a short sequence: matrices both above and below DeepSpeed's persistence
 # threshold (1e5 elements), so the shipped config's persistent/gathered split is exercised.
-MODEL = {"preset": "tinyllama-small", "seq_length": 32}
+MODEL = {"preset": "tinyllama-small", "num_layers": 2, "seq_length": 32}
 
 
 def _measure(rank, world, cases, out):
