@@ -85,6 +85,28 @@ class ModelConfig:
     """Core attention: 'auto' picks flash-attn when importable on GPU, else torch SDPA."""
     activation_checkpointing: bool = False
     """Recompute each transformer layer in backward to save activation memory."""
+    # Speed levers. Each computes the same function as its plain path (tests compare loss and
+    # gradients); 'auto' picks the fastest backend this machine can run and the log names it
+    # ("norm backend: ..."). Rules in megatron_tinyllama/model/kernels.py; measurements in
+    # docs/performance.md.
+    norm_backend: Literal["auto", "torch", "compiled", "liger", "te", "apex"] = "auto"
+    """RMSNorm kernel: torch's, a torch.compile'd one, liger-kernel's, Transformer Engine's or apex's."""
+    swiglu_backend: Literal["auto", "torch", "fused"] = "auto"
+    """SwiGLU: torch ops, or megatron-core's fused kernel (bias_activation_fusion, jit-compiled)."""
+    rope_backend: Literal["auto", "torch", "compiled", "liger"] = "auto"
+    """RoPE: megatron-core's unfused ops, or one kernel (compiled or liger) inside core attention;
+    angles are computed from fp32 positions in every backend."""
+    cross_entropy_backend: Literal["auto", "plain", "chunked", "megatron_fused", "liger"] = "auto"
+    """Loss: 'plain' takes an fp32 copy of all logits; 'chunked' works through the tokens in chunks
+    and writes the gradient into the logits' storage; 'megatron_fused' is megatron-core's fused
+    vocab-parallel kernel (bf16 only); 'liger' liger-kernel's (TP=1). All keep z-loss and leave the
+    vocabulary padding out of the softmax."""
+    gqa_backend: Literal["auto", "native", "repeat"] = "auto"
+    """'native' lets attention read the shared K/V heads in place (SDPA enable_gqa, flash-attn);
+    'repeat' copies them per query head first."""
+    torch_compile: Literal["auto", "layers", "none"] = "auto"
+    """torch.compile every transformer layer (fuses norms, RoPE, SwiGLU and residual adds);
+    'auto' does below ZeRO-3 on CUDA."""
 
     def __init__(self, **fields: Any) -> None:
         names = [f.name for f in dataclasses.fields(self)]
@@ -156,7 +178,12 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1
     """megatron-core tensor parallelism; ranks of one TP group are consecutive (same node)."""
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    """DeepSpeed ZeRO stage. 'auto': ZeRO-1 when the data-parallel size is 1, else ZeRO-3. With one
+    data-parallel rank there is nothing to shard, and ZeRO-1 under bf16 is DeepSpeed's
+    BF16_Optimizer (fp32 master weights, fp32 gradient accumulation, as ZeRO-3) without ZeRO-3's
+    per-layer parameter hooks; tests/distributed/test_zero_stages.py checks that they train alike.
+    Stage 0 is fp32/fp16 only: DeepSpeed's stage 0 in bf16 has no fp32 master weights."""
     hpz_partition_size: int = 1
     """ZeRO++ hierarchical partitioning: keep a secondary parameter shard within groups of this many
     ranks (GPUs per node for TinyLlama v1.1's node-local sharding). 1 disables it; 0 means the
@@ -219,8 +246,13 @@ class DataConfig:
     """sentencepiece .model (or HF tokenizer.json) used to build the data; copied to HF exports."""
     cache_dir: Optional[str] = None
     """Where sample indices are cached; defaults to beside the first dataset."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (0: samples are read in the training process)."""
+    num_workers: Optional[int] = None
+    """DataLoader worker processes per rank (0: samples are read in the training process).
+    None (auto): 2 with CUDA, so reading and collating overlap the GPU's work; 0 without, where the
+    ranks share the CPU cores."""
+    pin_memory: Optional[bool] = None
+    """Collate batches into page-locked memory, so the copy to the GPU runs asynchronously.
+    None (auto): on when CUDA is available."""
     seed: Optional[int] = None
     """Data-order seed; defaults to parallel.seed."""
 
@@ -246,8 +278,8 @@ class DataConfig:
                 raise ConfigError(
                     f"data.mixture_warmup.start_weights has {len(self.mixture_warmup.start_weights)}"
                     f" weights for {len(prefixes)} datasets in data.blend")
-        if self.num_workers < 0:
-            raise ConfigError("data.num_workers must be >= 0")
+        if self.num_workers is not None:
+            _check_range("data", "num_workers", self.num_workers, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)

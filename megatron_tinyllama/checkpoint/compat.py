@@ -64,8 +64,16 @@ def layout_differences(saved: dict[str, Any], cfg: JobConfig, world_size: int) -
             diffs.append(f"data-parallel size: checkpoint {saved_dp} ({saved_world} ranks), this job "
                          f"{dp} ({world_size} ranks)")
     saved_stage = saved_cfg.get("parallel", {}).get("zero_stage")
-    if saved_stage is not None and saved_stage != cfg.parallel.zero_stage:
-        diffs.append(f"parallel.zero_stage: checkpoint {saved_stage}, recipe {cfg.parallel.zero_stage}")
+    if saved_stage is not None and saved_world is not None and saved_tp:
+        from megatron_tinyllama.engine.ds_config import auto_zero_stage
+
+        # Compared as run ('auto' resolved for each side's data-parallel size): the shards differ
+        # by stage, not by how the recipe spelled it.
+        ran = auto_zero_stage(saved_stage, saved_world // saved_tp)
+        runs = auto_zero_stage(cfg.parallel.zero_stage, world_size // cfg.parallel.tensor_parallel_size)
+        if ran != runs:
+            diffs.append(f"ZeRO stage: checkpoint {ran} (parallel.zero_stage={saved_stage!r}), this "
+                         f"job {runs} (parallel.zero_stage={cfg.parallel.zero_stage!r})")
     return diffs
 
 

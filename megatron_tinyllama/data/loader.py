@@ -42,6 +42,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -56,6 +57,8 @@ from megatron_tinyllama.config import DataConfig
 from megatron_tinyllama.data.blend import BlendSchedule, parse_blend
 from megatron_tinyllama.data.indexed import dataset_exists, dataset_fingerprint, read_index
 from megatron_tinyllama.data.provenance import TokenIdError
+
+logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 GlobalBatchSize = Union[int, Callable[[int], int]]
@@ -330,14 +333,26 @@ def _collate(samples: list[Batch]) -> Batch:
             for key in ("tokens", "labels", "loss_mask")}
 
 
+def loader_settings(data_cfg: DataConfig, num_workers: Optional[int] = None) -> tuple[int, bool]:
+    """(workers, pin_memory) with the recipe's 'auto' (None) resolved for this machine."""
+    cuda = torch.cuda.is_available()
+    workers = num_workers if num_workers is not None else data_cfg.num_workers
+    workers = (2 if cuda else 0) if workers is None else workers
+    pin = cuda if data_cfg.pin_memory is None else bool(data_cfg.pin_memory and cuda)
+    return workers, pin
+
+
 def _batches(samples: BlendedSamples, plan: Iterator[list[tuple[int, int]]],
-             num_workers: int) -> Iterator[Batch]:
+             num_workers: int, pin_memory: bool = False) -> Iterator[Batch]:
     if num_workers <= 0:
         for keys in plan:
-            yield _collate([samples[key] for key in keys])
+            batch = _collate([samples[key] for key in keys])
+            yield {k: v.pin_memory() for k, v in batch.items()} if pin_memory else batch
         return
+    # Workers read and collate ahead (prefetch_factor batches each) while the GPU computes; the
+    # pinned batches then copy to the device without blocking the training process.
     loader = torch.utils.data.DataLoader(samples, batch_sampler=plan, num_workers=num_workers,
-                                         collate_fn=_collate)
+                                         collate_fn=_collate, pin_memory=pin_memory, prefetch_factor=4)
     yield from loader
 
 
@@ -394,7 +409,8 @@ def build_train_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_si
         num_samples: Samples the whole run needs; datasets are sized for it, and iteration
             stops before a step that would pass it. Keep it fixed across resumes (it keys the
             shuffle and the cache).
-        num_workers: DataLoader workers (default ``data_cfg.num_workers``).
+        num_workers: DataLoader workers (default ``data_cfg.num_workers``; None there is 'auto',
+            see :func:`loader_settings`, which also decides ``pin_memory``).
         vocab_size: ``model.vocab_size``; when given, a sample holding an id outside
             ``[0, vocab_size)`` raises :class:`.provenance.TokenIdError` naming its dataset.
 
@@ -416,8 +432,9 @@ def build_train_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_si
                                   cache_dir=cache_dir, split="train")
     plan = _train_plan(schedule, consumed_samples, num_samples, global_batch_size_at, dp_rank,
                        dp_size, micro_batch_size)
-    workers = data_cfg.num_workers if num_workers is None else num_workers
-    return _batches(BlendedSamples(datasets, prefixes, vocab_size), plan, workers)
+    workers, pin = loader_settings(data_cfg, num_workers)
+    logger.info("data loader: %d worker(s), %s memory", workers, "pinned" if pin else "pageable")
+    return _batches(BlendedSamples(datasets, prefixes, vocab_size), plan, workers, pin)
 
 
 def build_valid_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_size: int,

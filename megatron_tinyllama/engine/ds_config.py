@@ -73,6 +73,29 @@ def load_base_ds_config(name_or_path: Optional[str], default: str) -> dict:
         raise ConfigError(f"{candidate}: not valid JSON ({err})") from None
 
 
+def auto_zero_stage(stage, data_parallel_size: int) -> int:
+    """``parallel.zero_stage`` as a number: 'auto' is 1 at one data-parallel rank, else 3."""
+    if stage == "auto":
+        return 1 if data_parallel_size == 1 else 3
+    return int(stage)
+
+
+def resolve_zero_stage(cfg: JobConfig, data_parallel_size: int) -> int:
+    """The ZeRO stage this job runs: ``parallel.zero_stage``, with 'auto' resolved.
+
+    'auto' is ZeRO-1 at one data-parallel rank (nothing to shard: ZeRO-1 keeps fp32 master weights
+    and fp32 accumulation, without ZeRO-3's parameter hooks) and ZeRO-3 otherwise.
+
+    Raises:
+        ConfigError: stage 0 with bf16 (DeepSpeed would train bf16 weights without fp32 masters).
+    """
+    stage = auto_zero_stage(cfg.parallel.zero_stage, data_parallel_size)
+    if stage == 0 and cfg.train.precision == "bf16":
+        raise ConfigError("parallel.zero_stage=0 with train.precision=bf16: DeepSpeed's stage 0 keeps no "
+                          "fp32 master weights in bf16; use zero_stage 1 (the same memory on one GPU)")
+    return int(stage)
+
+
 def node_local_block_size(cfg: JobConfig, data_parallel_size: int, local_world_size: int) -> int:
     """Ranks per node-local sharding block (1 = off), with the reason logged when it is off.
 
@@ -88,8 +111,8 @@ def node_local_block_size(cfg: JobConfig, data_parallel_size: int, local_world_s
     block = par.hpz_partition_size or local_world_size
     if block <= 1:
         return 1
-    if par.zero_stage != 3:
-        raise ConfigError("parallel.hpz_partition_size > 1 needs parallel.zero_stage=3")
+    if par.zero_stage not in (3, "auto"):
+        raise ConfigError("parallel.hpz_partition_size > 1 needs parallel.zero_stage=3 (or 'auto')")
     tp = par.tensor_parallel_size
     if block % tp:
         raise ConfigError(f"parallel.hpz_partition_size={block} must be a multiple of "
@@ -133,11 +156,12 @@ def build_ds_config(cfg: JobConfig, data_parallel_size: int, local_world_size: i
     ds["gradient_clipping"] = cfg.optimizer.grad_clip
     ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16}
-    if cfg.train.precision != "fp32" and par.zero_stage > 0:
+    stage = resolve_zero_stage(cfg, data_parallel_size)
+    if cfg.train.precision != "fp32" and stage > 0:
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
         ds["communication_data_type"] = "fp32"
     zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = par.zero_stage
+    zero["stage"] = stage
     if block > 1:
         # DeepSpeed's value counts data-parallel ranks per group; the group itself is built by
         # parallel.init.initialize_node_local_group, TP-aware.

@@ -22,8 +22,10 @@ from megatron_tinyllama.engine.ds_config import (
     BatchGeometry,
     batch_geometry,
     build_ds_config,
+    resolve_zero_stage,
 )
 from megatron_tinyllama.model.build import build_model, use_fp32_rotary_frequencies
+from megatron_tinyllama.model.kernels import KernelPlan, resolve_kernels
 from megatron_tinyllama.parallel.init import DistributedEnv, initialize_node_local_group
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ class TrainingEngine:
     geometry: BatchGeometry
     ds_config: dict
     mpu: MegatronMpu
+    kernels: KernelPlan
+    """The speed levers as resolved on this machine (the loss backend is read from here)."""
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -93,7 +97,8 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
 
 
 def build_engine(cfg: JobConfig, env: DistributedEnv) -> TrainingEngine:
-    """Build the model under ZeRO-3 and wrap it with DeepSpeed (process groups must exist)."""
+    """Build the model (under ``zero.Init`` at ZeRO-3) and wrap it with DeepSpeed (process groups
+    must exist)."""
     import deepspeed
     from megatron.core import parallel_state
 
@@ -101,7 +106,8 @@ def build_engine(cfg: JobConfig, env: DistributedEnv) -> TrainingEngine:
     dp_size = parallel_state.get_data_parallel_world_size()
     ds_config = build_ds_config(cfg, dp_size, env.local_world_size)
     geometry = batch_geometry(cfg, dp_size)
-    zero3 = cfg.parallel.zero_stage == 3
+    zero_stage = resolve_zero_stage(cfg, dp_size)
+    zero3 = zero_stage == 3
     node_local_group = None
     hpz_members = ds_config["zero_optimization"].get("zero_hpz_partition_size", 1)
     if hpz_members > 1:
@@ -113,8 +119,11 @@ def build_engine(cfg: JobConfig, env: DistributedEnv) -> TrainingEngine:
                             zero_param_parallel_group=node_local_group)
         if zero3 else contextlib.nullcontext()
     )
+    kernels = resolve_kernels(cfg.model, precision=cfg.train.precision,
+                              tensor_parallel_size=cfg.parallel.tensor_parallel_size,
+                              zero_stage=zero_stage)
     with init_context:
-        model = build_model(cfg.model, cfg.parallel.tensor_parallel_size, precision="fp32")
+        model = build_model(cfg.model, cfg.parallel.tensor_parallel_size, precision="fp32", kernels=kernels)
     use_fp32_rotary_frequencies(model, cfg.model)  # zero.Init made them bf16 under bf16
     optimizer = torch.optim.AdamW(
         optimizer_param_groups(model, cfg.optimizer.weight_decay),
@@ -128,9 +137,9 @@ def build_engine(cfg: JobConfig, env: DistributedEnv) -> TrainingEngine:
     )
     logger.info(
         "engine: ZeRO-%d, TP=%d, DP=%d, micro-batch %d x accumulation %d, hpZ %s, precision %s",
-        cfg.parallel.zero_stage, cfg.parallel.tensor_parallel_size, dp_size, geometry.micro_batch_size,
+        zero_stage, cfg.parallel.tensor_parallel_size, dp_size, geometry.micro_batch_size,
         geometry.gradient_accumulation_steps,
         ds_config["zero_optimization"].get("zero_hpz_partition_size", "off"), cfg.train.precision,
     )
-    return TrainingEngine(engine, engine.module, optimizer, geometry, ds_config, mpu)
+    return TrainingEngine(engine, engine.module, optimizer, geometry, ds_config, mpu, kernels)
 

@@ -9,16 +9,25 @@ same [s, b, heads, head_dim] tensors and returns [s, b, heads * head_dim], compu
 * otherwise ``torch.nn.functional.scaled_dot_product_attention``, which picks its own flash or
   memory-efficient kernel on GPU and a blocked kernel on CPU.
 
+Grouped-query attention either copies each K/V head for its query heads first (``gqa="repeat"``)
+or lets the kernel read the shared heads in place (``"native"``: SDPA's ``enable_gqa``; flash-attn
+always does). With a fused RoPE backend (``rope="compiled"`` or ``"liger"``), RoPE is applied here,
+in one kernel per tensor, instead of by megatron-core's SelfAttention
+(:class:`CoreRotarySelfAttention` then hands the queries and keys over unrotated); the angles come
+from fp32 positions and fp32 inverse frequencies, the formula of megatron-core and HF Llama.
+
 Attention is always causal over the whole (packed) sequence; arbitrary masks are not supported.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -56,10 +65,50 @@ def _report(backend: str) -> None:
         logger.info("attention backend: %s", backend)
 
 
+def rotary_cos_sin(seq_len: int, head_dim: int, base: float,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin of the RoPE angles, [seq_len, head_dim] (halves duplicated, HF layout).
+
+    Positions and inverse frequencies are fp32 whatever the model dtype: bf16 holds integers
+    exactly only up to 256.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [s, b, heads, d] by fp32 ``cos``/``sin`` [s, 1, 1, d], in fp32, cast back once."""
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat((-second, first), dim=-1) * sin).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_rope():
+    """:func:`apply_rope_fp32` as one torch.compile'd kernel (compiled on first use)."""
+    return torch.compile(apply_rope_fp32, dynamic=False)
+
+
+class CoreRotarySelfAttention(SelfAttention):
+    """megatron-core's SelfAttention with RoPE left to core attention (a fused RoPE backend).
+
+    Only the rotary embedding is withheld; the QKV projection, q/k norms, the output projection
+    and everything else are megatron-core's.
+    """
+
+    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
+        return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs)
+
+
 class FusedCoreAttention(MegatronModule):
     """Causal GQA attention through flash-attn or torch SDPA (see module docstring)."""
 
     requested_backend = "auto"
+    rope: Optional[str] = None  # None: RoPE already applied by SelfAttention; "compiled" | "liger"
+    rope_base = 10000.0
+    gqa = "repeat"
 
     def __init__(
         self,
@@ -95,37 +144,66 @@ class FusedCoreAttention(MegatronModule):
         backend = self.backend
         if backend == "flash_attn" and query.dtype not in (torch.float16, torch.bfloat16):
             backend = "sdpa"  # flash-attn kernels are half precision only
+        q, k, v = self._rotated_bhsd(query, key, value)  # [b, heads, s, d], views where possible
         if backend == "flash_attn":
             # flash-attn takes [b, s, heads, dim] and handles GQA (fewer kv heads) natively.
-            q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             out = _flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=self.softmax_scale, causal=True)
-            out = out.transpose(0, 1)
+            out = out.transpose(0, 1)  # [s, b, h, d]
         else:
-            groups = key.shape[2]
-            if groups != heads:
+            groups = k.shape[1]
+            native = self.gqa == "native" and groups != heads
+            if groups != heads and not native:
                 # Query heads of one group are consecutive in megatron-core's layout (and HF's).
-                key = key.repeat_interleave(heads // groups, dim=2)
-                value = value.repeat_interleave(heads // groups, dim=2)
-            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+                k = k.repeat_interleave(heads // groups, dim=1)
+                v = v.repeat_interleave(heads // groups, dim=1)
+            extra = {"enable_gqa": True} if native else {}
             if backend == "math":
                 with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
                     out = F.scaled_dot_product_attention(
-                        q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale
+                        q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale, **extra
                     )
             else:
                 out = F.scaled_dot_product_attention(
-                    q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale
+                    q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale, **extra
                 )
             out = out.permute(2, 0, 1, 3)  # [s, b, h, d]
         return out.reshape(seq, batch, heads * head_dim)
 
+    def _rotated_bhsd(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """q, k, v as [b, heads, s, d], with RoPE applied to q and k when this module owns it."""
+        v = value.permute(1, 2, 0, 3)
+        if self.rope is None:
+            return query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), v
+        cos, sin = rotary_cos_sin(query.shape[0], query.shape[-1], self.rope_base, query.device)
+        if self.rope == "liger":
+            from liger_kernel.transformers.functional import liger_rope
 
-def core_attention_class(backend: str = "auto") -> type:
-    """A :class:`FusedCoreAttention` subclass bound to ``backend``.
+            q, k = liger_rope(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
+                              cos.unsqueeze(0), sin.unsqueeze(0))
+            return q, k, v
+        rope = compiled_rope()
+        cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+        return rope(query, cos, sin).permute(1, 2, 0, 3), rope(key, cos, sin).permute(1, 2, 0, 3), v
+
+
+def core_attention_class(backend: str = "auto", *, rope: Optional[str] = None,
+                         rope_base: float = 10000.0, gqa: str = "repeat") -> type:
+    """A :class:`FusedCoreAttention` subclass bound to ``backend``, RoPE and GQA modes.
 
     megatron-core instantiates ``core_attention`` itself with a fixed set of keyword arguments
-    (0.16 calls the class directly rather than through a ModuleSpec), so the backend travels as a
-    class attribute.
+    (0.16 calls the class directly rather than through a ModuleSpec), so the choices travel as
+    class attributes.
+
+    Args:
+        backend: "auto", "sdpa", "flash_attn" or "math".
+        rope: None (megatron-core's SelfAttention applies RoPE), "compiled" or "liger".
+        rope_base: RoPE base, used when ``rope`` is set.
+        gqa: "repeat" or "native".
     """
     resolve_attention_backend(backend)  # fail at spec time, not in the middle of model building
-    return type(f"FusedCoreAttention_{backend}", (FusedCoreAttention,), {"requested_backend": backend})
+    if rope not in (None, "compiled", "liger") or gqa not in ("repeat", "native"):
+        raise ValueError(f"core attention: unknown rope={rope!r} or gqa={gqa!r}")
+    name = f"FusedCoreAttention_{backend}_{rope or 'mcore_rope'}_{gqa}"
+    return type(name, (FusedCoreAttention,),
+                {"requested_backend": backend, "rope": rope, "rope_base": float(rope_base), "gqa": gqa})

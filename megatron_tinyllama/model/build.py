@@ -1,20 +1,25 @@
-"""ModelConfig -> megatron-core TransformerConfig -> GPTModel, and the language-model loss.
+"""ModelConfig -> megatron-core TransformerConfig -> GPTModel.
 
 The translation to ``TransformerConfig`` is written out field by field (no copying of same-named
 attributes), so every architectural choice of TinyLlama is visible here: pre-norm RMSNorm, GQA,
-RoPE on the full head, SwiGLU (gated_linear_unit + silu), no biases, untied embeddings.
+RoPE on the full head, SwiGLU (gated_linear_unit + silu), no biases, untied embeddings. Which
+kernels compute it is a separate, resolved choice (:mod:`megatron_tinyllama.model.kernels`). The
+loss lives in :mod:`megatron_tinyllama.model.loss` (``language_model_loss`` is re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from megatron_tinyllama.config import ModelConfig
-from megatron_tinyllama.model.layer_spec import get_layer_spec
+from megatron_tinyllama.model.kernels import PLAIN_PLAN, KernelPlan
+from megatron_tinyllama.model.layer_spec import get_block_spec, get_layer_spec
+from megatron_tinyllama.model.loss import language_model_loss  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +36,7 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
 
 
 def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int = 1,
-                             precision: str = "fp32"):
+                             precision: str = "fp32", kernels: KernelPlan = PLAIN_PLAN):
     """The megatron-core ``TransformerConfig`` for ``model_cfg``.
 
     Weights are always initialised on the CPU (``use_cpu_initialization``): full matrices from
@@ -43,6 +48,7 @@ def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int =
         model_cfg: architecture.
         tensor_parallel_size: TP degree; must divide heads and query groups.
         precision: "fp32", "bf16" or "fp16" (parameter dtype of the built modules).
+        kernels: resolved speed levers; only the SwiGLU choice lives in the TransformerConfig.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -79,8 +85,9 @@ def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int =
         params_dtype=dtype,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        # The kernel fusions below need CUDA extensions; our attention/norm choices are explicit.
-        bias_activation_fusion=False,
+        # megatron-core's SwiGLU fusion is plain torch.compile (its jit_fuser), no CUDA extension.
+        # The other fusions below need CUDA extensions; attention, norm and RoPE are ours.
+        bias_activation_fusion=kernels.swiglu == "fused",
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -94,16 +101,25 @@ def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int =
     )
 
 
-def build_model(model_cfg: ModelConfig, tensor_parallel_size: int = 1, precision: str = "fp32"):
+def build_model(model_cfg: ModelConfig, tensor_parallel_size: int = 1, precision: str = "fp32",
+                kernels: Optional[KernelPlan] = None):
     """Build this rank's shard of the GPTModel (megatron-core parallel state must be initialised).
 
     Weights are drawn from torch's default RNG; seed it identically on all ranks first
-    (:func:`megatron_tinyllama.parallel.init.set_seed`).
+    (:func:`megatron_tinyllama.parallel.init.set_seed`). The kernels do not change the parameters
+    (names, shapes, initial values), only how they are computed with.
+
+    Args:
+        kernels: resolved speed levers (:func:`megatron_tinyllama.model.kernels.resolve_kernels`);
+            None builds the plain path (conversion, evaluation, tests).
     """
     from megatron.core.models.gpt import GPTModel
 
-    transformer_config = build_transformer_config(model_cfg, tensor_parallel_size, precision)
-    spec = get_layer_spec(model_cfg.normalization, model_cfg.qk_layernorm, model_cfg.attention_backend)
+    kernels = kernels or PLAIN_PLAN
+    transformer_config = build_transformer_config(model_cfg, tensor_parallel_size, precision, kernels)
+    layer_spec = get_layer_spec(model_cfg.normalization, model_cfg.qk_layernorm, model_cfg.attention_backend,
+                                kernels, model_cfg.rope_base)
+    spec = get_block_spec(layer_spec, model_cfg.num_layers, model_cfg.normalization, kernels)
     model = GPTModel(
         config=transformer_config,
         transformer_layer_spec=spec,
@@ -119,7 +135,23 @@ def build_model(model_cfg: ModelConfig, tensor_parallel_size: int = 1, precision
     )
     if torch.cuda.is_available() and not next(model.parameters()).is_cuda:
         model = model.cuda()
+    if kernels.compile_layers:
+        compile_layers(model)
     return model
+
+
+def compile_layers(model) -> int:
+    """torch.compile each transformer layer in place (parameter names unchanged); returns how many.
+
+    Layers are compiled one by one rather than the whole model: the layers share one graph (same
+    code, parameters as inputs), so compile time does not grow with depth, and the embedding, the
+    output layer and the loss stay eager (the loss has its own kernels).
+    """
+    count = 0
+    for layer in model.decoder.layers:
+        layer.compile(dynamic=False)
+        count += 1
+    return count
 
 
 def use_fp32_rotary_frequencies(model, model_cfg: ModelConfig) -> int:
@@ -150,67 +182,3 @@ def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """This rank's vocabulary slice of the logits, [batch, seq, padded_vocab / TP]."""
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     return model(tokens, position_ids, attention_mask=None)
-
-
-def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                        z_loss_weight: float = 0.0, vocab_size: Optional[int] = None,
-                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean next-token cross-entropy over ``loss_mask`` (+ z-loss), in fp32, correct under TP.
-
-    ``logits`` is the vocabulary-parallel slice from :func:`forward_logits`; the softmax
-    normaliser is assembled across TP ranks by megatron-core's vocab-parallel cross-entropy.
-    Given ``vocab_size``, the rows the embedding was padded with for TP take no part in the
-    softmax: the loss is then the one the exported model (vocabulary cut back) has.
-
-    Returns:
-        (loss to backpropagate, {"lm_loss": cross-entropy, "z_loss": mean log(Z)^2 (if used)}).
-    """
-    from megatron.core import tensor_parallel
-
-    logits = logits.float()
-    if vocab_size is not None:
-        logits = _mask_vocab_padding(logits, vocab_size)
-    denominator = loss_mask.sum().clamp(min=1.0)
-    metrics: dict[str, torch.Tensor] = {}
-    total = 0.0
-    if z_loss_weight:
-        log_z = _vocab_parallel_logsumexp(logits)
-        z_loss = ((log_z ** 2) * loss_mask).sum() / denominator
-        metrics["z_loss"] = z_loss.detach()
-        total = z_loss_weight * z_loss
-    # megatron-core's kernel works in place on its input; give it its own copy when z-loss also
-    # needs the logits.
-    ce_input = logits.clone() if z_loss_weight else logits
-    per_token = tensor_parallel.vocab_parallel_cross_entropy(ce_input, labels)
-    lm_loss = (per_token * loss_mask).sum() / denominator
-    metrics["lm_loss"] = lm_loss.detach()
-    return lm_loss + total, metrics
-
-
-def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Set this TP rank's logits of padding rows (ids >= vocab_size) to -inf."""
-    from megatron.core import parallel_state
-
-    local = logits.shape[-1]
-    first = parallel_state.get_tensor_model_parallel_rank() * local
-    valid = vocab_size - first
-    if valid >= local:
-        return logits
-    # In place is safe: the logits' producer (a matmul, or the fp32 cast) does not need them back.
-    logits[..., max(valid, 0):] = float("-inf")
-    return logits
-
-
-def _vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """log(sum(exp(logits))) over the full vocabulary split across TP ranks (differentiable)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    local_max = logits.detach().max(dim=-1).values
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX,
-                        group=parallel_state.get_tensor_model_parallel_group())
-    sum_exp = torch.exp(logits - local_max.unsqueeze(-1)).sum(dim=-1)
-    # Forward: all-reduce; backward: identity — d lse / d local_sum is the same on every rank.
-    sum_exp = tensor_parallel.reduce_from_tensor_model_parallel_region(sum_exp)
-    return torch.log(sum_exp) + local_max

@@ -81,7 +81,7 @@ def compute_loss(te: TrainingEngine, cfg: JobConfig, batch: dict[str, torch.Tens
     """Forward one micro-batch through the DeepSpeed engine; returns (loss, metrics)."""
     logits = forward_logits(te.engine, batch["tokens"])
     return language_model_loss(logits, batch["labels"], batch["loss_mask"], cfg.model.z_loss_weight,
-                               vocab_size=cfg.model.vocab_size)
+                               vocab_size=cfg.model.vocab_size, backend=te.kernels.cross_entropy)
 
 
 def train_step(te: TrainingEngine, cfg: JobConfig, batches: Iterator[dict], lr: float) -> StepResult:

@@ -160,3 +160,13 @@ def test_stage_sizes_its_data_from_where_it_started():
     state = TrainerState(stage_start_samples=80, stage_start_tokens=80 * 64, consumed_samples=80)
     remaining = (cfg.train.train_tokens - 80 * 64) // 64
     assert state.samples_needed(cfg, 8) == 80 + remaining + 8
+
+
+def test_zero_stage_is_compared_as_it_ran(tmp_path):
+    # Written with 'auto' on 2 ranks (ZeRO-3): resuming with an explicit 3 fits.
+    fake_checkpoint(tmp_path / "a", 2, cfg=job(tmp_path / "a", parallel={"zero_stage": "auto"}))
+    assert plan_start(job(tmp_path / "a", parallel={"zero_stage": 3}), world_size=2).kind == "resume"
+    # Written with 'auto' on 1 rank (ZeRO-1): ZeRO-3 shards are another layout.
+    fake_checkpoint(tmp_path / "b", 2, world_size=1, cfg=job(tmp_path / "b", parallel={"zero_stage": "auto"}))
+    with pytest.raises(ConfigError, match=r"ZeRO stage: checkpoint 1 \(parallel.zero_stage='auto'\), this job 3"):
+        plan_start(job(tmp_path / "b", parallel={"zero_stage": 3}), world_size=1)

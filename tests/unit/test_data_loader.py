@@ -187,3 +187,15 @@ def test_bad_geometry_and_missing_data_are_refused(corpus, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         _batches(corpus, blend=())
     assert os.path.isdir(corpus / "cache")
+
+
+def test_loader_settings_auto_and_explicit():
+    from megatron_tinyllama.config import DataConfig
+    from megatron_tinyllama.data.loader import loader_settings
+
+    cuda = torch.cuda.is_available()
+    assert loader_settings(DataConfig()) == ((2, True) if cuda else (0, False))
+    assert loader_settings(DataConfig(num_workers=3, pin_memory=False)) == (3, False)
+    assert loader_settings(DataConfig(num_workers=0), num_workers=1)[0] == 1
+    # Pinned memory needs a CUDA device: a CPU run quietly reads pageable batches.
+    assert loader_settings(DataConfig(pin_memory=True))[1] == cuda
