@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO_ROOT, free_port
+from megatron_tinyllama.launch import free_port
+from tests.conftest import REPO_ROOT
 
 
 def test_bench_throughput_runs_every_kind_of_configuration_on_cpu(tmp_path):
