@@ -402,7 +402,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    from megatron_tinyllama.parallel.cpu_shim import cpu_shim
+
+    with cpu_shim():  # megatron-core's CUDA-only calls get CPU stand-ins (a no-op on a GPU)
+        code = main()
     sys.stdout.flush()
     # DeepSpeed/gloo threads sometimes abort at interpreter exit (parallel/init.py exit_process).
     os._exit(code)
