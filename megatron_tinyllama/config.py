@@ -330,7 +330,13 @@ class TrainConfig:
     stages, so the LR schedule continues from here while the data order starts at sample 0. A stage
     started with ``checkpoint.continue_from`` takes its token count from the checkpoint instead."""
 
+    stop_after_minutes: Optional[float] = None
+    """Save a checkpoint and stop (exit 3) after this much wall time, before an allocation ends;
+    SIGUSR1 or SIGTERM to any rank does the same. The same command resumes."""
+
     def __post_init__(self) -> None:
+        if self.stop_after_minutes is not None:
+            _check_range("train", "stop_after_minutes", self.stop_after_minutes, low=0, low_open=True)
         _check_range("train", "train_tokens", self.train_tokens, low=0, low_open=True)
         _check_range("train", "global_batch_tokens", self.global_batch_tokens, low=1)
         _check_range("train", "micro_batch_size", self.micro_batch_size, low=1)

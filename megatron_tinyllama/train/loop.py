@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -43,6 +47,8 @@ class StepResult:
     loss: float
     grad_norm: float
     finite: bool
+    stop: bool = False
+    """A rank was asked to stop (:class:`StopRequest`): checkpoint and return after this step."""
 
 
 @dataclass
@@ -53,6 +59,8 @@ class TrainResult:
     valid_losses: list[float] = field(default_factory=list)
     applied_updates: int = 0
     """Optimizer updates applied by this process's run (excludes skipped steps)."""
+    stopped: Optional[str] = None
+    """Why the run stopped before train.train_tokens (a checkpoint of the last step was saved)."""
 
 
 def _all_reduce_mean(value: float, group=None) -> float:
@@ -63,12 +71,56 @@ def _all_reduce_mean(value: float, group=None) -> float:
     return tensor.item() / dist.get_world_size(group)
 
 
-def _all_finite(flag: bool) -> bool:
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
+def _agree(finite: bool, stop: bool) -> tuple[bool, bool]:
+    """(finite on every rank, stop asked on any rank), in one all-reduce per step."""
+    tensor = torch.tensor([0 if finite else 1, 1 if stop else 0], dtype=torch.int32)
     if torch.cuda.is_available():
         tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return bool(tensor.item())
+    dist.all_reduce(tensor)
+    not_finite, stops = tensor.tolist()
+    return not_finite == 0, stops > 0
+
+
+class StopRequest:
+    """A signal (SIGUSR1 or SIGTERM) or ``train.stop_after_minutes`` asks the run to stop.
+
+    The run then finishes the current step, saves a checkpoint and returns, to be resumed by the
+    same command: how a job ends cleanly before preemption or the end of its allocation. One rank
+    receiving the signal is enough; the ranks agree in the step's existing all-reduce. A second
+    signal acts as it would without this (a hung rank can still be killed).
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, stop_after_minutes: Optional[float] = None) -> None:
+        self.reason: Optional[str] = None
+        self._deadline = (time.monotonic() + 60 * stop_after_minutes) if stop_after_minutes else None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.reason is not None:  # asked twice: stop now, as the signal would have without us
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.reason = f"signal {signal.Signals(signum).name}"
+        logger.warning("%s: stopping after this step with a checkpoint (send it again to stop now)",
+                       self.reason)
+
+    @property
+    def requested(self) -> bool:
+        if self.reason is None and self._deadline is not None and time.monotonic() >= self._deadline:
+            self.reason = "train.stop_after_minutes reached"
+        return self.reason is not None
 
 
 def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,7 +136,8 @@ def compute_loss(te: TrainingEngine, cfg: JobConfig, batch: dict[str, torch.Tens
                                vocab_size=cfg.model.vocab_size, backend=te.kernels.cross_entropy)
 
 
-def train_step(te: TrainingEngine, cfg: JobConfig, batches: Iterator[dict], lr: float) -> StepResult:
+def train_step(te: TrainingEngine, cfg: JobConfig, batches: Iterator[dict], lr: float,
+               stop: Optional[StopRequest] = None) -> StepResult:
     """Run one optimizer step of ``gradient_accumulation_steps`` micro-batches (collective)."""
     from megatron.core import parallel_state
 
@@ -101,12 +154,13 @@ def train_step(te: TrainingEngine, cfg: JobConfig, batches: Iterator[dict], lr: 
         te.engine.backward(loss)
         te.engine.step()
         loss_sum = metrics["lm_loss"] if loss_sum is None else loss_sum + metrics["lm_loss"]
-    finite = _all_finite(bool(finite_all.item()))
+    finite, stop_now = _agree(bool(finite_all.item()), stop is not None and stop.requested)
     grad_norm = te.engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     mean_loss = _all_reduce_mean(loss_sum.item() / te.geometry.gradient_accumulation_steps,
                                  parallel_state.get_data_parallel_group())
-    return StepResult(loss=mean_loss, grad_norm=grad_norm, finite=finite and math.isfinite(grad_norm))
+    return StepResult(loss=mean_loss, grad_norm=grad_norm, finite=finite and math.isfinite(grad_norm),
+                      stop=stop_now)
 
 
 @torch.no_grad()
@@ -196,44 +250,53 @@ def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]
     result = TrainResult(state=state)
     consecutive_bad = 0
     try:
-        while state.consumed_tokens < cfg.train.train_tokens:
-            lr = learning_rate(state.consumed_tokens + batch_tokens, cfg.optimizer, cfg.train.train_tokens)
-            step = train_step(te, cfg, batches, lr)
-            state.step += 1
-            state.consumed_samples += te.geometry.global_batch_size
-            state.consumed_tokens += batch_tokens
-            metrics.count_tokens(batch_tokens)
-            if step.finite:
-                consecutive_bad = 0
-                result.losses.append(step.loss)
-            else:
-                consecutive_bad += 1
-                state.skipped_steps += 1
-                result.losses.append(float("nan"))
-                logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                               state.step, consecutive_bad)
-                if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"halted at step {state.step} (tokens {state.consumed_tokens:,}): "
-                        f"{consecutive_bad} consecutive steps with a non-finite loss "
-                        f"(train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); "
-                        "resume from the last checkpoint with a lower optimizer.lr or check the data"
-                    )
-            if state.step % cfg.logging.log_interval_steps == 0 or state.consumed_tokens >= cfg.train.train_tokens:
-                metrics.log_train(state.step, {
-                    "train_loss": step.loss, "lr": lr, "grad_norm": step.grad_norm,
-                    "tokens": state.consumed_tokens, "samples": state.consumed_samples,
-                    "global_batch_size": te.geometry.global_batch_size, "skipped_steps": state.skipped_steps,
-                })
-            done = state.consumed_tokens >= cfg.train.train_tokens
-            if cfg.data.valid_blend and (state.step % cfg.logging.eval_interval_steps == 0 or done):
-                valid = evaluate(te, cfg)
-                result.valid_losses.append(valid)
-                metrics.log_eval(state.step, state.consumed_tokens, valid)
-            if cfg.checkpoint.save_dir and (
-                state.step % cfg.checkpoint.save_interval_steps == 0 or (done and cfg.checkpoint.save_at_end)
-            ):
-                save_training_checkpoint(te.engine, cfg, state)
+        with StopRequest(cfg.train.stop_after_minutes) as stop:
+            while state.consumed_tokens < cfg.train.train_tokens:
+                lr = learning_rate(state.consumed_tokens + batch_tokens, cfg.optimizer, cfg.train.train_tokens)
+                step = train_step(te, cfg, batches, lr, stop)
+                state.step += 1
+                state.consumed_samples += te.geometry.global_batch_size
+                state.consumed_tokens += batch_tokens
+                metrics.count_tokens(batch_tokens)
+                if step.finite:
+                    consecutive_bad = 0
+                    result.losses.append(step.loss)
+                else:
+                    consecutive_bad += 1
+                    state.skipped_steps += 1
+                    result.losses.append(float("nan"))
+                    logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                                   state.step, consecutive_bad)
+                    if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+                        raise NonFiniteLossError(
+                            f"halted at step {state.step} (tokens {state.consumed_tokens:,}): "
+                            f"{consecutive_bad} consecutive steps with a non-finite loss "
+                            f"(train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); "
+                            "resume from the last checkpoint with a lower optimizer.lr or check the data"
+                        )
+                done = state.consumed_tokens >= cfg.train.train_tokens
+                if state.step % cfg.logging.log_interval_steps == 0 or done or step.stop:
+                    metrics.log_train(state.step, {
+                        "train_loss": step.loss, "lr": lr, "grad_norm": step.grad_norm,
+                        "tokens": state.consumed_tokens, "samples": state.consumed_samples,
+                        "global_batch_size": te.geometry.global_batch_size,
+                        "skipped_steps": state.skipped_steps,
+                    })
+                if cfg.data.valid_blend and (state.step % cfg.logging.eval_interval_steps == 0 or done):
+                    valid = evaluate(te, cfg)
+                    result.valid_losses.append(valid)
+                    metrics.log_eval(state.step, state.consumed_tokens, valid)
+                if cfg.checkpoint.save_dir and (
+                    state.step % cfg.checkpoint.save_interval_steps == 0 or step.stop
+                    or (done and cfg.checkpoint.save_at_end)
+                ):
+                    save_training_checkpoint(te.engine, cfg, state)
+                if step.stop and not done:
+                    result.stopped = stop.reason or "a stop request on another rank"
+                    logger.warning("stopped at step %d (%s tokens) on %s%s; the same command resumes",
+                                   state.step, f"{state.consumed_tokens:,}", result.stopped,
+                                   ", checkpoint saved" if cfg.checkpoint.save_dir else "")
+                    break
         result.applied_updates = applied_updates(te)
     finally:
         metrics.close()

@@ -64,8 +64,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     code, clean = 0, False
     try:
         with cpu_shim():  # megatron-core's CUDA-only calls get CPU stand-ins (no-op with CUDA)
-            train(cfg)
+            result = train(cfg)
         clean = True
+        if result.stopped:  # a checkpoint was saved; a scheduler sees the run is not finished
+            code = 3
     except (ConfigError, NonFiniteLossError, CheckpointError, ReplicaDriftError) as err:
         # Decided on every rank alike (from the same files, or after a collective), so the peers
         # are at the same point and can meet at the teardown barrier.

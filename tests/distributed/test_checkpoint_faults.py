@@ -158,3 +158,42 @@ def test_resuming_with_another_head_layout_exits_2_naming_the_fields(tmp_path, c
     assert "model.num_attention_heads: checkpoint 8, recipe 16" in err
     assert "model.num_query_groups: checkpoint 2, recipe 4" in err
     assert digest(save_dir) == before
+
+
+def _stop_worker(rank, world_size, tree, out):
+    """Rank 1 receives SIGUSR1 during step 2, as a scheduler's pre-emption notice would arrive."""
+    import os
+    import signal
+
+    from megatron_tinyllama.config import config_from_dict
+    from megatron_tinyllama.train import loop
+    from tests.distributed.synthetic import synthetic_batches
+
+    original, calls = loop.compute_loss, {"n": 0}
+
+    def signalled(te, cfg, batch):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 3:  # 2 micro-batches per step: the first of step 2
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(te, cfg, batch)
+
+    loop.compute_loss = signalled
+    result = loop.train(config_from_dict(tree), batch_source=synthetic_batches)
+    (Path(out) / f"stop{rank}.json").write_text(json.dumps({"stopped": result.stopped, "step": result.state.step}))
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint(tmp_path):
+    save_dir = tmp_path / "run"
+    tree = recipe(save_dir, 6)
+    tree["checkpoint"]["save_interval_steps"] = 100
+    run_on_ranks(_stop_worker, 2, tree, str(tmp_path))
+    outcomes = [json.loads((tmp_path / f"stop{r}.json").read_text()) for r in range(2)]
+    assert outcomes[1] == {"stopped": "signal SIGUSR1", "step": 2}
+    assert outcomes[0] == {"stopped": "a stop request on another rank", "step": 2}
+    assert (save_dir / "latest").read_text() == "global_step000002"
+    assert (save_dir / "global_step000002" / "trainer_state.json").is_file()
+    # The same recipe resumes and finishes; a time limit stops it again after one step.
+    tree["train"]["stop_after_minutes"] = 1e-9
+    run_on_ranks(_train_worker, 2, tree, str(tmp_path / "b.log"))
+    assert [s for s, _ in losses(save_dir)] == [1, 2, 3]
+    assert "train.stop_after_minutes reached" in Path(f"{tmp_path / 'b.log'}.rank0").read_text()

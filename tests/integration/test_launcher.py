@@ -121,3 +121,16 @@ def test_node_local_sharding_on_two_simulated_nodes_matches_plain_zero3(tmp_path
     assert len(hpz_losses) == 4
     for step in hpz_losses:
         assert abs(hpz_losses[step] - plain_losses[step]) <= 1e-5
+
+
+def test_a_time_limit_stops_the_launched_job_with_a_checkpoint_and_exit_status_3(tmp_path, small_corpus):
+    import subprocess
+
+    recipe = _recipe(tmp_path, small_corpus, "limited", 4, data={"valid_blend": ""},
+                     train={"stop_after_minutes": 1e-9})
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        launch_local(recipe, nodes=1, ranks_per_node=2, work_dir=tmp_path, timeout_s=600)
+    assert err.value.returncode == 3
+    save_dir = tmp_path / "limited"
+    assert (save_dir / "latest").read_text() == "global_step000001"
+    assert sorted(_train_losses(_metrics(save_dir))) == [1]
