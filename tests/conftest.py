@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Several ranks share two cores in CI: one thread each keeps spawned tests from thrashing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The suite compiles kernels with inductor (torch.compile levers). Its default cache is one folder
+# per user shared by every process on the machine, and a run killed mid-compile (a CI time limit,
+# Ctrl-C) can leave a 0-byte .so there that every later compile of that kernel loads and fails on
+# ("file too short"). Each test session compiles into its own folder, inherited by the ranks it
+# spawns, and removes it at exit; the compile cost is paid once per session.
+_COMPILE_CACHE = Path(tempfile.mkdtemp(prefix="tinyllama-test-inductor-"))
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_COMPILE_CACHE / "inductor")
+os.environ["TRITON_CACHE_DIR"] = str(_COMPILE_CACHE / "triton")
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
