@@ -564,6 +564,42 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: st
         raise ConfigError(f"{source}: {err}" if source else str(err)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice.
+
+    PyYAML keeps the last value silently, so a recipe with a stray second ``model:`` section would
+    train another shape. Keys merged in with ``<<`` may still be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: PyYAML's own error names it
+                    continue
+                if first is not key_node:
+                    where = node.start_mark.name
+                    raise ConfigError(
+                        f"{where}:{key_node.start_mark.line + 1}: duplicate key {key!r} (first at "
+                        f"{where}:{first.start_mark.line + 1}); a recipe names each key once")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, name: str) -> Any:
+    """Parse recipe text; duplicate keys are a :class:`ConfigError` naming ``name:line`` of both."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = name  # the marks (and so our messages and PyYAML's) name the file
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_config(path: Union[str, Path], overrides: list[str] = ()) -> JobConfig:
     """Load a recipe file (YAML or JSON) and apply ``section.field=value`` overrides."""
     path = Path(path)
@@ -572,7 +608,7 @@ def load_config(path: Union[str, Path], overrides: list[str] = ()) -> JobConfig:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read recipe ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = _load_yaml(text, str(path)) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -128,3 +128,21 @@ def test_converter_refuses_a_tensor_parallel_size_of_zero(tmp_path, capsys):
     assert main_from_hf(["--input", str(tmp_path), "--output", str(tmp_path / "out"),
                          "--tensor-parallel-size", "0"]) == 2
     assert "tensor parallel size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_duplicate_section_or_key_is_refused_naming_both_lines(tmp_path):
+    # PyYAML keeps the last of two equal keys: a stray second `model:` trained another shape.
+    top = tmp_path / "top.yaml"
+    top.write_text("name: x\nmodel:\n  preset: tinyllama-debug\ntrain:\n  train_tokens: 1000\n"
+                   "model:\n  preset: tinyllama-1.1b\n")
+    with pytest.raises(ConfigError, match=rf"^{top}:6: duplicate key 'model' \(first at {top}:2\)"):
+        load_config(top)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model:\n  preset: tinyllama-debug\n  num_layers: 2\n  hidden_size: 64\n"
+                      "  num_layers: 4\n")
+    with pytest.raises(ConfigError, match=rf"^{nested}:5: duplicate key 'num_layers' \(first at {nested}:3\)"):
+        load_config(nested)
+    # YAML's merge key may still be overridden: that is not a duplicate.
+    anchored = tmp_path / "anchored.yaml"
+    anchored.write_text("model:\n  <<: {preset: tinyllama-debug, num_layers: 2}\n  num_layers: 3\n")
+    assert load_config(anchored).model.num_layers == 3
