@@ -412,6 +412,13 @@ def plan_start(cfg: JobConfig, world_size: int) -> StartPlan:
         candidates = resume_candidates(save_dir)
         if candidates:
             _check_checkpoint_fits(candidates[0], cfg, world_size, resume=True)
+            if ckpt.continue_from or ckpt.init_from:
+                # The same command restarts a stage after a preemption, so this is the usual case,
+                # not an error; but the recipe names another source, so say which one is used.
+                field_name = "continue_from" if ckpt.continue_from else "init_from"
+                logger.info("start: resuming from %s in checkpoint.save_dir; checkpoint.%s=%s is not "
+                            "used (a run's own save_dir always wins once it holds a checkpoint)",
+                            candidates[0], field_name, getattr(ckpt, field_name))
             return StartPlan("resume", candidates)
         if (save_dir / "latest").is_file():
             named = (save_dir / "latest").read_text().strip()

@@ -170,3 +170,16 @@ def test_zero_stage_is_compared_as_it_ran(tmp_path):
     fake_checkpoint(tmp_path / "b", 2, world_size=1, cfg=job(tmp_path / "b", parallel={"zero_stage": "auto"}))
     with pytest.raises(ConfigError, match=r"ZeRO stage: checkpoint 1 \(parallel.zero_stage='auto'\), this job 3"):
         plan_start(job(tmp_path / "b", parallel={"zero_stage": 3}), world_size=1)
+
+
+def test_save_dir_with_a_checkpoint_wins_over_continue_from_and_says_so(tmp_path, caplog):
+    fake_checkpoint(tmp_path / "stage1", 10)
+    cfg = job(tmp_path / "stage2", checkpoint={"continue_from": str(tmp_path / "stage1")})
+    fake_checkpoint(tmp_path / "stage2", 3, cfg=cfg)
+    with caplog.at_level(logging.INFO, logger="megatron_tinyllama.checkpoint.training"):
+        plan = plan_start(cfg, world_size=2)
+    assert plan.kind == "resume" and plan.candidates[0] == tmp_path / "stage2" / "global_step000003"
+    lines = [r.getMessage() for r in caplog.records if "continue_from" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert (f"resuming from {tmp_path / 'stage2' / 'global_step000003'}" in lines[0]
+            and f"checkpoint.continue_from={tmp_path / 'stage1'} is not used" in lines[0])
