@@ -88,15 +88,41 @@ def tokenizer_differences(saved: dict[str, Any], cfg: JobConfig) -> list[str]:
     return []
 
 
+# Fields that decide which sample each global index is (data/blend.py, data/loader.py). The run's
+# length (train.train_tokens) and the batch size do not: a run trained longer extends its order.
+DATA_ORDER_FIELDS = ("data.blend", "data.mixture_warmup", "data.seed")
+
+
+def data_order_differences(saved_cfg: dict[str, Any], cfg: JobConfig) -> list[str]:
+    """Recipe changes that make the samples from here on differ from the ones the checkpointed
+    run had planned: the blend, its warm-up, or the data seed (``data.seed``, else
+    ``parallel.seed``)."""
+    mine = cfg.to_dict()
+    diffs = []
+    for dotted in DATA_ORDER_FIELDS:
+        section, key = dotted.split(".")
+        theirs, value = saved_cfg.get(section, {}).get(key), mine[section][key]
+        if key == "seed":  # compared as used: None means parallel.seed
+            theirs = theirs if theirs is not None else saved_cfg.get("parallel", {}).get("seed")
+            value = value if value is not None else cfg.parallel.seed
+            if _differs(theirs, value):
+                diffs.append(f"data seed (data.seed, else parallel.seed): {theirs!r} -> {value!r}")
+        elif _differs(_plain(theirs), _plain(value)):
+            diffs.append(f"{dotted}: {theirs!r} -> {value!r}")
+    return diffs
+
+
 def other_differences(saved_cfg: dict[str, Any], cfg: JobConfig,
-                      sections: tuple[str, ...] = ("data", "optimizer", "train")) -> list[str]:
-    """Recipe fields that differ but may legitimately change on resume (logged, not refused)."""
+                      sections: tuple[str, ...] = ("data", "optimizer", "train"),
+                      exclude: tuple[str, ...] = ()) -> list[str]:
+    """Recipe fields that differ but may legitimately change on resume (logged, not refused);
+    ``exclude`` names dotted fields reported elsewhere."""
     mine = cfg.to_dict()
     diffs = []
     for section in sections:
         for key, value in mine.get(section, {}).items():
             theirs = saved_cfg.get(section, {}).get(key)
-            if _differs(_plain(theirs), _plain(value)):
+            if f"{section}.{key}" not in exclude and _differs(_plain(theirs), _plain(value)):
                 diffs.append(f"{section}.{key}: {theirs!r} -> {value!r}")
     return diffs
 

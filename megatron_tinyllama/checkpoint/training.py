@@ -52,6 +52,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_tinyllama.checkpoint.compat import (
+    DATA_ORDER_FIELDS,
+    data_order_differences,
     file_fingerprint,
     layout_differences,
     model_differences,
@@ -383,7 +385,15 @@ def _check_checkpoint_fits(tag_dir: Path, cfg: JobConfig, world_size: int, *, re
     diffs = (model_differences(saved_model, cfg.model, include_seq_length=resume)
              + layout_differences(payload, cfg, world_size) + tokenizer_differences(payload, cfg))
     _refuse("resuming from" if resume else "continuing from", tag_dir, diffs)
-    changed = other_differences(payload.get("config", {}), cfg)
+    saved_cfg = payload.get("config", {})
+    # A new stage (continue_from) may change its data; a resume of the same run that does reads
+    # other samples than the run had planned from here on, so it is a warning.
+    reorder = data_order_differences(saved_cfg, cfg) if resume else []
+    if reorder and _rank_world()[0] == 0:
+        logger.warning("resuming from %s with recipe changes that alter the data order (the samples "
+                       "from here on are not the ones this run had planned): %s", tag_dir,
+                       "; ".join(reorder))
+    changed = other_differences(saved_cfg, cfg, exclude=DATA_ORDER_FIELDS if resume else ())
     if changed:
         logger.info("%s %s with these recipe changes: %s", "resuming" if resume else "continuing from",
                     tag_dir, "; ".join(changed))

@@ -15,11 +15,19 @@ because an interrupted build would otherwise leave files that the next run loads
 
 **Blend.** Global sample ``i`` comes from the dataset and position that
 :class:`.blend.BlendSchedule` assigns from ``(seed, i)`` alone (weights may move with tokens
-consumed, ``DataConfig.mixture_warmup``). Each dataset's ``GPTDataset`` is sized to exactly the
-samples the whole run draws from it. megatron-core's ``BlendedDataset`` and
+consumed, ``DataConfig.mixture_warmup``). megatron-core's ``BlendedDataset`` and
 ``BlendedMegatronDatasetBuilder`` are not used: the former takes one fixed weight vector, and
 the latter sizes datasets from fixed weights and coordinates cache building only through
 ``torch.distributed`` (rank 0 first, then a barrier), with non-atomic writes.
+
+**Epochs.** A dataset read more than once is one ``GPTDataset`` per epoch, each exactly one
+epoch long, epoch ``e`` shuffled with a seed derived from ``(seed, e)`` (epoch 0 with ``seed``
+itself). megatron-core sizes one ``GPTDataset`` for the samples requested and shuffles documents
+and samples over all its epochs together, so the order of every sample depended on the run's
+length: changing ``train.train_tokens`` on resume reshuffled what earlier steps had read once a
+run spanned two epochs. Here position ``p`` of a dataset is sample ``p mod E`` of epoch ``p div E``
+whatever the run's length, and training longer only appends epochs. (The last partial sample of
+each epoch, fewer than ``seq_length + 1`` tokens, is not read.)
 
 **Ranks and resume.** An optimizer step consumes the global samples
 ``[consumed, consumed + gbs)``. Data-parallel rank ``r`` takes the contiguous slice
@@ -176,9 +184,38 @@ def _gpt_config(seq_length: int, seed: int, cache_dir: str, prefix: str):
     return GPTDatasetConfig(**{k: v for k, v in wanted.items() if k in known})
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Shuffle seed of ``epoch`` of a dataset: ``seed`` for the first, then derived from both
+    (a 32-bit value, as numpy's RandomState in megatron-core requires)."""
+    if epoch == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, epoch, 0x65706F6368]).generate_state(1, np.uint32)[0])
+
+
+class EpochSamples:
+    """A dataset read over several epochs: position ``p`` is sample ``p % E`` of epoch ``p // E``.
+
+    Every epoch is its own one-epoch ``GPTDataset`` (see the module docstring), so position ``p``
+    does not depend on how many epochs exist.
+    """
+
+    def __init__(self, epochs: Sequence) -> None:
+        self.epochs = list(epochs)
+        self.samples_per_epoch = len(self.epochs[0])
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch * len(self.epochs)
+
+    def __getitem__(self, position: int):
+        epoch, within = divmod(int(position), self.samples_per_epoch)
+        if not 0 <= epoch < len(self.epochs):
+            raise IndexError(f"position {position} past the {len(self)} samples built")
+        return self.epochs[epoch][within]
+
+
 def build_gpt_datasets(prefixes: Sequence[str], num_samples: Sequence[int], *, seq_length: int,
                        seed: int, cache_dir: str, split: str = "train") -> list:
-    """One megatron-core GPTDataset per prefix, with at least ``num_samples[k]`` samples.
+    """One :class:`EpochSamples` per prefix, with at least ``num_samples[k]`` samples.
 
     A dataset needing 0 samples is not built (``None`` in its place). Collective under an
     initialised ``torch.distributed`` (see the module docstring).
@@ -208,11 +245,23 @@ def build_gpt_datasets(prefixes: Sequence[str], num_samples: Sequence[int], *, s
             if not needed:
                 datasets.append(None)
                 continue
-            config = _gpt_config(seq_length, seed, cache_dir, prefix)
-            low = cls.build_low_level_dataset(prefix, config)
+            fingerprint = dataset_fingerprint(prefix)
+            low = cls.build_low_level_dataset(prefix, _gpt_config(seq_length, seed, cache_dir, prefix))
             docs = np.arange(low.sequence_lengths.shape[0], dtype=np.int32)
-            datasets.append(cls(low, prefix, docs, int(needed), Split[split], config,
-                                fingerprint=dataset_fingerprint(prefix)))
+
+            def one_epoch(epoch: int):
+                # num_samples=None: exactly one epoch, keyed (and cached) independently of the
+                # run's length.
+                config = _gpt_config(seq_length, epoch_seed(seed, epoch), cache_dir, prefix)
+                return cls(low, prefix, docs, None, Split[split], config, fingerprint=fingerprint)
+
+            epochs = [one_epoch(0)]
+            per_epoch = len(epochs[0])
+            if per_epoch == 0:
+                raise ValueError(f"{prefix}: {int(low.sequence_lengths.sum())} tokens do not make one "
+                                 f"sample of seq_length + 1 = {seq_length + 1} tokens")
+            epochs += [one_epoch(e) for e in range(1, -(-int(needed) // per_epoch))]
+            datasets.append(EpochSamples(epochs))
         return datasets
 
     lock = os.path.join(cache_dir, ".build.lock")
@@ -406,9 +455,9 @@ def build_train_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_si
         consumed_samples: Global samples consumed before this point (0 for a fresh run).
         seed: Data seed (used when ``data_cfg.seed`` is None).
         global_batch_size_at: Samples per optimizer step, or a function of consumed samples.
-        num_samples: Samples the whole run needs; datasets are sized for it, and iteration
-            stops before a step that would pass it. Keep it fixed across resumes (it keys the
-            shuffle and the cache).
+        num_samples: Samples the whole run needs; datasets get the epochs it takes, and
+            iteration stops before a step that would pass it. The order of the samples does not
+            depend on it: a larger value on resume (training longer) extends the order.
         num_workers: DataLoader workers (default ``data_cfg.num_workers``; None there is 'auto',
             see :func:`loader_settings`, which also decides ``pin_memory``).
         vocab_size: ``model.vocab_size``; when given, a sample holding an id outside

@@ -183,3 +183,28 @@ def test_save_dir_with_a_checkpoint_wins_over_continue_from_and_says_so(tmp_path
     assert len(lines) == 1, caplog.text
     assert (f"resuming from {tmp_path / 'stage2' / 'global_step000003'}" in lines[0]
             and f"checkpoint.continue_from={tmp_path / 'stage1'} is not used" in lines[0])
+
+
+def test_resume_names_recipe_changes_that_alter_the_data_order_as_a_warning(tmp_path, caplog):
+    blend = {"blend": ["0.7", "a", "0.3", "b"]}
+    fake_checkpoint(tmp_path, 3, cfg=job(tmp_path, data=blend))
+    (tmp_path / "latest").write_text("global_step000003")
+    quiet = logging.getLogger("megatron_tinyllama.checkpoint.training")
+    # Training longer keeps the order (data/loader.py): said at INFO, no warning.
+    with caplog.at_level(logging.INFO, logger=quiet.name):
+        plan_start(job(tmp_path, data=blend, train={"train_tokens": 64 * 8 * 20}), world_size=2)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "train.train_tokens: 5120 -> 10240" in caplog.text
+    for change, named in [({"data": {"blend": ["0.5", "a", "0.5", "b"]}}, "data.blend: ['0.7', 'a'"),
+                          ({"data": {**blend, "seed": 7}}, "data seed (data.seed, else parallel.seed): 1234 -> 7"),
+                          ({"data": blend, "parallel": {"seed": 99}}, "1234 -> 99")]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=quiet.name):
+            plan_start(job(tmp_path, **change), world_size=2)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "alter the data order" in warnings[0] and named in warnings[0], caplog.text
+    # The same data seed spelled differently (data.seed equal to parallel.seed) is no change.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=quiet.name):
+        plan_start(job(tmp_path, data={**blend, "seed": 1234}), world_size=2)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

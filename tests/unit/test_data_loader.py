@@ -115,6 +115,28 @@ def test_order_is_deterministic_from_the_seed(corpus):
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+def test_training_longer_extends_the_order_of_samples_already_planned(corpus):
+    # Resuming with a larger train.train_tokens asks for more samples. megatron-core's GPTDataset
+    # shuffles all its epochs together, so a second epoch used to reorder the first N samples.
+    n = 1200  # dataset a (~525 samples an epoch at 70%) is read in its second epoch already
+    from megatron_tinyllama.data.indexed import read_index
+
+    assert 0.7 * n > read_index(str(corpus / "a_text_document")).num_tokens // SEQ
+    planned = torch.cat([b["tokens"] for b in _batches(corpus, num_samples=n)])
+    longer = torch.cat([b["tokens"] for b in _batches(corpus, num_samples=2 * n)])
+    assert planned.shape[0] == n and longer.shape[0] == 2 * n
+    assert torch.equal(longer[:n], planned)
+    # A resume at step k of the longer run reads what the uninterrupted longer run reads.
+    resumed = torch.cat([b["tokens"] for b in _batches(corpus, consumed=800, num_samples=2 * n)])
+    assert torch.equal(resumed, longer[800:])
+    # Each epoch is a new shuffle: epoch 2 of dataset a is not epoch 1 again in the same order.
+    a_samples = longer[torch.from_numpy(_source(longer) == 0)]
+    per_epoch = (read_index(str(corpus / "a_text_document")).num_tokens - 1) // SEQ
+    first, second = a_samples[:per_epoch], a_samples[per_epoch:2 * per_epoch]
+    assert second.shape[0] == per_epoch
+    assert not torch.equal(first, second)
+
+
 def test_data_config_seed_overrides_the_passed_seed(corpus):
     cfg = DataConfig(blend=_cfg(corpus).blend, cache_dir=str(corpus / "cache"), seed=5)
     got = list(build_train_batches(cfg, seq_length=SEQ, micro_batch_size=2, dp_rank=0, dp_size=1,
