@@ -7,6 +7,7 @@ or nothing)::
     latest                      tag of the checkpoint to resume from (written last, atomically)
     config.yaml                 the resolved recipe of the run
     metrics.jsonl               one JSON record per logged step (written by the trainer)
+    job.lock                    held by the one job using this save_dir (checkpoint.lock)
     global_step000100/          DeepSpeed's files (ZeRO shards, optimizer states) for step 100
         rng/rank00000.pt        every rank's RNG states
         model/                  per-TP-rank full fp32 weights (see checkpoint.native), for the

@@ -27,6 +27,7 @@ from megatron_tinyllama.checkpoint.training import (
     save_training_checkpoint,
     start_state,
 )
+from megatron_tinyllama.checkpoint.lock import lock_save_dir
 from megatron_tinyllama.config import JobConfig, save_config
 from megatron_tinyllama.data.provenance import check_data_vocab
 from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
@@ -220,8 +221,6 @@ def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]
         batch_source: replaces :func:`megatron_tinyllama.data.loader.build_train_batches` (same
             signature); tests use it to feed synthetic batches.
     """
-    from megatron.core import parallel_state
-
     if batch_source is None:
         from megatron_tinyllama.data.loader import build_train_batches as batch_source
         from megatron_tinyllama.data.loader import check_datasets_exist
@@ -231,6 +230,17 @@ def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]
 
     env = initialize_distributed()
     initialize_model_parallel(cfg.parallel.tensor_parallel_size, cfg.parallel.seed)
+    # Before the save_dir is read: a second job on it is refused here, naming the holder.
+    lock = lock_save_dir(cfg.checkpoint.save_dir)
+    try:
+        return _train_holding_save_dir(cfg, env, batch_source)
+    finally:
+        lock.release()
+
+
+def _train_holding_save_dir(cfg: JobConfig, env, batch_source) -> TrainResult:
+    from megatron.core import parallel_state
+
     plan = plan_start(cfg, dist.get_world_size())  # refuses a checkpoint that does not fit, early
     te = build_engine(cfg, env)
     state = start_state(te.engine, cfg, plan)

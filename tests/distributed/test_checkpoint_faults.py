@@ -197,3 +197,35 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint(
     run_on_ranks(_train_worker, 2, tree, str(tmp_path / "b.log"))
     assert [s for s, _ in losses(save_dir)] == [1, 2, 3]
     assert "train.stop_after_minutes reached" in Path(f"{tmp_path / 'b.log'}.rank0").read_text()
+
+
+def _ranked_entry_worker(rank, world_size, recipe_path, out):
+    from megatron_tinyllama.train.pretrain import main
+
+    (Path(out) / f"exit{rank}.json").write_text(json.dumps({"code": main(["--config", str(recipe_path)])}))
+
+
+def test_a_second_job_on_a_save_dir_in_use_is_refused_on_every_rank(tmp_path, capfd):
+    import os
+
+    import yaml
+
+    from megatron_tinyllama.checkpoint.lock import acquire_save_dir_lock
+
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    (save_dir / "metrics.jsonl").write_text('{"step": 1, "train_loss": 9.0}\n')  # the first job's
+    first_job = acquire_save_dir_lock(save_dir)  # this process plays the job still running there
+    before = digest(save_dir)
+    try:
+        path = tmp_path / "again.yaml"
+        path.write_text(yaml.safe_dump(recipe(save_dir, 4)))
+        run_on_ranks(_ranked_entry_worker, 2, path, str(tmp_path))
+        after = digest(save_dir)
+    finally:
+        first_job.release()
+    assert [json.loads((tmp_path / f"exit{r}.json").read_text())["code"] for r in range(2)] == [2, 2]
+    err = capfd.readouterr().err
+    assert f"checkpoint.save_dir={save_dir} is in use by another job" in err
+    assert f"pid {os.getpid()}, started" in err
+    assert after == before  # nothing written: no metrics, no checkpoint, no config, same holder
