@@ -248,3 +248,32 @@ def test_a_full_disk_during_a_save_names_enospc_and_the_file_and_the_run_resumes
     assert (save_dir / "latest").read_text() == "global_step000004"
     assert [s for s, _ in losses(save_dir)][len(first):] == [3, 4]
     assert all(loss == first[s] for s, loss in losses(save_dir)[len(first):])
+
+
+def _outputs_worker(rank, world_size, recipe_path, out):
+    import functools
+
+    from megatron_tinyllama.train import loop
+    from megatron_tinyllama.train.pretrain import main
+    from tests.distributed.synthetic import synthetic_batches
+
+    loop.train = functools.partial(loop.train, batch_source=synthetic_batches)
+    code = main(["--config", str(recipe_path)])
+    (Path(out) / f"exit{rank}.json").write_text(json.dumps({"code": code}))
+
+
+def test_a_tensorboard_folder_that_cannot_be_created_exits_2_on_every_rank_before_the_engine(tmp_path, capfd):
+    import yaml
+
+    (tmp_path / "a_file").write_text("")
+    tree = recipe(tmp_path / "run", 2)
+    tree["logging"]["tensorboard_dir"] = str(tmp_path / "a_file" / "tb")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    run_on_ranks(_outputs_worker, 2, path, str(tmp_path))
+    assert [json.loads((tmp_path / f"exit{r}.json").read_text())["code"] for r in range(2)] == [2, 2]
+    err = capfd.readouterr().err
+    expected = (f"rank 0: logging.tensorboard_dir: cannot create or write {tmp_path / 'a_file' / 'tb'}: "
+                f"Not a directory ({tmp_path / 'a_file'} is a file)")
+    assert err.count(expected) == 2 and "Connection closed" not in err
+    assert not list((tmp_path / "run").glob("global_step*"))  # stopped before any step
