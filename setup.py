@@ -87,6 +87,7 @@ setup(
             "tinyllama-demo=megatron_tinyllama.demo:main",
             "tinyllama-pipeline=megatron_tinyllama.pipeline:main",
             "tinyllama-generate=megatron_tinyllama.generate:main",
+            "tinyllama-check-hostfile=megatron_tinyllama.launch:check_hostfile_main",
         ]
     },
 )

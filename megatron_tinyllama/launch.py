@@ -10,10 +10,15 @@ runner warns about a missing hostfile and goes on with this machine's devices al
 line as a traceback without its line number. The commands built here always pass
 ``parallel.expected_world_size`` too, which the pretraining entry checks against the world the
 launcher really started (see :func:`megatron_tinyllama.parallel.init.check_launched_world`).
+
+A hostfile that yields no rank at all (every host ``slots=0``) cannot be caught by the ranks: deepspeed
+then starts none and exits 0. :func:`check_hostfile_main` (``tinyllama-check-hostfile``) is the
+preflight for users who type the deepspeed command themselves.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -81,6 +86,31 @@ def read_hostfile(path: Union[str, Path]) -> dict[str, int]:
     if not hosts:
         raise HostfileError(f"{path}: lists no host")
     return hosts
+
+
+def check_hostfile_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``tinyllama-check-hostfile HOSTFILE [--expected-world-size N]``: exit 0 when deepspeed would
+    start ranks as declared, 2 (with ``FILE:LINE: ...``) otherwise; run it before ``deepspeed``."""
+    parser = argparse.ArgumentParser(
+        description="Check a deepspeed hostfile before launching: deepspeed itself starts no rank "
+                    "and exits 0 for slots=0, reads slots=4.5 as 4 and runs on local devices "
+                    "when the file is missing.")
+    parser.add_argument("hostfile")
+    parser.add_argument("--expected-world-size", type=int, default=None,
+                        help="the ranks the job needs (the recipe's parallel.expected_world_size)")
+    args = parser.parse_args(argv)
+    try:
+        hosts = read_hostfile(args.hostfile)
+    except HostfileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ranks = sum(hosts.values())
+    if args.expected_world_size is not None and ranks != args.expected_world_size:
+        print(f"error: {args.hostfile}: {len(hosts)} hosts with {ranks} slots in all, but "
+              f"--expected-world-size {args.expected_world_size}", file=sys.stderr)
+        return 2
+    print(f"{args.hostfile}: {len(hosts)} host{'s' if len(hosts) > 1 else ''}, {ranks} ranks")
+    return 0
 
 
 def write_local_hostfile(path: Path, nodes: int, slots_per_node: int) -> Path:

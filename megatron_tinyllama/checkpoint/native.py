@@ -10,20 +10,27 @@ The trainer writes one next to each DeepSpeed checkpoint (gathered from ZeRO-3 s
 converter reads and writes it, and ``checkpoint.init_from`` starts training from it. Directories
 are written under a temporary name and renamed when complete, so a crash never leaves a directory
 that looks finished.
+
+Every file written here and by the trainer's checkpoint save goes through :func:`writing`, so a
+full disk or another OS error names the file and the errno (``ENOSPC``) instead of torch's
+"basic_ios::clear: iostream error" or safetensors' message without a path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import io
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megatron_tinyllama.checkpoint.hf import ConversionError
@@ -35,6 +42,74 @@ FORMAT_VERSION = 1
 
 def shard_filename(tp_rank: int, tp_size: int) -> str:
     return f"model-tp{tp_rank:02d}-of-{tp_size:02d}.safetensors"
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint file failed (disk full, quota, I/O error): names the file and errno."""
+
+
+@contextlib.contextmanager
+def writing(path: Union[str, Path]) -> Iterator[None]:
+    """Turn a failure while writing ``path`` into a :class:`CheckpointWriteError` naming it.
+
+    An ``OSError`` keeps its errno (``ENOSPC: No space left on device``); torch's and safetensors'
+    own errors carry none, so their text is kept. The free space of the folder is added: it tells
+    a full disk from another fault.
+    """
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except OSError as err:
+        code = errno.errorcode.get(err.errno, f"errno {err.errno}") if err.errno else "I/O error"
+        raise CheckpointWriteError(f"{path}: {code}: {err.strerror or err} "
+                                   f"({_free_space(path)})") from err
+    except (RuntimeError, SafetensorError) as err:
+        raise CheckpointWriteError(f"{path}: writing failed: {err} ({_free_space(path)})") from err
+
+
+def _free_space(path: Union[str, Path]) -> str:
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return "free space unknown"
+    return f"{free:,} bytes free there"
+
+
+class _WholeWrites(io.FileIO):
+    """A file whose ``write`` writes everything or raises, and keeps the first ``OSError``.
+
+    torch's zip writer ignores a short write and, given a Python file, turns the ``OSError`` of
+    a full disk into "unexpected pos 704 vs 598"; the kept error restores the errno.
+    """
+
+    first_error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        try:
+            while view:
+                view = view[super().write(view):]
+        except OSError as err:
+            self.first_error = self.first_error or err
+            raise
+        return total
+
+
+def save_torch_file(obj, path: Union[str, Path], **kwargs) -> None:
+    """``torch.save`` that reports a failed write as ``OSError`` with its errno, via
+    :func:`writing` (given a path, torch's C++ writer says only "basic_ios::clear: iostream
+    error" or "unexpected pos")."""
+    with writing(path), _WholeWrites(path, "wb") as handle:
+        try:
+            torch.save(obj, handle, **kwargs)
+        except Exception:
+            if handle.first_error is not None:
+                raise handle.first_error from None
+            raise
+        if handle.first_error is not None:  # swallowed on the way: the file is not whole
+            raise handle.first_error
 
 
 def clean_state(state: dict) -> dict[str, torch.Tensor]:
@@ -73,12 +148,14 @@ def atomic_directory(final: Union[str, Path], overwrite: bool = False) -> Iterat
 def write_model_files(directory: Path, model_cfg: ModelConfig, tp_rank: int, tp_size: int,
                       state: dict[str, torch.Tensor]) -> None:
     """Write one TP rank's weights (and, from rank 0, the index) into an existing directory."""
-    save_file(clean_state(state), str(directory / shard_filename(tp_rank, tp_size)),
-              metadata={"format": "pt"})
+    shard = directory / shard_filename(tp_rank, tp_size)
+    with writing(shard):
+        save_file(clean_state(state), str(shard), metadata={"format": "pt"})
     if tp_rank == 0:
         index = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(model_cfg),
                  "tensor_parallel_size": tp_size}
-        (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2))
+        with writing(directory / MODEL_INDEX):
+            (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2))
 
 
 def save_model_checkpoint(directory: Union[str, Path], model_cfg: ModelConfig,

@@ -61,7 +61,7 @@ from megatron_tinyllama.checkpoint.compat import (
     other_differences,
     tokenizer_differences,
 )
-from megatron_tinyllama.checkpoint.native import write_model_files
+from megatron_tinyllama.checkpoint.native import save_torch_file, write_model_files, writing
 from megatron_tinyllama.checkpoint.weights import (
     check_tp_replicas,
     gather_full_weights,
@@ -115,7 +115,7 @@ def tag_step(name: str) -> Optional[int]:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
+    with writing(path), open(tmp, "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -302,11 +302,34 @@ def _clear_tag_dir(tag_dir: Path) -> None:
                    tag_dir, aside.name)
 
 
+def _name_write_errors(engine) -> None:
+    """Make DeepSpeed's torch checkpoint engine write through :func:`save_torch_file`.
+
+    DeepSpeed hands ``torch.save`` a path, and on a full disk torch's C++ writer then fails with
+    "basic_ios::clear: iostream error" (or "unexpected pos"): no errno, no file. Only the stock
+    ``TorchCheckpointEngine`` is replaced; its ``save`` is that one ``torch.save`` call
+    (DeepSpeed 0.16-0.19).
+    """
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if type(ckpt_engine).__name__ != "TorchCheckpointEngine" or getattr(ckpt_engine, "_named", False):
+        return
+
+    def save(state_dict, path):
+        save_torch_file(state_dict, path,
+                        _use_new_zipfile_serialization=getattr(ckpt_engine, "zipfile_serialization", True))
+
+    ckpt_engine.save = save
+    ckpt_engine._named = True
+
+
 def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Path:
     """Save everything for an exact resume, then point ``latest`` at it. Collective: all ranks.
 
     Raises:
         ReplicaDriftError: TP-replicated parameters differ (the checkpoint is left incomplete).
+        CheckpointWriteError: a file could not be written (named, with the errno: ``ENOSPC`` for a
+            full disk); raised on the rank that failed, ``latest`` and earlier checkpoints are
+            untouched and this one stays incomplete.
     """
     from megatron.core import parallel_state
 
@@ -317,9 +340,10 @@ def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Pat
     if rank == 0:
         _clear_tag_dir(tag_dir)
     dist.barrier()
+    _name_write_errors(engine)
     engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
     (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), tag_dir / "rng" / f"rank{rank:05d}.pt")
+    save_torch_file(_rng_state(), tag_dir / "rng" / f"rank{rank:05d}.pt")
     writer = parallel_state.get_data_parallel_rank() == 0
     weights = gather_full_weights(engine, keep_all=writer)
     check_tp_replicas(engine, weights, cfg.checkpoint.tp_replica_tolerance)

@@ -28,12 +28,12 @@ from megatron_tinyllama.checkpoint.training import (
     start_state,
 )
 from megatron_tinyllama.checkpoint.lock import lock_save_dir
-from megatron_tinyllama.config import JobConfig, save_config
+from megatron_tinyllama.config import ConfigError, JobConfig, save_config
 from megatron_tinyllama.data.provenance import check_data_vocab
 from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
 from megatron_tinyllama.model.build import forward_logits, language_model_loss
 from megatron_tinyllama.parallel.init import initialize_distributed, initialize_model_parallel
-from megatron_tinyllama.train.metrics import MetricsWriter
+from megatron_tinyllama.train.metrics import MetricsWriter, output_problems
 from megatron_tinyllama.train.schedule import learning_rate
 
 logger = logging.getLogger(__name__)
@@ -213,6 +213,19 @@ def applied_updates(te: TrainingEngine) -> int:
     return int(max(steps)) if steps else 0
 
 
+def _check_outputs(cfg: JobConfig) -> None:
+    """Every rank checks the folders it will write; all refuse alike if any rank cannot (collective).
+
+    Raises:
+        ConfigError: naming each rank, field and folder that failed.
+    """
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, output_problems(cfg, dist.get_rank()))
+    problems = [f"rank {rank}: {problem}" for rank, mine in enumerate(gathered) for problem in mine]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]]] = None) -> TrainResult:
     """Run (or resume) the job described by ``cfg`` on the current process group.
 
@@ -230,6 +243,7 @@ def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]
 
     env = initialize_distributed()
     initialize_model_parallel(cfg.parallel.tensor_parallel_size, cfg.parallel.seed)
+    _check_outputs(cfg)  # before the lock file is written into save_dir
     # Before the save_dir is read: a second job on it is refused here, naming the holder.
     lock = lock_save_dir(cfg.checkpoint.save_dir)
     try:

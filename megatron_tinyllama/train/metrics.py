@@ -4,12 +4,17 @@ Throughput is measured over each log interval. Model FLOPs per token follow the 
 transformer count (Megatron-LM / PaLM appendix B): 6 x non-embedding parameters for the matmuls
 plus 12 x layers x hidden x seq for attention scores and values, forward and backward; activation
 recomputation is not counted (so MFU is model FLOPs utilisation, not hardware).
+
+:func:`output_problems` checks, before anything is built, that the folders a run writes (these
+sinks and the checkpoints) can be created and written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -40,6 +45,37 @@ def peak_tflops(cfg: JobConfig) -> Optional[float]:
             if key in name:
                 return value
     return None
+
+
+def _folder_problem(field: str, folder: str) -> Optional[str]:
+    """Why ``folder`` cannot be created or written (one line naming ``field``), None when it can."""
+    path = Path(folder)
+    probe = path / f".write-check.{socket.gethostname()}.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+        where = f" ({blocker} is a file)" if blocker is not None and not blocker.is_dir() else ""
+        return f"{field}: cannot create or write {path}: {err.strerror or err}{where}"
+    return None
+
+
+def output_problems(cfg: JobConfig, rank: int) -> list[str]:
+    """The output folders this rank will write that it cannot create or write, each named.
+
+    Every rank writes its checkpoint shards into ``checkpoint.save_dir``; rank 0 also writes
+    ``metrics.jsonl`` there and the TensorBoard events into ``logging.tensorboard_dir``. Checked
+    before the engine is built, so the run stops at once and on every rank alike (after the
+    engine, rank 0 died in ``SummaryWriter`` and its peers in gloo's "Connection closed").
+    """
+    folders = []
+    if cfg.checkpoint.save_dir:
+        folders.append(("checkpoint.save_dir", cfg.checkpoint.save_dir))
+    if rank == 0 and cfg.logging.tensorboard_dir:
+        folders.append(("logging.tensorboard_dir", cfg.logging.tensorboard_dir))
+    return [problem for problem in (_folder_problem(f, d) for f, d in folders) if problem]
 
 
 class MetricsWriter:

@@ -55,6 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from megatron_tinyllama.checkpoint.hf import ConversionError
+    from megatron_tinyllama.checkpoint.native import CheckpointWriteError
     from megatron_tinyllama.checkpoint.training import CheckpointError
     from megatron_tinyllama.checkpoint.weights import ReplicaDriftError
     from megatron_tinyllama.parallel.cpu_shim import cpu_shim
@@ -76,6 +77,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConversionError as err:  # a rank's own weights file: its peers may be elsewhere
         logging.getLogger(__name__).error("%s", err)
         code = 2
+    except CheckpointWriteError as err:  # this rank's file; the launcher stops the peers
+        logging.getLogger(__name__).error("saving the checkpoint failed: %s; 'latest' and the "
+                                          "earlier checkpoints are intact, the same command "
+                                          "resumes from them", err)
+        code = 1
     finally:
         shutdown_distributed(wait_for_peers=clean)
     return code

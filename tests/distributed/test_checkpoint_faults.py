@@ -229,3 +229,83 @@ def test_a_second_job_on_a_save_dir_in_use_is_refused_on_every_rank(tmp_path, ca
     assert f"checkpoint.save_dir={save_dir} is in use by another job" in err
     assert f"pid {os.getpid()}, started" in err
     assert after == before  # nothing written: no metrics, no checkpoint, no config, same holder
+
+
+def _disk_full_worker(rank, world_size, tree, out):
+    """The disk fills up while step 4's checkpoint is written: every torch.save under it fails
+    as it does on a full filesystem (checked on a 1 MB tmpfs): given a path, torch's C++ writer
+    raises a RuntimeError without errno or file; given a file object, the write raises ENOSPC."""
+    import errno
+    import os
+
+    import torch
+
+    from megatron_tinyllama.config import config_from_dict
+    from megatron_tinyllama.train.loop import train
+    from tests.distributed.synthetic import synthetic_batches
+
+    real_save = torch.save
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        if "global_step000004" not in str(getattr(f, "name", f)):
+            return real_save(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        f.write(b"PK\x03\x04")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    torch.save = full_disk_save
+    try:
+        train(config_from_dict(tree), batch_source=synthetic_batches)
+        error = None
+    except Exception as err:  # noqa: BLE001 (whatever reaches the entry point is the message)
+        error = f"{type(err).__name__}: {err}"
+    (Path(out) / f"full{rank}.json").write_text(json.dumps({"error": error}))
+
+
+def test_a_full_disk_during_a_save_names_enospc_and_the_file_and_the_run_resumes(tmp_path):
+    save_dir = tmp_path / "run"
+    tree = recipe(save_dir, 4)
+    run_on_ranks(_disk_full_worker, 1, tree, str(tmp_path))
+    error = json.loads((tmp_path / "full0.json").read_text())["error"]
+    assert error is not None and error.startswith("CheckpointWriteError: ")
+    assert "ENOSPC: No space left on device" in error and "bytes free there" in error
+    assert f"{save_dir / 'global_step000004'}{'/'}" in error  # the file that failed, by its path
+    assert (save_dir / "latest").read_text() == "global_step000002"
+    good = digest(save_dir / "global_step000002")
+    first = dict(losses(save_dir))
+    # Space freed: the same recipe resumes from step 2 and saves step 4 over the incomplete one.
+    run(save_dir, 4, tmp_path / "b.log")
+    assert digest(save_dir / "global_step000002") == good
+    assert (save_dir / "latest").read_text() == "global_step000004"
+    assert [s for s, _ in losses(save_dir)][len(first):] == [3, 4]
+    assert all(loss == first[s] for s, loss in losses(save_dir)[len(first):])
+
+
+def _outputs_worker(rank, world_size, recipe_path, out):
+    import functools
+
+    from megatron_tinyllama.train import loop
+    from megatron_tinyllama.train.pretrain import main
+    from tests.distributed.synthetic import synthetic_batches
+
+    loop.train = functools.partial(loop.train, batch_source=synthetic_batches)
+    code = main(["--config", str(recipe_path)])
+    (Path(out) / f"exit{rank}.json").write_text(json.dumps({"code": code}))
+
+
+def test_a_tensorboard_folder_that_cannot_be_created_exits_2_on_every_rank_before_the_engine(tmp_path, capfd):
+    import yaml
+
+    (tmp_path / "a_file").write_text("")
+    tree = recipe(tmp_path / "run", 2)
+    tree["logging"]["tensorboard_dir"] = str(tmp_path / "a_file" / "tb")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    run_on_ranks(_outputs_worker, 2, path, str(tmp_path))
+    assert [json.loads((tmp_path / f"exit{r}.json").read_text())["code"] for r in range(2)] == [2, 2]
+    err = capfd.readouterr().err
+    expected = (f"rank 0: logging.tensorboard_dir: cannot create or write {tmp_path / 'a_file' / 'tb'}: "
+                f"Not a directory ({tmp_path / 'a_file'} is a file)")
+    assert err.count(expected) == 2 and "Connection closed" not in err
+    assert not list((tmp_path / "run").glob("global_step*"))  # stopped before any step

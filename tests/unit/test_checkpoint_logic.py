@@ -208,3 +208,27 @@ def test_resume_names_recipe_changes_that_alter_the_data_order_as_a_warning(tmp_
     with caplog.at_level(logging.INFO, logger=quiet.name):
         plan_start(job(tmp_path, data={**blend, "seed": 1234}), world_size=2)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_full_disk_is_named_with_enospc_and_the_file(tmp_path, monkeypatch):
+    """/dev/full fails every write with ENOSPC, as a full filesystem does."""
+    import torch
+    from safetensors import SafetensorError
+
+    from megatron_tinyllama.checkpoint import native
+
+    with pytest.raises(RuntimeError) as plain:  # the fault: torch's own message, no errno, no file
+        torch.save({"x": torch.zeros(4)}, "/dev/full")
+    assert "No space" not in str(plain.value) and "/dev/full" not in str(plain.value)
+    with pytest.raises(native.CheckpointWriteError, match=r"^/dev/full: ENOSPC: No space left on device \("):
+        native.save_torch_file({"x": torch.zeros(4)}, "/dev/full")
+
+    # safetensors writes a temporary file and renames it (a link to /dev/full is replaced): its
+    # error on a full 1 MB tmpfs, which names no file.
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(native, "save_file", full)
+    shard = tmp_path / "model-tp00-of-01.safetensors"
+    with pytest.raises(native.CheckpointWriteError, match=f"^{shard}: writing failed: .*No space left"):
+        native.write_model_files(tmp_path, job(None).model, 0, 1, {"w": torch.zeros(4)})

@@ -69,3 +69,21 @@ def test_pretrain_refuses_a_world_other_than_the_recipe_declares(tmp_path, monke
     recipe.write_text("parallel:\n  expected_world_size: 2\n")
     assert main(["--config", str(recipe)]) == 2
     assert "parallel.expected_world_size=2" in capsys.readouterr().err
+
+
+def test_the_preflight_refuses_a_hostfile_that_starts_no_rank(tmp_path, capsys):
+    """deepspeed itself starts no process for slots=0 and exits 0 (its reader takes the line)."""
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    from megatron_tinyllama.launch import check_hostfile_main
+
+    path = tmp_path / "hostfile"
+    path.write_text("node-001 slots=0\n")
+    assert dict(fetch_hostfile(str(path))) == {"node-001": 0}  # the fault: deepspeed accepts it
+    assert check_hostfile_main([str(path), "--expected-world-size", "2"]) == 2
+    assert f"error: {path}:1: slots='0' is not a positive integer" in capsys.readouterr().err
+    path.write_text("node-001 slots=8\nnode-002 slots=8\n")
+    assert check_hostfile_main([str(path), "--expected-world-size", "8"]) == 2
+    assert "2 hosts with 16 slots in all, but --expected-world-size 8" in capsys.readouterr().err
+    assert check_hostfile_main([str(path), "--expected-world-size", "16"]) == 0
+    assert capsys.readouterr().out == f"{path}: 2 hosts, 16 ranks\n"

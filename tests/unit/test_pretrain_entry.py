@@ -27,3 +27,21 @@ def test_missing_dataset_is_named_before_any_setup(tmp_path):
     (tmp_path / "a.idx").write_bytes(b"")
     with pytest.raises(ConfigError, match=rf"data\.blend: {tmp_path}/b has no indexed dataset"):
         check_datasets_exist(cfg.data)
+
+
+def test_output_folders_that_cannot_be_created_are_named_per_rank(tmp_path):
+    from megatron_tinyllama.train.metrics import output_problems
+
+    (tmp_path / "a_file").write_text("")
+    blocked = tmp_path / "a_file" / "sub"
+    cfg = config_from_dict({"checkpoint": {"save_dir": str(tmp_path / "run")},
+                            "logging": {"tensorboard_dir": str(blocked / "tb")}})
+    assert output_problems(cfg, rank=1) == []  # only rank 0 writes TensorBoard events
+    assert output_problems(cfg, rank=0) == [
+        f"logging.tensorboard_dir: cannot create or write {blocked / 'tb'}: Not a directory "
+        f"({tmp_path / 'a_file'} is a file)"]
+    cfg = config_from_dict({"checkpoint": {"save_dir": str(tmp_path / "a_file")}})
+    assert output_problems(cfg, rank=1) == [
+        f"checkpoint.save_dir: cannot create or write {tmp_path / 'a_file'}: File exists "
+        f"({tmp_path / 'a_file'} is a file)"]
+    assert not list((tmp_path / "run").iterdir()) and (tmp_path / "a_file").read_text() == ""
