@@ -138,10 +138,46 @@ def load_tokenizer_for(source: Union[str, Path],
         return transformers.AutoTokenizer.from_pretrained(scratch)
 
 
+def fit_prompt_to_context(ids: list[int], context: int, max_new_tokens: int,
+                          bos_id: Optional[int]) -> list[int]:
+    """``ids`` cut so that the prompt plus ``max_new_tokens`` fit in the model's ``context``
+    (``seq_length``, HF ``max_position_embeddings``): the model never saw positions beyond it in
+    training, so text generated there is noise. The last tokens are kept (the text closest to the
+    continuation) and BOS, when the prompt starts with it, stays first, as in training.
+
+    Raises:
+        ValueError: ``max_new_tokens`` alone leaves no room for a prompt.
+    """
+    room = context - max_new_tokens
+    if room < 1 + (bos_id is not None and ids[:1] == [bos_id]):
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {context} tokens (seq_length); use at most {context - 2}")
+    if len(ids) <= room:
+        return ids
+    if bos_id is not None and ids[:1] == [bos_id]:
+        return [bos_id] + ids[len(ids) - room + 1:]
+    return ids[len(ids) - room:]
+
+
 def generate_ids(model, tokenizer, prompt: str, sampling: SamplingConfig) -> list[int]:
-    """Token ids of ``prompt`` (with BOS, as the tokenizer adds it) and its continuation."""
+    """Token ids of ``prompt`` (with BOS, as the tokenizer adds it) and its continuation.
+
+    A prompt that leaves no room for ``max_new_tokens`` in the model's context keeps its last
+    tokens (:func:`fit_prompt_to_context`) and a warning line on stderr says how many were dropped.
+    """
     inputs = tokenizer(prompt, return_tensors="pt")
     inputs.pop("token_type_ids", None)
+    ids = inputs["input_ids"][0].tolist()
+    context = int(model.config.max_position_embeddings)
+    kept = fit_prompt_to_context(ids, context, sampling.max_new_tokens, tokenizer.bos_token_id)
+    if len(kept) < len(ids):
+        print(f"tinyllama-generate: warning: the prompt has {len(ids)} tokens; the model's "
+              f"context is {context} (seq_length) with {sampling.max_new_tokens} new tokens, so "
+              f"only its last {len(kept)} tokens are used ({len(ids) - len(kept)} dropped)",
+              file=sys.stderr)
+        inputs = {"input_ids": torch.tensor([kept]),
+                  "attention_mask": torch.ones(1, len(kept), dtype=torch.long)}
     torch.manual_seed(sampling.seed)
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
                   repetition_penalty=sampling.repetition_penalty)
@@ -195,11 +231,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             seed=args.seed)
         tokenizer = load_tokenizer_for(args.source, args.tokenizer_model)
         model = load_hf_model(args.source)
+        for prompt in args.prompt or DEFAULT_PROMPTS:
+            text = generate(model, tokenizer, [prompt], sampling)[0]
+            print(f"{text}\n{'-' * 40}")
     except (ConversionError, ValueError, OSError) as err:
         print(f"tinyllama-generate: error: {err}", file=sys.stderr)
         return 2
-    for text in generate(model, tokenizer, args.prompt or DEFAULT_PROMPTS, sampling):
-        print(f"{text}\n{'-' * 40}")
     return 0
 
 

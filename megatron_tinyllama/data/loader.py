@@ -63,7 +63,8 @@ import torch
 
 from megatron_tinyllama.config import DataConfig
 from megatron_tinyllama.data.blend import BlendSchedule, parse_blend
-from megatron_tinyllama.data.indexed import dataset_exists, dataset_fingerprint, read_index
+from megatron_tinyllama.data.indexed import (IndexFormatError, dataset_exists, dataset_fingerprint,
+                                             read_index)
 from megatron_tinyllama.data.provenance import TokenIdError
 
 logger = logging.getLogger(__name__)
@@ -418,20 +419,35 @@ def _resolve(data_cfg: DataConfig, blend: Sequence[str],
 
 
 def check_datasets_exist(data_cfg: DataConfig) -> None:
-    """Fail before any heavy set-up when a dataset of the recipe is missing.
+    """Fail before any heavy set-up when a dataset of the recipe is missing or holds no tokens.
+
+    A dataset with no tokens and a positive weight cannot give a sample. For ``data.blend`` the
+    loader would say so at start anyway, but ``data.valid_blend`` is only read at the first
+    evaluation: after training steps and, on every restart, after the last checkpoint.
 
     Raises:
-        ConfigError: naming the field and the prefix without ``.bin``/``.idx``.
+        ConfigError: naming the field and the prefix without ``.bin``/``.idx``, or with no tokens.
     """
     from megatron_tinyllama.config import ConfigError
 
-    for name in ("blend", "valid_blend"):
-        blend = getattr(data_cfg, name)
-        if not blend:
-            continue
-        for prefix in parse_blend(blend)[0]:
+    blends = [(name, *parse_blend(getattr(data_cfg, name)))
+              for name in ("blend", "valid_blend") if getattr(data_cfg, name)]
+    for name, prefixes, _ in blends:
+        for prefix in prefixes:
             if not dataset_exists(prefix):
                 raise ConfigError(f"data.{name}: {prefix} has no indexed dataset (.bin/.idx)")
+    for name, prefixes, weights in blends:
+        for k, prefix in enumerate(prefixes):
+            if weights is not None and weights[k] == 0:
+                continue  # never drawn from
+            try:
+                index = read_index(prefix)
+            except IndexFormatError as err:
+                raise ConfigError(f"data.{name}: {err}") from None
+            if index.num_tokens == 0:
+                raise ConfigError(
+                    f"data.{name}: {prefix} holds no tokens ({index.num_documents} documents, all "
+                    "empty): nothing to read samples from; preprocess it again or drop it")
 
 
 def build_train_batches(data_cfg: DataConfig, *, seq_length: int, micro_batch_size: int,

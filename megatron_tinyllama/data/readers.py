@@ -7,7 +7,9 @@ filters and the bad-input rules:
 
 * jsonl (``.jsonl``, ``.json``, optionally ``.zst``): one JSON object per line; blank lines are
   ignored. A line that is not UTF-8, not JSON, not an object, or lacks a key (or holds a
-  non-string) is a *bad line*: an error naming file and line, or counted with ``skip_bad_lines``.
+  non-string, or a string with a lone surrogate from a ``\\ud800`` escape) is a *bad line*: an
+  error naming file and line, or counted with ``skip_bad_lines``. A UTF-8 byte-order mark at
+  the start of a file is dropped (jsonl and text), as Python's ``utf-8-sig`` does.
 * parquet (``.parquet``): one document per row, read in row batches; a missing column is an
   error for the whole file; a null cell is a bad line (rows are counted from 1).
 * text (``.txt``, ``.text``, optionally ``.zst``): one document per file (``text_mode="file"``;
@@ -27,6 +29,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional, Sequence
@@ -364,9 +367,38 @@ def _lines(payload: bytes) -> list[bytes]:
     return lines
 
 
+_BOM = b"\xef\xbb\xbf"
+# A JSON \u escape of a UTF-16 surrogate (D800-DFFF): the only way a lone surrogate, which no
+# UTF-8 text can hold, gets into a decoded string.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _strip_bom(unit: WorkUnit, offset: int, raw: bytes) -> bytes:
+    """The first line of a file without a UTF-8 byte-order mark (as Python's ``utf-8-sig``)."""
+    if unit.first_line == 1 and offset == 0 and raw.startswith(_BOM):
+        return raw[len(_BOM):]
+    return raw
+
+
+def _lone_surrogate(record: dict, json_keys) -> Optional[str]:
+    """Message for the first document value holding a lone surrogate, else None."""
+    for key in json_keys:
+        value = record.get(key)
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (f"key {key!r} holds a lone surrogate U+{ord(value[err.start]):04X} at "
+                    f"character {err.start + 1} (a \\u escape with no pair: not text, cannot be "
+                    f"encoded as UTF-8)")
+    return None
+
+
 def _parse_jsonl(unit: WorkUnit, json_keys, excludes, parsed: ParsedUnit) -> None:
     for offset, raw in enumerate(_lines(unit.payload)):
         line = unit.first_line + offset
+        raw = _strip_bom(unit, offset, raw)
         if not raw.strip():
             parsed.counts["blank_lines"] += 1
             continue
@@ -384,6 +416,12 @@ def _parse_jsonl(unit: WorkUnit, json_keys, excludes, parsed: ParsedUnit) -> Non
         if not isinstance(record, dict):
             _bad(parsed, line, "not_an_object", f"expected a JSON object, got "
                                                 f"{type(record).__name__}")
+            continue
+        # Checked only where an escape could have made one: encoding every document twice would
+        # cost a copy of it.
+        surrogate = _SURROGATE_ESCAPE.search(raw) and _lone_surrogate(record, json_keys)
+        if surrogate:
+            _bad(parsed, line, "lone_surrogate", surrogate)
             continue
         _accept(record, line, json_keys, excludes, parsed)
 
@@ -403,7 +441,7 @@ def _parse_text(unit: WorkUnit, json_keys, text_mode: str, parsed: ParsedUnit) -
     data: bytes = unit.payload
     if text_mode == "file":
         try:
-            docs = [(unit.first_line, data.decode("utf-8"))]
+            docs = [(unit.first_line, _strip_bom(unit, 0, data).decode("utf-8"))]
         except UnicodeDecodeError as err:
             # One document per file: a bad byte spoils it; report the line it sits on.
             line = unit.first_line + data.count(b"\n", 0, err.start)
@@ -413,6 +451,7 @@ def _parse_text(unit: WorkUnit, json_keys, text_mode: str, parsed: ParsedUnit) -
         docs = []
         for offset, raw in enumerate(_lines(data)):
             line = unit.first_line + offset
+            raw = _strip_bom(unit, offset, raw)
             if not raw.strip():
                 parsed.counts["blank_lines"] += 1
                 continue

@@ -19,6 +19,9 @@ BAD_LINES = {
     "non-UTF-8": (b'{"text": "caf\xe9"}\n', "not valid UTF-8"),
     "not a string": (json.dumps({"text": 3}).encode() + b"\n", "holds int"),
     "not an object": (b"[1, 2]\n", "expected a JSON object"),
+    # Valid JSON and valid UTF-8 bytes, but the string cannot be encoded (before: a bare
+    # TypeError from the tokenizer, no file:line, also with --skip-bad-lines).
+    "lone surrogate": (b'{"text": "abc \\ud800 def"}\n', "lone surrogate U+D800 at character 5"),
 }
 
 
@@ -55,12 +58,13 @@ def test_skip_bad_lines_counts_each_reason_and_keeps_the_good_lines(tmp_path, ll
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
     summary = preprocess_data(_cfg(tmp_path, [path, empty], llama_spm, skip_bad_lines=True))
-    assert summary.documents["text"] == 2 and summary.bad_lines == 5
+    assert summary.documents["text"] == 2 and summary.bad_lines == 6
     assert summary.bad_line_reasons == {"bad_json": 1, "missing_key": 1, "not_utf8": 1,
-                                        "not_a_string": 1, "not_an_object": 1}
+                                        "not_a_string": 1, "not_an_object": 1,
+                                        "lone_surrogate": 1}
     assert summary.bad_files == [f"{empty}: empty file (0 bytes)"]
     report = summary.format()
-    assert "bad lines skipped: 5" in report and f"{path}:2: malformed JSON" in report
+    assert "bad lines skipped: 6" in report and f"{path}:2: malformed JSON" in report
     assert "bad files skipped: 1" in report
 
 
@@ -135,3 +139,30 @@ def test_console_script_exits_non_zero_with_a_one_line_message(tmp_path, llama_s
     assert result.returncode == 1
     assert f"{path}:3: not valid UTF-8" in result.stderr and "Traceback" not in result.stderr
     assert _outputs(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_utf8_bom_on_the_first_line_is_dropped_as_utf8_sig_does(tmp_path, llama_spm, suffix):
+    """A BOM at the start of a file (Windows editors write one) failed the first jsonl line as
+    malformed JSON. It is dropped, as Python's ``utf-8-sig`` reads the file; a U+FEFF later in
+    the file is text and stays."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_tinyllama.data.tokenizer import load_tokenizer
+
+    if suffix == ".jsonl":
+        body = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                       for t in ("first line", "a \ufeff inside"))
+    else:
+        body = "first line\na \ufeff inside\n"
+    path = tmp_path / f"in{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    with open(path, encoding="utf-8-sig") as stream:  # what Python itself reads
+        text = stream.read()
+    docs = ([json.loads(line)["text"] for line in text.splitlines()] if suffix == ".jsonl"
+            else [text])
+    summary = preprocess_data(_cfg(tmp_path, [path], llama_spm))
+    dataset = IndexedDataset(summary.outputs["text"])
+    tok = load_tokenizer(llama_spm)
+    assert [dataset[i].tolist() for i in range(len(dataset))] == \
+        [tok.encode(doc) + [tok.eos_id] for doc in docs]

@@ -98,3 +98,34 @@ def test_cli_samples_reproducibly_and_names_bad_input(trained_run, tmp_path, cap
         (bare / path.name).write_bytes(path.read_bytes())
     assert main([str(bare)]) == 2
     assert "pass --tokenizer-model" in capsys.readouterr().err
+
+
+def test_prompt_longer_than_the_context_keeps_its_last_tokens_and_says_so(
+        trained_run, capsys, llama_spm):
+    """seq_length is 32 here: a prompt of ~100 tokens plus 4 new ones would run the model at
+    positions it never saw. The prompt keeps BOS and its last 28 tokens (a warning says so), and
+    the continuation equals greedy decoding of exactly that cut prompt with our own model."""
+    import sentencepiece as spm
+
+    save_dir, our_model, cfg = trained_run
+    long_prompt = " ".join(f"word{i}" for i in range(40))
+    spm_ids = spm.SentencePieceProcessor(model_file=str(llama_spm)).encode(long_prompt)
+    assert len(spm_ids) + 1 > cfg.seq_length
+    new = 4
+    cut = [1] + spm_ids[len(spm_ids) - (cfg.seq_length - new - 1):]
+    ids = list(cut)
+    with torch.no_grad():
+        for _ in range(new):
+            ids.append(int(forward_logits(our_model, torch.tensor([ids]))[0, -1, :cfg.vocab_size]
+                           .argmax()))
+
+    greedy = SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=new)
+    got = generate_ids(load_hf_model(save_dir), load_tokenizer_for(save_dir), long_prompt, greedy)
+    assert got == ids and len(got) == cfg.seq_length
+    err = capsys.readouterr().err
+    assert f"only its last {cfg.seq_length - new} tokens are used" in err
+    assert f"context is {cfg.seq_length}" in err
+
+    # No room for any prompt: refused with exit 2 naming the flag.
+    assert main([str(save_dir), "--prompt", "hi", "--max-new-tokens", str(cfg.seq_length)]) == 2
+    assert "--max-new-tokens" in capsys.readouterr().err

@@ -45,3 +45,31 @@ def test_output_folders_that_cannot_be_created_are_named_per_rank(tmp_path):
         f"checkpoint.save_dir: cannot create or write {tmp_path / 'a_file'}: File exists "
         f"({tmp_path / 'a_file'} is a file)"]
     assert not list((tmp_path / "run").iterdir()) and (tmp_path / "a_file").read_text() == ""
+
+
+def _write(prefix, lengths):
+    import numpy as np
+
+    from megatron_tinyllama.data.indexed import IndexedDatasetWriter
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    with IndexedDatasetWriter(str(prefix), np.uint16) as writer:
+        writer.add_documents(np.arange(lengths.sum(), dtype=np.uint16) % 200 + 3, lengths)
+
+
+def test_validation_dataset_without_tokens_exits_2_at_start_naming_it(tmp_path, caplog):
+    """Before: the start checks passed, training ran, and the first evaluation raised after the
+    last checkpoint, on every restart. Now the recipe is refused before anything is built."""
+    _write(tmp_path / "train", [40, 50, 60])
+    _write(tmp_path / "valid", [0, 0])  # documents that encoded to nothing
+    _write(tmp_path / "unused", [0])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{preset: tinyllama-debug}}\n"
+                      f"data:\n  blend: 1.0 {tmp_path}/train 0.0 {tmp_path}/unused\n"
+                      f"  valid_blend: {tmp_path}/valid\n")
+    assert main(["--config", str(recipe)]) == 2
+    assert f"data.valid_blend: {tmp_path}/valid holds no tokens (2 documents" in caplog.text
+    # A zero-weight dataset is never drawn from, so it may be empty; a drawn one may not.
+    with pytest.raises(ConfigError, match=rf"data\.blend: {tmp_path}/unused holds no tokens"):
+        check_datasets_exist(config_from_dict({"data": {"blend": f"0.9 {tmp_path}/train "
+                                                                  f"0.1 {tmp_path}/unused"}}).data)
