@@ -2,8 +2,8 @@
 
 This module owns the choice, not the kernels. Each lever is a :class:`ModelConfig` field whose
 default, ``auto``, picks the fastest backend that can run here; a backend that was asked for but
-cannot run (its library is missing, or it needs CUDA) falls back to the plain path, and the log
-says so. Optional libraries (liger-kernel, Transformer Engine, apex) are imported only here and
+cannot run (its library or the library's compiled part is missing, or it needs CUDA) falls back
+to the plain path, and the log says so. Optional libraries (liger-kernel, Transformer Engine, apex) are imported only here and
 only when they could be used, so a CPU machine without them never touches them.
 
 ``auto`` resolves as follows (one line per lever is logged, e.g. ``norm backend: compiled``):
@@ -67,16 +67,33 @@ def module_available(name: str) -> bool:
     return True
 
 
+# A backend is available only if its compiled part loads, not just its Python package: apex's
+# ``apex.normalization`` imports without its CUDA extension and only loads ``fused_layer_norm_cuda``
+# inside forward (a Python-only apex install then crashes the first step); Transformer Engine's
+# kernels are the ``transformer_engine_torch`` extension; liger's are Triton JIT kernels.
+_COMPILED_PARTS = {
+    "liger": ("liger_kernel.transformers.functional", "triton"),
+    "te": ("transformer_engine.pytorch", "transformer_engine_torch",
+           "megatron.core.extensions.transformer_engine"),
+    "apex": ("apex.normalization", "fused_layer_norm_cuda"),
+}
+
+
+def backend_loads(backend: str) -> bool:
+    """Whether ``backend``'s Python package and its compiled part all import here (CUDA needed)."""
+    return torch.cuda.is_available() and all(module_available(m) for m in _COMPILED_PARTS[backend])
+
+
 def _liger_ok() -> bool:
-    return torch.cuda.is_available() and module_available("liger_kernel.transformers.functional")
+    return backend_loads("liger")
 
 
 def _te_ok() -> bool:
-    return torch.cuda.is_available() and module_available("transformer_engine.pytorch")
+    return backend_loads("te")
 
 
 def _apex_ok() -> bool:
-    return torch.cuda.is_available() and module_available("apex.normalization")
+    return backend_loads("apex")
 
 
 def _native_gqa_ok() -> bool:

@@ -280,3 +280,48 @@ def test_a_compiled_layer_is_one_graph(mcore_cpu):
                                         rotary_pos_emb=model.rotary_pos_emb(CFG.seq_length))
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def _fake_modules(monkeypatch, present=(), absent=()):
+    """Python packages that import (empty modules) and compiled parts that do not (None in
+    sys.modules makes ``import`` raise ImportError, as a missing .so does)."""
+    import sys
+    import types
+
+    for name in present:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    for name in absent:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+PYTHON_AND_COMPILED_PARTS = {
+    "apex": (["apex", "apex.normalization"], "fused_layer_norm_cuda"),
+    "te": (["transformer_engine", "transformer_engine.pytorch"], "transformer_engine_torch"),
+    "liger": (["liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.functional"], "triton"),
+}
+
+
+@pytest.mark.parametrize("backend", list(PYTHON_AND_COMPILED_PARTS))
+def test_a_backend_whose_compiled_part_does_not_load_is_not_available(monkeypatch, caplog, backend):
+    """apex's ``apex.normalization`` imports without its CUDA extension and loads
+    ``fused_layer_norm_cuda`` only inside forward: `auto` must not pick it (nor TE without its
+    extension, nor liger without Triton), and asking for it falls back to the plain path."""
+    from megatron_tinyllama.model import kernels
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    python_part, compiled_part = PYTHON_AND_COMPILED_PARTS[backend]
+    for other, (other_python, _) in PYTHON_AND_COMPILED_PARTS.items():
+        if other != backend:  # only the backend under test is installed
+            _fake_modules(monkeypatch, absent=other_python[-1:])
+    _fake_modules(monkeypatch, present=python_part, absent=[compiled_part])
+    assert not kernels._AVAILABLE["norm"][backend]()
+    zero3 = resolve_kernels(CFG, precision="bf16", cuda=True, zero_stage=3)
+    assert zero3.norm == "compiled", zero3  # the only fused norm left that can run
+    asked = resolve_kernels(dataclasses.replace(CFG, norm_backend=backend), precision="bf16", cuda=True,
+                            zero_stage=3)
+    assert asked.norm == "torch" and f"norm backend: {backend} requested but cannot run here" in caplog.text
+
+    _fake_modules(monkeypatch, present=[compiled_part, "megatron.core.extensions.transformer_engine"])
+    assert kernels._AVAILABLE["norm"][backend]()  # with its compiled part it is chosen
+    assert resolve_kernels(CFG, precision="bf16", cuda=True, zero_stage=3, log=False).norm == backend
