@@ -15,8 +15,11 @@ only when they could be used, so a CPU machine without them never touches them.
   them with their neighbours (residual adds included), better than any one-op kernel.
 * Otherwise on CUDA: norm Transformer Engine > apex > liger > compiled; SwiGLU megatron-core's
   fused kernel; RoPE liger > compiled.
-* ``cross_entropy_backend``: liger at TP=1 when installed, else chunked (never an fp32 copy of the
-  logits).
+* ``cross_entropy_backend``: the reported loss must be an fp32 mean whatever the kernel (the
+  scaling fits and the reference tests read it), so that rule comes first and speed second:
+  chunked on CUDA (fp32 statistics, never an fp32 copy of the logits). liger's kernel sums
+  per-token losses in bf16 and synchronises the host (``.item()``), so ``auto`` never picks it;
+  asked for, it runs, and the loss it reports is recomputed in fp32 (model/loss.py).
 * ``gqa_backend``: native on CUDA (SDPA ``enable_gqa`` and flash-attn read the shared K/V heads
   in place).
 """
@@ -153,7 +156,7 @@ def resolve_kernels(model_cfg: ModelConfig, *, precision: str = "fp32", tensor_p
         norm_order, swiglu_order, rope_order = ["te", "apex", "liger", "compiled"], ["fused"], ["liger", "compiled"]
     else:  # inside a compiled layer, plain torch ops fuse with their neighbours
         norm_order, swiglu_order, rope_order = ["torch"], ["torch"], ["torch"]
-    ce_order = (["liger", "chunked"] if tensor_parallel_size == 1 else ["chunked"]) if on_cuda else ["plain"]
+    ce_order = ["chunked"] if on_cuda else ["plain"]  # never liger: see the module docstring
     gqa_order = ["native"] if on_cuda else ["repeat"]
 
     choices, why = {}, {}
