@@ -54,6 +54,40 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def default_local_ranks(cfg) -> tuple[int, str]:
+    """(ranks, why) for this machine: one rank per visible GPU, as many as the recipe's batch
+    splits over (at most the GPUs); 2 gloo ranks on CPU (data parallelism shown).
+
+    Args:
+        cfg: the demo recipe (its batch geometry bounds the data-parallel ranks).
+    """
+    from megatron_tinyllama.config import ConfigError
+    from megatron_tinyllama.engine.ds_config import batch_geometry
+    from megatron_tinyllama.parallel.init import visible_gpus
+
+    gpus = visible_gpus()
+    if not gpus:
+        return 2, "no GPU: 2 CPU ranks with gloo"
+    tp = cfg.parallel.tensor_parallel_size
+
+    def splits(ranks: int) -> bool:
+        try:
+            batch_geometry(cfg, ranks // tp)
+        except ConfigError:
+            return False
+        return ranks % tp == 0
+
+    fitting = [r for r in range(gpus, 0, -1) if splits(r)]
+    if not fitting:
+        return gpus, f"one per visible GPU ({gpus})"  # the recipe's own error will name the batch
+    ranks = fitting[0]
+    if ranks == gpus:
+        return ranks, f"one per visible GPU ({gpus})"
+    return ranks, (f"{ranks} of the {gpus} visible GPUs: train.global_batch_tokens="
+                   f"{cfg.train.global_batch_tokens} splits over at most {ranks} ranks of "
+                   f"micro-batch {cfg.train.micro_batch_size}")
+
+
 def write_demo_recipe(template: Path, data_dir: Path, save_dir: Path, out: Path,
                       ranks: int = 2) -> Path:
     """The demo recipe with the corpus paths, the run directory and its world size filled in.
@@ -147,14 +181,24 @@ def _last_metrics(save_dir: Path) -> tuple[Optional[float], Optional[float], int
     return valid, train, step, tokens
 
 
-def run_demo(work_dir: Path, *, ranks: int = 2, overrides: Sequence[str] = (),
+def run_demo(work_dir: Path, *, ranks: Optional[int] = None, overrides: Sequence[str] = (),
              prompts: Sequence[str] = DEFAULT_PROMPTS, verbose: bool = False) -> DemoResult:
     """Build the corpus, train through the launcher, convert and sample (see the module docstring).
 
+    Args:
+        ranks: local ranks; None picks them from the machine (:func:`default_local_ranks`).
+
     Raises:
         subprocess.CalledProcessError: training failed (its log is in ``work_dir``).
-        ConfigError: the recipe with ``overrides`` is invalid (before anything is launched).
+        ConfigError: the recipe with ``overrides`` is invalid, or ``ranks`` is more than the
+            visible GPUs (before anything is launched).
     """
+    from megatron_tinyllama.config import ConfigError
+    from megatron_tinyllama.parallel.init import visible_gpus
+
+    if ranks is not None and torch.cuda.is_available() and ranks > visible_gpus():
+        raise ConfigError(f"--ranks {ranks} is more than the {visible_gpus()} visible GPU"
+                          f"{'s' if visible_gpus() != 1 else ''}: one rank per GPU")
     from megatron_tinyllama.checkpoint.convert import convert_to_hf
     from megatron_tinyllama.config import load_config
     from megatron_tinyllama.data.demo_corpus import build_demo_corpus
@@ -167,8 +211,14 @@ def run_demo(work_dir: Path, *, ranks: int = 2, overrides: Sequence[str] = (),
     data_dir, save_dir, hf_dir = work_dir / "data", work_dir / "run", work_dir / "hf"
     work_dir.mkdir(parents=True, exist_ok=True)
     recipe = write_demo_recipe(REPO_EXAMPLES / "demo_cpu.yaml", data_dir, save_dir,
-                               work_dir / "recipe.yaml", ranks=ranks)
+                               work_dir / "recipe.yaml", ranks=ranks or 2)
     cfg = load_config(recipe, list(overrides))
+    if ranks is None:
+        ranks, why = default_local_ranks(cfg)
+        log.info("%d local rank%s: %s (--ranks to choose)", ranks, "s" if ranks > 1 else "", why)
+        recipe = write_demo_recipe(REPO_EXAMPLES / "demo_cpu.yaml", data_dir, save_dir,
+                                   work_dir / "recipe.yaml", ranks=ranks)
+        cfg = load_config(recipe, list(overrides))
     if cfg.train.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_fast_bf16():
         log.info("this CPU has no bf16 matrix units (AMX, AVX512-BF16): training in fp32")
         overrides = [*overrides, "train.precision=fp32"]
@@ -268,8 +318,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Build data, train a small TinyLlama through the deepspeed launcher, convert, "
                     "sample.")
     parser.add_argument("--work-dir", default="runs/demo", type=Path)
-    parser.add_argument("--ranks", type=int, default=2,
-                        help="local ranks for the deepspeed launcher")
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="local ranks for the deepspeed launcher (default: one per visible "
+                             "GPU; 2 on CPU)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="repeatable (default: one prose and one code prompt)")
     parser.add_argument("--verbose", action="store_true",

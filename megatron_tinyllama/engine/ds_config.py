@@ -142,6 +142,9 @@ def build_ds_config(cfg: JobConfig, data_parallel_size: int, local_world_size: i
     micro-batches and reduced across data-parallel ranks in fp32 (``data_types.grad_accum_dtype``
     and ``communication_data_type``): the v1 recipe accumulates 16 micro-batches per step.
 
+    DeepSpeed's throughput timer is always off (``timers.throughput``): it would synchronise the
+    device twice per micro-batch, and the training loop measures throughput itself.
+
     Raises:
         ConfigError: for batch geometry or node-local sharding that does not fit the world.
     """
@@ -160,6 +163,11 @@ def build_ds_config(cfg: JobConfig, data_parallel_size: int, local_world_size: i
     if cfg.train.precision != "fp32" and stage > 0:
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
         ds["communication_data_type"] = "fp32"
+    # No dataloader is handed to DeepSpeed, so engine.forward and engine.step start and stop its
+    # throughput timer on every micro-batch, and with ``synchronized`` (its default) each call
+    # synchronises the device: two stalls per micro-batch. train/metrics.py measures tokens/s.
+    throughput = ds.setdefault("timers", {}).setdefault("throughput", {})
+    throughput.update(enabled=False, synchronized=False)
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = stage
     if block > 1:

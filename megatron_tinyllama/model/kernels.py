@@ -2,8 +2,8 @@
 
 This module owns the choice, not the kernels. Each lever is a :class:`ModelConfig` field whose
 default, ``auto``, picks the fastest backend that can run here; a backend that was asked for but
-cannot run (its library is missing, or it needs CUDA) falls back to the plain path, and the log
-says so. Optional libraries (liger-kernel, Transformer Engine, apex) are imported only here and
+cannot run (its library or the library's compiled part is missing, or it needs CUDA) falls back
+to the plain path, and the log says so. Optional libraries (liger-kernel, Transformer Engine, apex) are imported only here and
 only when they could be used, so a CPU machine without them never touches them.
 
 ``auto`` resolves as follows (one line per lever is logged, e.g. ``norm backend: compiled``):
@@ -15,8 +15,11 @@ only when they could be used, so a CPU machine without them never touches them.
   them with their neighbours (residual adds included), better than any one-op kernel.
 * Otherwise on CUDA: norm Transformer Engine > apex > liger > compiled; SwiGLU megatron-core's
   fused kernel; RoPE liger > compiled.
-* ``cross_entropy_backend``: liger at TP=1 when installed, else chunked (never an fp32 copy of the
-  logits).
+* ``cross_entropy_backend``: the reported loss must be an fp32 mean whatever the kernel (the
+  scaling fits and the reference tests read it), so that rule comes first and speed second:
+  chunked on CUDA (fp32 statistics, never an fp32 copy of the logits). liger's kernel sums
+  per-token losses in bf16 and synchronises the host (``.item()``), so ``auto`` never picks it;
+  asked for, it runs, and the loss it reports is recomputed in fp32 (model/loss.py).
 * ``gqa_backend``: native on CUDA (SDPA ``enable_gqa`` and flash-attn read the shared K/V heads
   in place).
 """
@@ -67,16 +70,33 @@ def module_available(name: str) -> bool:
     return True
 
 
+# A backend is available only if its compiled part loads, not just its Python package: apex's
+# ``apex.normalization`` imports without its CUDA extension and only loads ``fused_layer_norm_cuda``
+# inside forward (a Python-only apex install then crashes the first step); Transformer Engine's
+# kernels are the ``transformer_engine_torch`` extension; liger's are Triton JIT kernels.
+_COMPILED_PARTS = {
+    "liger": ("liger_kernel.transformers.functional", "triton"),
+    "te": ("transformer_engine.pytorch", "transformer_engine_torch",
+           "megatron.core.extensions.transformer_engine"),
+    "apex": ("apex.normalization", "fused_layer_norm_cuda"),
+}
+
+
+def backend_loads(backend: str) -> bool:
+    """Whether ``backend``'s Python package and its compiled part all import here (CUDA needed)."""
+    return torch.cuda.is_available() and all(module_available(m) for m in _COMPILED_PARTS[backend])
+
+
 def _liger_ok() -> bool:
-    return torch.cuda.is_available() and module_available("liger_kernel.transformers.functional")
+    return backend_loads("liger")
 
 
 def _te_ok() -> bool:
-    return torch.cuda.is_available() and module_available("transformer_engine.pytorch")
+    return backend_loads("te")
 
 
 def _apex_ok() -> bool:
-    return torch.cuda.is_available() and module_available("apex.normalization")
+    return backend_loads("apex")
 
 
 def _native_gqa_ok() -> bool:
@@ -136,7 +156,7 @@ def resolve_kernels(model_cfg: ModelConfig, *, precision: str = "fp32", tensor_p
         norm_order, swiglu_order, rope_order = ["te", "apex", "liger", "compiled"], ["fused"], ["liger", "compiled"]
     else:  # inside a compiled layer, plain torch ops fuse with their neighbours
         norm_order, swiglu_order, rope_order = ["torch"], ["torch"], ["torch"]
-    ce_order = (["liger", "chunked"] if tensor_parallel_size == 1 else ["chunked"]) if on_cuda else ["plain"]
+    ce_order = ["chunked"] if on_cuda else ["plain"]  # never liger: see the module docstring
     gqa_order = ["native"] if on_cuda else ["repeat"]
 
     choices, why = {}, {}

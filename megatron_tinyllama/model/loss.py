@@ -19,7 +19,9 @@ what they hold in memory:
 * ``megatron_fused``: megatron-core's fused vocab-parallel kernel (jit-compiled; bf16 gradients,
   so bf16 runs only).
 * ``liger``: liger-kernel's Triton cross-entropy (TP=1, CUDA), which also computes the gradient in
-  place during forward. It takes a 0/1 mask (the loader's masks are), as ignored labels.
+  place during forward. It takes a 0/1 mask (the loader's masks are), as ignored labels. Its own
+  loss is a bf16 sum of bf16 per-token losses, and it synchronises with the host (``.item()``):
+  the loss reported is computed as the chunked backend's, in fp32, and ``auto`` never picks it.
 """
 
 from __future__ import annotations
@@ -265,6 +267,14 @@ def _liger_loss(logits, labels, loss_mask, z_loss_weight, vocab_size, denominato
     _, size, _ = _tp_rank_size_group()
     if size > 1:
         raise ValueError("cross_entropy_backend=liger sees one vocabulary slice: TP=1 only")
+    # liger stores per-token losses in the logits' dtype and sums them there: in bf16 a sum of
+    # ~7000 (8 x 2048 tokens) steps by 32, so its loss moves in steps of ~0.01. The reported loss
+    # is the fp32 mean of fp32 per-token statistics, read (one chunked pass, no gradient) before
+    # liger overwrites the logits with their gradient; liger's sum only carries the gradient.
+    with torch.no_grad():
+        log_z, label_logit = vocab_parallel_logsumexp_and_label_logit(logits, labels, vocab_size)
+        lm_loss = ((log_z - label_logit) * loss_mask).sum() / denominator
+        z_loss = ((log_z ** 2) * loss_mask).sum() / denominator
     if vocab_size is not None:
         logits = mask_vocab_padding(logits, vocab_size)
     ignore = -100
@@ -272,12 +282,12 @@ def _liger_loss(logits, labels, loss_mask, z_loss_weight, vocab_size, denominato
     out = liger_cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_labels, ignore_index=ignore,
                               reduction="sum", lse_square_scale=float(z_loss_weight),
                               return_z_loss=True)
-    total, z_sum = (out.loss, out.z_loss) if hasattr(out, "loss") else out
-    metrics: dict[str, torch.Tensor] = {}
+    total = out.loss if hasattr(out, "loss") else out[0]
+    metrics: dict[str, torch.Tensor] = {"lm_loss": lm_loss}
+    exact = lm_loss
     if z_loss_weight:
-        # liger's z_loss is the weighted sum; its loss includes it.
-        metrics["z_loss"] = (z_sum.detach() / z_loss_weight / denominator).float()
-        metrics["lm_loss"] = ((total.detach() - z_sum.detach()) / denominator).float()
-    else:
-        metrics["lm_loss"] = (total.detach() / denominator).float()
-    return total / denominator, metrics
+        metrics["z_loss"] = z_loss
+        exact = lm_loss + z_loss_weight * z_loss
+    carrier = total.float() / denominator
+    # The value is the exact fp32 loss; the gradient is liger's (carrier - carrier is 0).
+    return exact + (carrier - carrier.detach()), metrics

@@ -51,7 +51,8 @@ def read_launcher_env() -> DistributedEnv:
 
 
 def check_launched_world(parallel_cfg) -> DistributedEnv:
-    """The launcher's world, refused when it is not ``parallel.expected_world_size``.
+    """The launcher's world, refused when it is not ``parallel.expected_world_size`` or has more
+    local ranks than visible GPUs (:func:`check_local_devices`).
 
     Made on every rank before any collective, so all of them stop alike.
 
@@ -62,6 +63,7 @@ def check_launched_world(parallel_cfg) -> DistributedEnv:
         ConfigError: Naming both sizes and what usually causes the difference.
     """
     env = read_launcher_env()
+    check_local_devices(env)
     expected = parallel_cfg.expected_world_size
     if expected is not None and env.world_size != expected:
         nodes = f"{env.num_nodes} node{'s' if env.num_nodes > 1 else ''} of " \
@@ -72,6 +74,37 @@ def check_launched_world(parallel_cfg) -> DistributedEnv:
             f"--hostfile (a missing one makes it run on this machine's devices alone, with only "
             f"a warning), --num_nodes, --num_gpus and --include/--exclude")
     return env
+
+
+def visible_gpus() -> int:
+    """GPUs this process can use (``torch.cuda.device_count()``, after ``CUDA_VISIBLE_DEVICES``);
+    0 without CUDA."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_local_devices(env: DistributedEnv) -> None:
+    """Refuse more local ranks than visible GPUs, before any CUDA call.
+
+    deepspeed's runner never compares a hostfile's ``slots`` with the GPUs: with ``slots=2`` on a
+    one-GPU machine it starts two ranks (``CUDA_VISIBLE_DEVICES=0,1``, of which only 0 exists),
+    and rank 1's ``torch.cuda.set_device(1)`` fails with "invalid device ordinal". Every rank
+    makes this check from its own environment, so all of them stop alike. Without CUDA (gloo on
+    CPU) any number of ranks may share the machine.
+
+    Raises:
+        ConfigError: naming the local ranks and the visible GPUs.
+    """
+    if not torch.cuda.is_available():
+        return
+    gpus = visible_gpus()
+    ranks = max(env.local_world_size, env.local_rank + 1)
+    if ranks > gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(
+            f"the launcher started {ranks} local rank{'s' if ranks > 1 else ''} on this node but "
+            f"{gpus} GPU{'s are' if gpus != 1 else ' is'} visible"
+            + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+            + f": one rank per GPU; give the hostfile slots={gpus} (or deepspeed --num_gpus {gpus})")
 
 
 def set_thread_env_defaults(num_threads: int | None = None) -> None:
@@ -95,6 +128,7 @@ def initialize_distributed(timeout_minutes: int = 30) -> DistributedEnv:
 
     env = read_launcher_env()
     if torch.cuda.is_available():
+        check_local_devices(env)  # a clear error instead of "invalid device ordinal"
         torch.cuda.set_device(env.local_rank)
     else:
         # DeepSpeed's CPU accelerator otherwise JIT-compiles a shared-memory all-reduce op (~65 s,

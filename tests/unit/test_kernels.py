@@ -238,8 +238,11 @@ def fake_liger(monkeypatch):
         lse = torch.logsumexp(input.float(), dim=-1)
         ce = torch.nn.functional.cross_entropy(input.float(), target.clamp(min=0), reduction="none")
         z = lse_square_scale * lse ** 2
-        loss = ((ce + z) * keep).sum()
-        return types.SimpleNamespace(loss=loss, z_loss=(z * keep).sum().detach()) if return_z_loss else loss
+        # As liger's kernel does: per-token losses stored in the input's dtype (its loss_1d and
+        # z_loss_1d), then summed in that dtype.
+        loss = ((ce + z) * keep).to(input.dtype).sum()
+        z_sum = (z * keep).to(input.dtype).sum().detach()
+        return types.SimpleNamespace(loss=loss, z_loss=z_sum) if return_z_loss else loss
 
     def liger_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
         assert q.dim() == 4 and cos.dim() == 3 and cos.shape[0] == 1 and cos.dtype == torch.float32
@@ -280,3 +283,86 @@ def test_a_compiled_layer_is_one_graph(mcore_cpu):
                                         rotary_pos_emb=model.rotary_pos_emb(CFG.seq_length))
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def _fake_modules(monkeypatch, present=(), absent=()):
+    """Python packages that import (empty modules) and compiled parts that do not (None in
+    sys.modules makes ``import`` raise ImportError, as a missing .so does)."""
+    import sys
+    import types
+
+    for name in present:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    for name in absent:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+PYTHON_AND_COMPILED_PARTS = {
+    "apex": (["apex", "apex.normalization"], "fused_layer_norm_cuda"),
+    "te": (["transformer_engine", "transformer_engine.pytorch"], "transformer_engine_torch"),
+    "liger": (["liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.functional"], "triton"),
+}
+
+
+@pytest.mark.parametrize("backend", list(PYTHON_AND_COMPILED_PARTS))
+def test_a_backend_whose_compiled_part_does_not_load_is_not_available(monkeypatch, caplog, backend):
+    """apex's ``apex.normalization`` imports without its CUDA extension and loads
+    ``fused_layer_norm_cuda`` only inside forward: `auto` must not pick it (nor TE without its
+    extension, nor liger without Triton), and asking for it falls back to the plain path."""
+    from megatron_tinyllama.model import kernels
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    python_part, compiled_part = PYTHON_AND_COMPILED_PARTS[backend]
+    for other, (other_python, _) in PYTHON_AND_COMPILED_PARTS.items():
+        if other != backend:  # only the backend under test is installed
+            _fake_modules(monkeypatch, absent=other_python[-1:])
+    _fake_modules(monkeypatch, present=python_part, absent=[compiled_part])
+    assert not kernels._AVAILABLE["norm"][backend]()
+    zero3 = resolve_kernels(CFG, precision="bf16", cuda=True, zero_stage=3)
+    assert zero3.norm == "compiled", zero3  # the only fused norm left that can run
+    asked = resolve_kernels(dataclasses.replace(CFG, norm_backend=backend), precision="bf16", cuda=True,
+                            zero_stage=3)
+    assert asked.norm == "torch" and f"norm backend: {backend} requested but cannot run here" in caplog.text
+
+    _fake_modules(monkeypatch, present=[compiled_part, "megatron.core.extensions.transformer_engine"])
+    assert kernels._AVAILABLE["norm"][backend]()  # with its compiled part it is chosen
+    assert resolve_kernels(CFG, precision="bf16", cuda=True, zero_stage=3, log=False).norm == backend
+
+
+@pytest.mark.parametrize("backend", ["plain", "chunked", "megatron_fused", "liger"])
+def test_reported_loss_is_the_fp32_mean_for_every_backend(mcore_cpu, fake_liger, backend):
+    """The logged loss (``lm_loss``, ``z_loss``) is an fp32 mean, exact to fp32 rounding, whatever
+    kernel computed it: liger's kernel stores per-token losses in bf16 and sums them in bf16, where
+    at ~1e4 the sum steps by 64 (the logged loss by ~0.01 here). Reference: float64 over the same
+    bf16 logits."""
+    torch.manual_seed(7)
+    vocab, padded, tokens = 500, 512, 4096
+    logits = (torch.randn(4, tokens // 4, padded) * 2).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (4, tokens // 4))
+    mask = (torch.rand(4, tokens // 4) > 0.1).float()
+    x64 = logits.double()[..., :vocab]
+    lse = torch.logsumexp(x64, dim=-1)
+    per_token = lse - x64.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    m = mask.double()
+    want_lm, want_z = (per_token * m).sum() / m.sum(), (lse ** 2 * m).sum() / m.sum()
+
+    x = logits.clone().requires_grad_(True) * 1  # not a leaf: backends may overwrite it
+    loss, metrics = language_model_loss(x, labels, mask, Z_LOSS, vocab_size=vocab, backend=backend)
+    assert metrics["lm_loss"].dtype == torch.float32 and metrics["z_loss"].dtype == torch.float32
+    assert loss.dtype == torch.float32
+    assert abs(metrics["lm_loss"].item() - want_lm.item()) <= 2e-6 * want_lm.item(), metrics["lm_loss"]
+    assert abs(metrics["z_loss"].item() - want_z.item()) <= 2e-6 * want_z.item(), metrics["z_loss"]
+    assert abs(loss.item() - (want_lm + Z_LOSS * want_z).item()) <= 2e-6 * want_lm.item()
+
+
+def test_auto_never_picks_a_cross_entropy_whose_loss_is_not_an_fp32_mean(monkeypatch, fake_liger):
+    """liger installed and runnable: `auto` still takes the chunked cross-entropy (fp32 mean, no
+    host sync) and liger only for the norm and RoPE; asking for liger still gets it."""
+    _fake_modules(monkeypatch, present=["triton"], absent=["transformer_engine.pytorch", "apex.normalization"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    plan = resolve_kernels(CFG, precision="bf16", cuda=True, zero_stage=3, log=False)
+    assert plan.cross_entropy == "chunked" and plan.norm == "liger", plan
+    asked = resolve_kernels(dataclasses.replace(CFG, cross_entropy_backend="liger"), precision="bf16",
+                            cuda=True, zero_stage=3, log=False)
+    assert asked.cross_entropy == "liger"

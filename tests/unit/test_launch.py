@@ -87,3 +87,66 @@ def test_the_preflight_refuses_a_hostfile_that_starts_no_rank(tmp_path, capsys):
     assert "2 hosts with 16 slots in all, but --expected-world-size 8" in capsys.readouterr().err
     assert check_hostfile_main([str(path), "--expected-world-size", "16"]) == 0
     assert capsys.readouterr().out == f"{path}: 2 hosts, 16 ranks\n"
+
+
+def _gpus(monkeypatch, count: int) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_more_local_ranks_than_visible_gpus_stop_at_start_naming_both(tmp_path, monkeypatch, capsys):
+    """deepspeed's runner never compares a hostfile's slots with the GPUs: slots=2 on a one-GPU
+    machine started rank 1, whose torch.cuda.set_device(1) failed with 'invalid device ordinal'.
+    Every rank refuses it at start (exit 2), naming both numbers."""
+    from megatron_tinyllama.parallel.init import check_launched_world, initialize_distributed
+    from megatron_tinyllama.train.pretrain import main
+
+    parallel = config_from_dict({}).parallel
+    _gpus(monkeypatch, 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # what the runner sets for slots=2
+    for rank in (0, 1):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        with pytest.raises(ConfigError, match=r"started 2 local ranks on this node but 1 GPU is visible "
+                                              r"\(CUDA_VISIBLE_DEVICES=0,1\).*slots=1"):
+            check_launched_world(parallel)
+        with pytest.raises(ConfigError, match="2 local ranks"):  # before torch.cuda.set_device
+            initialize_distributed()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("parallel:\n  seed: 1\n")
+    assert main(["--config", str(recipe)]) == 2
+    assert "2 local ranks on this node but 1 GPU is visible" in capsys.readouterr().err
+    _gpus(monkeypatch, 2)
+    assert check_launched_world(parallel).local_world_size == 2  # one rank per GPU is fine
+    _gpus(monkeypatch, 0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert check_launched_world(parallel).world_size == 4  # CPU ranks share the cores
+
+
+@pytest.mark.parametrize("gpus,ranks,why", [
+    (0, 2, "no GPU: 2 CPU ranks with gloo"),
+    (1, 1, "one per visible GPU (1)"),
+    (2, 2, "one per visible GPU (2)"),
+    (8, 2, "2 of the 8 visible GPUs: train.global_batch_tokens=2048 splits over at most 2 ranks"),
+])
+def test_demo_picks_its_ranks_from_the_machine_and_says_why(monkeypatch, gpus, ranks, why):
+    from megatron_tinyllama.config import load_config
+    from megatron_tinyllama.demo import REPO_EXAMPLES, default_local_ranks
+
+    _gpus(monkeypatch, gpus)
+    cfg = load_config(REPO_EXAMPLES / "demo_cpu.yaml", [])
+    got, reason = default_local_ranks(cfg)
+    assert got == ranks and reason.startswith(why)
+
+
+def test_demo_refuses_more_ranks_than_gpus_before_building_anything(tmp_path, monkeypatch, capsys):
+    from megatron_tinyllama.demo import main
+
+    _gpus(monkeypatch, 1)
+    assert main(["--work-dir", str(tmp_path / "demo"), "--ranks", "2"]) == 2
+    assert "--ranks 2 is more than the 1 visible GPU: one rank per GPU" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

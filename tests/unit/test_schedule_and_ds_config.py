@@ -111,3 +111,32 @@ def test_node_local_groups_are_per_node_and_tp_rank():
 def test_plain_zero3_has_no_hpz():
     ds = build_ds_config(_cfg(global_batch_tokens=2097152, micro_batch_size=8), 64, 4)
     assert "zero_hpz_partition_size" not in ds["zero_optimization"]
+
+
+@pytest.mark.parametrize("zero_stage,hpz", [(1, 1), (3, 1), (3, 0)])
+def test_every_built_config_turns_off_deepspeeds_synchronising_throughput_timer(zero_stage, hpz, monkeypatch):
+    """No dataloader is handed to DeepSpeed, so engine.forward/step start and stop its throughput
+    timer on every micro-batch; with ``timers.throughput.synchronized`` (DeepSpeed's default) each
+    call synchronises the device. Checked with DeepSpeed's own config parser and timer."""
+    from deepspeed.utils.config import get_timers_config
+    from deepspeed.utils.timer import ThroughputTimer
+
+    cfg = config_from_dict({"model": {"preset": "tinyllama-1.1b"},
+                            "parallel": {"zero_stage": zero_stage, "hpz_partition_size": hpz},
+                            "train": {"global_batch_tokens": 2097152, "micro_batch_size": 8,
+                                      "precision": "bf16"}})
+    ds = build_ds_config(cfg, data_parallel_size=16, local_world_size=8)
+    timers = get_timers_config(ds)
+    assert not timers.synchronized and not timers.enabled
+    assert not ds.get("wall_clock_breakdown", False)
+
+    import deepspeed.utils.timer as ds_timer
+
+    syncs = []
+    accelerator = ds_timer.get_accelerator()
+    monkeypatch.setattr(accelerator, "synchronize", lambda *a, **k: syncs.append(1))
+    timer = ThroughputTimer(timers, batch_size=8, start_step=0)
+    for step in range(6):  # forward (start) and step (stop) of six micro-batches
+        timer.start()
+        timer.stop(global_step=step % 2 == 1)
+    assert syncs == []
