@@ -389,8 +389,18 @@ class LoggingConfig:
     """Tokens per validation pass."""
     peak_tflops_per_device: Optional[float] = None
     """For MFU; by default guessed from the device name (989 for H100/H200 bf16)."""
+    forecast: bool = True
+    """At every evaluation, once ``forecast_min_points`` validation losses past warm-up exist, fit
+    the loss-curve law on them, log the forecast final loss and the live loss's distance from the
+    band, and warn when the loss leaves it (train/forecast_live.py)."""
+    forecast_min_points: int = 8
+    """Validation losses past warm-up needed before the first forecast."""
+    forecast_tolerance: float = 0.02
+    """Relative margin added to each side of the forecast band before a loss counts as outside."""
 
     def __post_init__(self) -> None:
+        _check_range("logging", "forecast_min_points", self.forecast_min_points, low=5)
+        _check_range("logging", "forecast_tolerance", self.forecast_tolerance, low=0)
         _check_range("logging", "log_interval_steps", self.log_interval_steps, low=1)
         _check_range("logging", "eval_interval_steps", self.eval_interval_steps, low=1)
         _check_range("logging", "eval_tokens", self.eval_tokens, low=1)

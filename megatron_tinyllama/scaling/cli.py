@@ -10,6 +10,9 @@ Subcommands:
 * ``reproduce``: the paper's check (Table 1 runs → held-out 1.4B and 6.9B runs) for RedPajama,
   C4 and RefinedWeb, with the relative errors the paper reports beside ours.
 * ``plot``: loss vs compute per M and error vs loss, as PNG.
+* ``forecast``: the whole loss curve of a run (and of the stages after it) from its metrics so far,
+  by the curve law of Tissue et al. (2024), with a bootstrap band; ``--plan`` forecasts a bigger
+  run's curve from small runs with L(C, M).
 
 Errors in the input print one line and exit with status 2, without a traceback.
 """
@@ -22,6 +25,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+import numpy as np
 
 from megatron_tinyllama.scaling.fit import FitError, ScalingError, extrapolation_notes
 from megatron_tinyllama.scaling.protocol import (
@@ -327,6 +332,81 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _forecast_table(data: dict, measured: dict[int, float]) -> str:
+    """Rows of a forecast: up to 8 measured steps, 6 steps after the last, stage starts, the end."""
+    curve = data["curve"]
+    starts = {st["first_step"] for st in data.get("stages", [])}
+    seen = [i for i, c in enumerate(curve) if c["step"] in measured]
+    later = [i for i, c in enumerate(curve) if not seen or i > seen[-1]]
+
+    def spread(items: list[int], k: int) -> set[int]:
+        return {items[j] for j in np.unique(np.linspace(0, len(items) - 1, k).round().astype(int))} \
+            if items else set()
+
+    picks = spread(seen, 8) | spread(later, 6 if seen else 12) | {len(curve) - 1}
+    picks |= {i for i, c in enumerate(curve) if c["step"] in starts and c["step"] != 1}
+    lines = [f"  {'step':>9s} {'tokens':>15s} {'measured':>9s} {'forecast':>9s}  band"]
+    for i in sorted(picks):
+        c = curve[i]
+        meas = f"{measured[c['step']]:.4f}" if c["step"] in measured else "-"
+        mark = "  <- stage start" if c["step"] in starts and c["step"] != 1 else ""
+        lines.append(f"  {c['step']:>9d} {c['tokens']:>15,d} {meas:>9s} {c['loss']:>9.4f}  "
+                     f"[{c['low']:.4f}, {c['high']:.4f}]{mark}")
+    return "\n".join(lines)
+
+
+def cmd_forecast(args) -> int:
+    import json
+
+    from megatron_tinyllama.scaling.forecast import forecast_plan, forecast_run, relative_errors
+
+    opts = dict(decay=args.decay, replicates=args.bootstrap, confidence=args.confidence,
+                seed=args.seed)
+    measured, fitted_until = None, None
+    if args.plan:
+        if not args.runs:
+            raise RunFileError("forecast --plan: give the small runs with --runs")
+        plan = forecast_plan(args.runs, args.recipe, **opts)
+        data = plan.to_json()
+        g = plan.law_fit.loss_fit.law
+        print(f"L(C,M) on {len(args.runs)} runs: E={g.E:.4f} a={g.a:.4g} b={g.b:.4g} "
+              f"eta={g.eta:.4f}; curve shape from {plan.shape_run}")
+        print(f"planned run: N={plan.params:,} params, D={plan.tokens:,} tokens "
+              f"(M={plan.tokens / plan.params:.3g})")
+        table_measured: dict[int, float] = {}
+    else:
+        if not args.run_dir:
+            raise RunFileError("forecast: give RUN_DIR (or --plan with --runs)")
+        fc = forecast_run(args.run_dir, args.recipe, fit_until_step=args.fit_until_step, **opts)
+        data = fc.to_json()
+        law = fc.fit.law
+        print(f"curve law L = L0 + A*S1^-alpha - C*S2 on {fc.fit.num_points} {fc.loss_kind} "
+              f"points: L0={law.L0:.4f} A={law.A:.4g} alpha={law.alpha:.4f} C={law.C:.4g} "
+              f"(lambda={fc.decay}, rms residual {fc.fit.rms_residual:.4f})")
+        measured = (fc.measured_tokens, fc.measured_loss)
+        fitted_until = float(fc.fitted_tokens.max())
+        table_measured = {int(s): float(v) for s, v in zip(fc.measured_steps, fc.measured_loss)}
+        if args.fit_until_step is not None and (fc.measured_tokens > fitted_until).any():
+            err = relative_errors(fc, fc.measured_tokens, fc.measured_loss, fitted_until)
+            data["check"] = err
+            print(f"against the {err['points']} later measured points: relative error mean "
+                  f"{100 * err['mean']:.2f}%, max {100 * err['max']:.2f}%, last "
+                  f"{100 * err['last']:.2f}%")
+    print(_forecast_table(data, table_measured))
+    print(f"forecast final loss {data['final_loss']:.4f}, {100 * data['confidence']:g}% band "
+          f"[{data['band'][0]:.4f}, {data['band'][1]:.4f}] at step {data['curve'][-1]['step']:,}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if args.png:
+        from megatron_tinyllama.scaling.plots import plot_forecast
+
+        plot_forecast(data, args.png, measured=measured, fitted_until_tokens=fitted_until)
+        print(f"wrote {args.png}")
+    return 0
+
+
 def _target(text: str) -> tuple[float, float]:
     n, sep, d = text.partition(":")
     if not sep:
@@ -461,6 +541,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--out-dir", default="scaling_plots")
     sp.set_defaults(func=cmd_plot)
+
+    sp = sub.add_parser("forecast", help="the whole loss curve of a run, with a band")
+    sp.add_argument("run_dir", nargs="?", help="the run's save_dir (config.yaml + metrics.jsonl)")
+    sp.add_argument("--recipe", nargs="*", default=[], type=Path,
+                    help="recipes of the stages that follow, in order (with --plan: the planned "
+                    "run's stages)")
+    sp.add_argument("--fit-until-step", type=int, help="fit only the records up to this step")
+    sp.add_argument("--out", type=Path, help="write the forecast as JSON")
+    sp.add_argument("--png", type=Path, help="plot the forecast")
+    sp.add_argument("--plan", action="store_true",
+                    help="forecast a planned run (--recipe) from small finished runs (--runs)")
+    sp.add_argument("--runs", nargs="*", default=[], help="with --plan: the small runs' folders")
+    sp.add_argument("--decay", type=float, default=0.999,
+                    help="lambda of the annealing area, per step of the first stage's batch")
+    sp.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the band")
+    sp.add_argument("--confidence", type=float, default=0.95)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_forecast)
     return p
 
 

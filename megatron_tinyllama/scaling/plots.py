@@ -151,3 +151,52 @@ def _save(fig, plt, path: Union[str, Path]) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_forecast(forecast_json: dict, path: Union[str, Path], *,
+                  measured: Optional[tuple[Sequence[float], Sequence[float]]] = None,
+                  fitted_until_tokens: Optional[float] = None, title: str = "") -> Path:
+    """A loss-curve forecast (``Forecast.to_json()``): the measured points (those fitted filled,
+    later ones hollow), the law's curve, its band, and the stage boundaries, against tokens.
+
+    Args:
+        forecast_json: the forecast as the CLI writes it.
+        path: the PNG to write.
+        measured: (tokens, loss) of the run's measured points.
+        fitted_until_tokens: points up to here were fitted (a vertical line marks it).
+        title: the figure's title.
+    """
+    plt = _pyplot()
+    curve = forecast_json["curve"]
+    t = np.array([c["tokens"] for c in curve], dtype=float)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.fill_between(t, [c["low"] for c in curve], [c["high"] for c in curve], color="tab:orange",
+                    alpha=0.25, lw=0, label=f"{100 * forecast_json.get('confidence', 0.95):g}% band")
+    ax.plot(t, [c["loss"] for c in curve], color="tab:orange", lw=1.5, label="curve law")
+    if measured is not None and len(measured[0]):
+        mt, ml = np.asarray(measured[0], dtype=float), np.asarray(measured[1], dtype=float)
+        fitted = mt <= (fitted_until_tokens if fitted_until_tokens is not None else np.inf)
+        ax.plot(mt[fitted], ml[fitted], "o", ms=4, color="tab:blue", label="measured, fitted")
+        if (~fitted).any():
+            ax.plot(mt[~fitted], ml[~fitted], "o", ms=4, mfc="none", color="tab:blue",
+                    label="measured, not fitted")
+    if fitted_until_tokens is not None:
+        ax.axvline(fitted_until_tokens, color="gray", ls=":", lw=1)
+    for stage in forecast_json.get("stages", [])[1:]:
+        ax.axvline(stage["start_tokens"], color="black", ls="--", lw=0.8)
+        ax.text(stage["start_tokens"], ax.get_ylim()[1], f" {stage['name']}", va="top",
+                fontsize=8)
+    low = min(c["low"] for c in curve)
+    ax.set_ylim(bottom=low - 0.05 * abs(low))
+    ax.set_xlabel("tokens")
+    ax.set_ylabel(f"loss ({forecast_json.get('fit', {}).get('loss', 'valid_loss')})")
+    ax.set_title(title or f"forecast final loss {forecast_json['final_loss']:.4f} "
+                 f"[{forecast_json['band'][0]:.4f}, {forecast_json['band'][1]:.4f}]")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -32,6 +32,7 @@ from megatron_tinyllama.config import ConfigError, JobConfig, save_config
 from megatron_tinyllama.data.provenance import check_data_vocab
 from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
 from megatron_tinyllama.model.build import forward_logits, language_model_loss
+from megatron_tinyllama.train.forecast_live import LiveForecast
 from megatron_tinyllama.parallel.init import initialize_distributed, initialize_model_parallel
 from megatron_tinyllama.train.metrics import MetricsWriter, output_problems
 from megatron_tinyllama.train.schedule import learning_rate
@@ -271,6 +272,9 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source) -> TrainResult:
         num_samples=state.samples_needed(cfg, te.geometry.global_batch_size), vocab_size=cfg.model.vocab_size,
     )
     metrics = MetricsWriter(cfg, dist.get_rank(), dist.get_world_size())
+    # Rank 0 alone forecasts: the validation loss is already the same on every rank.
+    live = (LiveForecast.for_run(cfg, state.consumed_tokens)
+            if cfg.logging.forecast and cfg.data.valid_blend and metrics.enabled else None)
     result = TrainResult(state=state)
     consecutive_bad = 0
     try:
@@ -309,7 +313,8 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source) -> TrainResult:
                 if cfg.data.valid_blend and (state.step % cfg.logging.eval_interval_steps == 0 or done):
                     valid = evaluate(te, cfg)
                     result.valid_losses.append(valid)
-                    metrics.log_eval(state.step, state.consumed_tokens, valid)
+                    check = live.observe(state.step, state.consumed_tokens, valid) if live else None
+                    metrics.log_eval(state.step, state.consumed_tokens, valid, check.record() if check else None)
                 if cfg.checkpoint.save_dir and (
                     state.step % cfg.checkpoint.save_interval_steps == 0 or step.stop
                     or (done and cfg.checkpoint.save_at_end)

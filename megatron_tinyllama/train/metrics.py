@@ -124,18 +124,25 @@ class MetricsWriter:
         logger.info(" | ".join(parts))
         self._emit(step, record)
 
-    def log_eval(self, step: int, tokens: int, valid_loss: float) -> None:
+    def log_eval(self, step: int, tokens: int, valid_loss: float, extra: Optional[dict] = None) -> None:
+        """Emit a validation loss, with the live forecast's fields (``forecast_*``) when given."""
         if not self.enabled:
             return
-        logger.info("step %d | validation loss %.4f", step, valid_loss)
-        self._emit(step, {"tokens": tokens, "valid_loss": valid_loss})
+        if extra and "forecast_final_loss" in extra:
+            logger.info("step %d | validation loss %.4f | forecast final loss %.4f [%.4f, %.4f]", step,
+                        valid_loss, extra["forecast_final_loss"], extra["forecast_final_low"],
+                        extra["forecast_final_high"])
+        else:
+            logger.info("step %d | validation loss %.4f", step, valid_loss)
+        self._emit(step, {"tokens": tokens, "valid_loss": valid_loss, **(extra or {})})
 
     def _emit(self, step: int, record: dict) -> None:
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}" if key != "valid_loss" else "valid/loss", value,
-                                        global_step=record.get("tokens", step))
+                    tag = ("valid/loss" if key == "valid_loss" else
+                           f"forecast/{key[len('forecast_'):]}" if key.startswith("forecast_") else f"train/{key}")
+                    self._tb.add_scalar(tag, value, global_step=record.get("tokens", step))
             self._tb.flush()
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, **record}) + "\n")

@@ -1,0 +1,542 @@
+"""This module owns forecasting a run's loss curve: the per-step LR schedule of a run and of the
+stages planned after it, the measured points of its ``metrics.jsonl`` (following
+``checkpoint.continue_from`` back through earlier stages), the fit of the curve law
+(:mod:`.curve`) and the forecast with its band, and the ``--plan`` forecast of a bigger run
+from small ones (the curve law's shape anchored on L(C, M) of :mod:`.fit`).
+
+The LR of every step comes from the recipe through :func:`megatron_tinyllama.train.schedule.
+learning_rate`, exactly as the training loop computes it (the LR of a step is the schedule's value
+after the step's tokens), so a stage with another batch size or schedule is forecast with the LR
+it will really use. Records are matched to steps by their token count, which stays unambiguous
+across stages and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from megatron_tinyllama.scaling.curve import (
+    DEFAULT_DECAY,
+    CurveBand,
+    CurveFit,
+    bootstrap_band,
+    fit_curve,
+    lr_areas,
+)
+from megatron_tinyllama.scaling.fit import FitError
+from megatron_tinyllama.scaling.runs import RunFileError
+
+MAX_CHAIN = 32
+"""Earlier stages followed through ``checkpoint.continue_from`` before giving up (a loop)."""
+MAX_CURVE_POINTS = 400
+"""Points of the forecast curve written to JSON and plotted (a 1M-step run is subsampled)."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of a run with one recipe: its tokens, batch and LR schedule."""
+
+    name: str
+    start_tokens: int
+    end_tokens: int
+    batch_tokens: int
+    optimizer: object
+    """The stage's :class:`~megatron_tinyllama.config.OptimizerConfig`."""
+    schedule_tokens: int
+    """``train.train_tokens`` of the stage (the schedule's default decay end)."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every optimizer step of a run: tokens after it, its LR and batch, and its stage."""
+
+    tokens: np.ndarray
+    lr: np.ndarray
+    step_tokens: np.ndarray
+    segment: np.ndarray
+    """Index into ``segments`` of each step."""
+    segments: tuple[Segment, ...]
+
+    @property
+    def reference_tokens(self) -> float:
+        """The areas' unit: the first stage's batch."""
+        return float(self.segments[0].batch_tokens)
+
+    def index_of(self, tokens: Sequence[float]) -> np.ndarray:
+        """Step index (0-based) whose end is at ``tokens`` (the first step at or after it)."""
+        idx = np.searchsorted(self.tokens, np.asarray(tokens, dtype=float) - 0.5)
+        return np.minimum(idx, self.tokens.size - 1)
+
+
+def segment_of(cfg, start_tokens: Optional[int] = None, name: Optional[str] = None) -> Segment:
+    """The segment a recipe trains: from ``start_tokens`` (default ``train.start_tokens``) to
+    ``train.train_tokens``."""
+    start = cfg.train.start_tokens if start_tokens is None else int(start_tokens)
+    return Segment(name=name or cfg.name, start_tokens=start, end_tokens=cfg.train.train_tokens,
+                   batch_tokens=cfg.train.global_batch_tokens, optimizer=cfg.optimizer,
+                   schedule_tokens=cfg.train.train_tokens)
+
+
+def build_schedule(segments: Sequence[Segment]) -> Schedule:
+    """Every step of the segments, in order, as the training loop will run them.
+
+    Raises:
+        FitError: no segment, or a segment that would train no step.
+    """
+    from megatron_tinyllama.train.schedule import learning_rate
+
+    if not segments:
+        raise FitError("forecast: no stage to forecast")
+    tokens, lr, step_tokens, seg = [], [], [], []
+    for i, s in enumerate(segments):
+        if s.end_tokens <= s.start_tokens:
+            raise FitError(f"forecast: stage {s.name!r} ends at {s.end_tokens:,} tokens, not beyond "
+                           f"its start at {s.start_tokens:,}")
+        t = s.start_tokens
+        while t < s.end_tokens:  # as train/loop.py: run while consumed < train_tokens
+            t += s.batch_tokens
+            tokens.append(t)
+            lr.append(learning_rate(t, s.optimizer, s.schedule_tokens))
+            step_tokens.append(s.batch_tokens)
+            seg.append(i)
+    return Schedule(tokens=np.asarray(tokens, dtype=float), lr=np.asarray(lr, dtype=float),
+                    step_tokens=np.asarray(step_tokens, dtype=float), segment=np.asarray(seg),
+                    segments=tuple(segments))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured points.
+
+
+@dataclass
+class Points:
+    """Measured losses of a run, in token order, one per token count (later records win)."""
+
+    tokens: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+
+    def add(self, tokens: int, step: int, loss: float) -> None:
+        # A record at or before the last one's tokens comes from a resume that went back to an
+        # earlier checkpoint: it supersedes the records it replays.
+        while self.tokens and self.tokens[-1] >= tokens:
+            self.tokens.pop(), self.steps.pop(), self.loss.pop()
+        self.tokens.append(tokens), self.steps.append(step), self.loss.append(loss)
+
+    def until_tokens(self, limit: float) -> "Points":
+        keep = [i for i, t in enumerate(self.tokens) if t <= limit]
+        return Points([self.tokens[i] for i in keep], [self.steps[i] for i in keep],
+                      [self.loss[i] for i in keep])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_points(metrics_path: Union[str, Path]) -> tuple[Points, Points]:
+    """(validation, training) losses of a ``metrics.jsonl``.
+
+    Only records with a numeric ``step``, ``tokens`` and ``valid_loss`` (or ``train_loss``) count;
+    others (events such as a resume, non-finite losses of skipped steps) are passed over. A
+    truncated last line (a run killed mid-write) is ignored.
+
+    Raises:
+        RunFileError: the file cannot be read, or a line other than the last is not JSON
+            (naming the file and line).
+    """
+    path = Path(metrics_path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise RunFileError(f"{path}: cannot read ({err.strerror})") from None
+    valid, train = Points(), Points()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == last:
+                continue
+            raise RunFileError(f"{path}:{i + 1}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not _number(record.get("step")) \
+                or not _number(record.get("tokens")):
+            continue
+        for key, points in (("valid_loss", valid), ("train_loss", train)):
+            if _number(record.get(key)):
+                points.add(int(record["tokens"]), int(record["step"]), float(record[key]))
+    return valid, train
+
+
+def _continue_dir(cfg, run_dir: Path) -> tuple[Path, Optional[int]]:
+    """(previous stage's run folder, tokens at which this stage started from it, if known)."""
+    from megatron_tinyllama.checkpoint.training import read_trainer_state, resume_candidates
+
+    source = Path(cfg.checkpoint.continue_from)
+    if not source.is_absolute() and not source.exists():
+        source = run_dir / source
+    state = read_trainer_state(source)
+    if state is not None:  # a checkpoint directory inside the previous stage's folder
+        return source.parent, int(state["consumed_tokens"])
+    candidates = resume_candidates(source) if source.is_dir() else []
+    state = read_trainer_state(candidates[0]) if candidates else None
+    return source, (int(state["consumed_tokens"]) if state else None)
+
+
+@dataclass
+class RunHistory:
+    """A run and the earlier stages it continues: segments trained so far and measured points."""
+
+    segments: list[Segment]
+    valid: Points
+    train: Points
+    config: object
+    """The last stage's JobConfig."""
+    run_dir: Path
+
+    def points(self) -> tuple[Points, str]:
+        """Validation losses, or training losses where the run has no validation at all."""
+        if len(self.valid):
+            return self.valid, "valid_loss"
+        return self.train, "train_loss"
+
+
+def load_history(run_dir: Union[str, Path], *, start_tokens: Optional[int] = None) -> RunHistory:
+    """Read a run folder (``config.yaml`` + ``metrics.jsonl``) and the stages before it.
+
+    Args:
+        run_dir: the run's ``checkpoint.save_dir``.
+        start_tokens: where this run started when known (the live trainer knows it); else from
+            the ``continue_from`` checkpoint's state.
+
+    Raises:
+        RunFileError: a missing or invalid config.yaml or metrics.jsonl, or a chain of
+            ``continue_from`` stages longer than :data:`MAX_CHAIN`.
+    """
+    from megatron_tinyllama.config import ConfigError, load_config
+
+    chain: list[tuple[Path, object, Optional[int]]] = []
+    here, seen = Path(run_dir), set()
+    while True:
+        if here.is_file():
+            here = here.parent
+        config_path = here / "config.yaml"
+        if not config_path.is_file():
+            raise RunFileError(f"{config_path}: missing (a run folder holds config.yaml and "
+                               "metrics.jsonl)")
+        try:
+            cfg = load_config(config_path)
+        except ConfigError as err:
+            raise RunFileError(f"{config_path}: not a valid JobConfig: {err}") from None
+        if here.resolve() in seen or len(chain) >= MAX_CHAIN:
+            raise RunFileError(f"{config_path}: checkpoint.continue_from chain loops or is longer "
+                               f"than {MAX_CHAIN} stages")
+        seen.add(here.resolve())
+        if not cfg.checkpoint.continue_from:
+            chain.append((here, cfg, None))
+            break
+        previous, started = _continue_dir(cfg, here)
+        chain.append((here, cfg, started))
+        here = previous
+    chain.reverse()  # first stage first
+
+    segments, valid, train = [], Points(), Points()
+    for i, (folder, cfg, started) in enumerate(chain):
+        v, t = read_points(folder / "metrics.jsonl")
+        if i + 1 < len(chain):  # this stage is cut where the next one started from it
+            nxt = chain[i + 1][2]
+            if i + 2 == len(chain) and start_tokens is not None:
+                nxt = start_tokens
+            end = nxt if nxt is not None else (v.tokens[-1] if len(v) else
+                                               t.tokens[-1] if len(t) else cfg.train.train_tokens)
+            v, t = v.until_tokens(end), t.until_tokens(end)
+        else:
+            end = cfg.train.train_tokens
+        begin = segments[-1].end_tokens if segments else cfg.train.start_tokens
+        segments.append(Segment(name=cfg.name, start_tokens=begin, end_tokens=end,
+                                batch_tokens=cfg.train.global_batch_tokens,
+                                optimizer=cfg.optimizer, schedule_tokens=cfg.train.train_tokens))
+        for pts, dst in ((v, valid), (t, train)):
+            for tok, step, loss in zip(pts.tokens, pts.steps, pts.loss):
+                dst.add(tok, step, loss)
+    return RunHistory(segments=segments, valid=valid, train=train, config=chain[-1][1],
+                      run_dir=Path(run_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit and forecast.
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A fitted curve law and its forecast over a run's planned steps."""
+
+    fit: CurveFit
+    schedule: Schedule
+    decay: float
+    loss_kind: str
+    fitted_tokens: np.ndarray
+    fitted_loss: np.ndarray
+    measured_tokens: np.ndarray
+    """Every measured point (fitted or not), for plots and checks."""
+    measured_steps: np.ndarray
+    measured_loss: np.ndarray
+    curve_index: np.ndarray
+    """Schedule step indices of the forecast curve (subsampled, the last step included)."""
+    band: CurveBand
+
+    def predict(self, tokens: Sequence[float]) -> np.ndarray:
+        """The law's loss after the steps ending at ``tokens``."""
+        idx = self.schedule.index_of(tokens)
+        areas = self.areas
+        return self.fit.law(areas.s1[idx], areas.s2[idx])
+
+    @property
+    def areas(self):
+        s = self.schedule
+        return lr_areas(s.lr, s.step_tokens, s.reference_tokens, self.decay)
+
+    @property
+    def final_loss(self) -> float:
+        return float(self.band.estimate[-1])
+
+    def to_json(self) -> dict:
+        """``{"final_loss", "band", "curve", "params", ...}`` (the CLI's ``--out``)."""
+        s, idx = self.schedule, self.curve_index
+        curve = [{"step": int(i) + 1, "tokens": int(s.tokens[i]), "loss": float(e),
+                  "low": float(lo), "high": float(hi)}
+                 for i, e, lo, hi in zip(idx, self.band.estimate, self.band.low, self.band.high)]
+        law = self.fit.law
+        first_step = {int(s.segment[i]): i for i in range(s.tokens.size - 1, -1, -1)}
+        return {
+            "final_loss": self.final_loss,
+            "band": [float(self.band.low[-1]), float(self.band.high[-1])],
+            "confidence": self.band.confidence,
+            "curve": curve,
+            "params": {"L0": law.L0, "A": law.A, "alpha": law.alpha, "C": law.C,
+                       "decay": self.decay, "reference_tokens": s.reference_tokens},
+            "fit": {"points": self.fit.num_points, "loss": self.loss_kind,
+                    "rms_residual": self.fit.rms_residual,
+                    "until_tokens": int(self.fitted_tokens.max()),
+                    "bootstrap_replicates": self.band.replicates},
+            "stages": [{"name": seg.name, "first_step": first_step[k] + 1,
+                        "start_tokens": seg.start_tokens, "end_tokens": seg.end_tokens,
+                        "batch_tokens": seg.batch_tokens}
+                       for k, seg in enumerate(s.segments)],
+        }
+
+
+def curve_indices(schedule: Schedule, measured_tokens: Sequence[float] = (),
+                  max_points: int = MAX_CURVE_POINTS) -> np.ndarray:
+    """Steps to report: evenly spaced, every stage boundary, the measured points, the last."""
+    n = schedule.tokens.size
+    idx = set(np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(int)).tolist())
+    idx |= set(np.flatnonzero(np.diff(schedule.segment)).tolist())
+    idx |= set(schedule.index_of(measured_tokens).tolist()) if len(measured_tokens) else set()
+    idx.add(n - 1)
+    return np.asarray(sorted(idx))
+
+
+def fit_points(schedule: Schedule, points: Points, decay: float = DEFAULT_DECAY,
+               *, max_points: Optional[int] = None):
+    """(areas, step indices, losses) of the points past warm-up, at most ``max_points`` of them
+    (evenly thinned, the latest kept) so a live refit costs the same at step 1M as at step 1k."""
+    areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay)
+    idx = schedule.index_of(points.tokens)
+    y = np.asarray(points.loss, dtype=float)
+    keep = (idx >= areas.warmup_steps) & (np.asarray(points.tokens) <= schedule.tokens[-1])
+    idx, y = idx[keep], y[keep]
+    if max_points is not None and idx.size > max_points:
+        pick = np.unique(np.linspace(0, idx.size - 1, max_points).round().astype(int))
+        idx, y = idx[pick], y[pick]
+    return areas, idx, y
+
+
+def forecast_history(
+    history: RunHistory,
+    next_stages: Sequence[object] = (),
+    *,
+    fit_until_step: Optional[int] = None,
+    decay: float = DEFAULT_DECAY,
+    replicates: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Forecast:
+    """Fit the curve law on a run's points and forecast the rest of it and of ``next_stages``.
+
+    Args:
+        history: the run (:func:`load_history`).
+        next_stages: JobConfigs of the stages that follow, in order; each starts where the one
+            before it ends.
+        fit_until_step: fit only the records up to this step (to check a forecast against what
+            came after).
+        decay: lambda of the annealing area.
+        replicates, confidence, seed: the bootstrap band.
+
+    Raises:
+        FitError: fewer than 5 points past warm-up, or a failed fit.
+    """
+    segments = list(history.segments)
+    for cfg in next_stages:
+        segments.append(segment_of(cfg, segments[-1].end_tokens))
+    schedule = build_schedule(segments)
+    points, kind = history.points()
+    fitted = points
+    if fit_until_step is not None:
+        keep = [i for i, s in enumerate(points.steps) if s <= fit_until_step]
+        fitted = Points([points.tokens[i] for i in keep], [points.steps[i] for i in keep],
+                        [points.loss[i] for i in keep])
+    areas, idx, y = fit_points(schedule, fitted, decay)
+    if idx.size < 5:
+        until = f" up to step {fit_until_step}" if fit_until_step is not None else ""
+        raise FitError(f"{history.run_dir}: {idx.size} {kind} record(s) past warm-up{until}; the "
+                       "curve law needs at least 5 (evaluate more often: logging.eval_interval_steps)")
+    fit = fit_curve(areas.s1[idx], areas.s2[idx], y)
+    cidx = curve_indices(schedule, points.tokens)
+    band = bootstrap_band(areas.s1[idx], areas.s2[idx], y, areas.s1[cidx], areas.s2[cidx],
+                          fit=fit, replicates=replicates, confidence=confidence, seed=seed)
+    return Forecast(fit=fit, schedule=schedule, decay=decay, loss_kind=kind,
+                    fitted_tokens=schedule.tokens[idx], fitted_loss=y,
+                    measured_tokens=np.asarray(points.tokens, dtype=float),
+                    measured_steps=np.asarray(points.steps), measured_loss=np.asarray(points.loss),
+                    curve_index=cidx, band=band)
+
+
+def forecast_run(run_dir: Union[str, Path], recipes: Sequence[Union[str, Path]] = (),
+                 **kwargs) -> Forecast:
+    """:func:`forecast_history` of a run folder, with next stages given as recipe files."""
+    from megatron_tinyllama.config import ConfigError, load_config
+
+    stages = []
+    for recipe in recipes:
+        try:
+            stages.append(load_config(recipe))
+        except ConfigError as err:
+            raise RunFileError(f"{recipe}: not a valid recipe: {err}") from None
+        except OSError as err:
+            raise RunFileError(f"{recipe}: cannot read ({err.strerror})") from None
+    return forecast_history(load_history(run_dir), stages, **kwargs)
+
+
+def relative_errors(forecast: Forecast, tokens: Sequence[float], loss: Sequence[float],
+                    after_tokens: float = -math.inf) -> dict:
+    """Mean, max and last relative error of the forecast at measured points past ``after_tokens``."""
+    tokens, loss = np.asarray(tokens, dtype=float), np.asarray(loss, dtype=float)
+    keep = tokens > after_tokens
+    if not keep.any():
+        raise FitError("forecast check: no measured point after the fitted ones")
+    err = np.abs(forecast.predict(tokens[keep]) - loss[keep]) / loss[keep]
+    return {"points": int(keep.sum()), "mean": float(err.mean()), "max": float(err.max()),
+            "last": float(err[-1])}
+
+
+# ---------------------------------------------------------------------------------------------
+# --plan: a bigger run's curve from small runs.
+
+
+@dataclass(frozen=True)
+class PlanForecast:
+    """The curve of a planned run from small runs: the shape of the curve law fitted on the
+    largest small run, shifted so its end is the L(C, M) prediction at the target's size."""
+
+    law_fit: object
+    """The :class:`~megatron_tinyllama.scaling.protocol.LawFit` of L(C, M) on the small runs."""
+    shape_run: str
+    curve: Forecast
+    """The shape run's law on the target's schedule (before the shift)."""
+    params: int
+    tokens: int
+    final_loss: float
+    """L(C, M) at the target's N and D."""
+    band: tuple[float, float]
+    """Bootstrap interval of L(C, M) at the target."""
+    shift: float
+    schedule: Schedule
+    reference_tokens: float
+    """The areas' unit: the shape run's first batch."""
+
+    def to_json(self) -> dict:
+        c = self.curve
+        s, idx = self.schedule, c.curve_index
+        lo_off, hi_off = self.band[0] - self.final_loss, self.band[1] - self.final_loss
+        est = c.band.estimate + self.shift
+        g = self.law_fit.loss_fit.law
+        return {
+            "final_loss": self.final_loss,
+            "band": list(self.band),
+            "curve": [{"step": int(i) + 1, "tokens": int(s.tokens[i]), "loss": float(e),
+                       "low": float(e + lo_off), "high": float(e + hi_off)}
+                      for i, e in zip(idx, est)],
+            "params": {"L0": c.fit.law.L0 + self.shift, "A": c.fit.law.A,
+                       "alpha": c.fit.law.alpha, "C": c.fit.law.C, "decay": c.decay,
+                       "reference_tokens": self.reference_tokens,
+                       "loss_law": {"E": g.E, "a": g.a, "b": g.b, "eta": g.eta}},
+            "plan": {"target_params": self.params, "target_tokens": self.tokens,
+                     "shape_run": self.shape_run, "shift": self.shift,
+                     "runs": [p.name for p in self.law_fit.loss_points]},
+        }
+
+
+def forecast_plan(run_dirs: Sequence[Union[str, Path]], recipes: Sequence[Union[str, Path]], *,
+                  decay: float = DEFAULT_DECAY, replicates: int = 200, confidence: float = 0.95,
+                  seed: int = 0) -> PlanForecast:
+    """Forecast the curve of a planned run (``recipes``: its stages) from small finished runs.
+
+    L(C, M) (:func:`~megatron_tinyllama.scaling.fit.fit_loss_law`, needs 5 runs and two token
+    multipliers) fitted on the runs' final validation losses gives the planned run's final loss;
+    the curve law fitted on the largest run gives the curve's shape, evaluated on the planned
+    schedule (areas per token in the shape run's batch) and shifted to end at that loss.
+
+    Raises:
+        RunFileError, FitError: unreadable runs or recipes, too few runs, failed fits.
+    """
+    from megatron_tinyllama.config import ConfigError, load_config
+    from megatron_tinyllama.scaling.protocol import bootstrap_law, fit_laws
+    from megatron_tinyllama.scaling.runs import STACK_EVAL, load_runs
+
+    if not recipes:
+        raise FitError("forecast --plan: give the planned run's recipe(s) with --recipe")
+    runs = load_runs(run_dirs)
+    law_fit = fit_laws(runs, STACK_EVAL, description=f"{len(runs)} small runs")
+    cfgs = []
+    for recipe in recipes:
+        try:
+            cfgs.append(load_config(recipe))
+        except ConfigError as err:
+            raise RunFileError(f"{recipe}: not a valid recipe: {err}") from None
+    segments = [segment_of(cfgs[0])]
+    for cfg in cfgs[1:]:
+        segments.append(segment_of(cfg, segments[-1].end_tokens))
+    params = cfgs[-1].model.num_parameters()
+    tokens = cfgs[-1].train.train_tokens
+    shape_dir = max(zip(runs, run_dirs), key=lambda rd: (rd[0].params, rd[0].tokens))[1]
+    history = load_history(shape_dir)
+    shape = forecast_history(history, decay=decay, replicates=replicates,
+                             confidence=confidence, seed=seed)
+    # The target's schedule, its areas in the shape run's reference step (the law is per token).
+    target = build_schedule(segments)
+    areas = lr_areas(target.lr, target.step_tokens, history.segments[0].batch_tokens, decay)
+    cidx = curve_indices(target)
+    est = shape.fit.law(areas.s1[cidx], areas.s2[cidx])
+    curve = Forecast(fit=shape.fit, schedule=target, decay=decay, loss_kind=shape.loss_kind,
+                     fitted_tokens=shape.fitted_tokens, fitted_loss=shape.fitted_loss,
+                     measured_tokens=np.empty(0), measured_steps=np.empty(0, dtype=int),
+                     measured_loss=np.empty(0), curve_index=cidx,
+                     band=CurveBand(estimate=est, low=est, high=est, confidence=confidence,
+                                    replicates=0))
+    final = float(law_fit.loss_fit.law.at(params, tokens))
+    boot = bootstrap_law(law_fit, [params], [tokens], replicates, confidence, seed)
+    return PlanForecast(law_fit=law_fit, shape_run=str(shape_dir), curve=curve, params=params,
+                        tokens=tokens, final_loss=final,
+                        band=(boot.loss[0].low, boot.loss[0].high), shift=final - float(est[-1]),
+                        schedule=target, reference_tokens=float(history.segments[0].batch_tokens))

@@ -1,0 +1,147 @@
+"""This module owns the live check of a run against its own loss-curve forecast.
+
+At every evaluation (``logging.forecast``, on by default) the curve law of
+:mod:`megatron_tinyllama.scaling.curve` is refitted on the validation losses measured *before*
+this one, over the run's whole planned schedule (earlier stages included, through
+``checkpoint.continue_from``), and the new loss is checked against the law's bootstrap band at
+this step, widened by ``logging.forecast_tolerance`` on each side. The forecast final loss, its
+band and the live loss's distance from the band go to ``metrics.jsonl`` and TensorBoard; a loss
+that leaves the band (a spike, a data bug, a bad restart) logs one WARNING line with the step,
+the loss and the band, once per excursion.
+
+Fitting on the points before the new one is what lets a fault show: a refit that included it
+would bend towards it. The fit is capped at :data:`MAX_FIT_POINTS` points and the band at
+:data:`REPLICATES` resamples, about 0.1 s per evaluation on one core whatever the run's length.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, bootstrap_band, fit_curve
+from megatron_tinyllama.scaling.fit import ScalingError
+from megatron_tinyllama.scaling.forecast import (
+    Points,
+    Schedule,
+    build_schedule,
+    fit_points,
+    load_history,
+    segment_of,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_FIT_POINTS = 120
+REPLICATES = 40
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class LiveCheck:
+    """The forecast at one evaluation, and where the measured loss fell."""
+
+    step: int
+    loss: float
+    expected: float
+    low: float
+    high: float
+    """The band at this step, widened by the tolerance."""
+    final_loss: float
+    final_low: float
+    final_high: float
+    distance: float
+    """0 inside the band; else loss - high (above) or loss - low (below, negative)."""
+    warned: bool
+
+    def record(self) -> dict:
+        """The fields added to the evaluation's metrics record."""
+        return {"forecast_final_loss": self.final_loss, "forecast_final_low": self.final_low,
+                "forecast_final_high": self.final_high, "forecast_expected_loss": self.expected,
+                "forecast_band_low": self.low, "forecast_band_high": self.high,
+                "forecast_band_distance": self.distance}
+
+
+class LiveForecast:
+    """Checks each new validation loss against the forecast made from the ones before it.
+
+    Args:
+        schedule: every step of the run as planned (earlier stages included).
+        points: validation losses already measured (earlier stages, or before a resume).
+        min_points: measured points past warm-up needed before the first check.
+        tolerance: relative margin added to each side of the band before a loss is outside.
+        decay: lambda of the annealing area.
+    """
+
+    def __init__(self, schedule: Schedule, points: Optional[Points] = None, *, min_points: int = 8,
+                 tolerance: float = 0.02, decay: float = DEFAULT_DECAY) -> None:
+        self.schedule = schedule
+        self.points = points if points is not None else Points()
+        self.min_points = min_points
+        self.tolerance = tolerance
+        self.decay = decay
+        self._outside = False
+
+    @classmethod
+    def for_run(cls, cfg, start_tokens: int) -> "LiveForecast":
+        """The monitor of a run starting (or resuming) at ``start_tokens``: its history is read
+        from ``checkpoint.save_dir`` (config.yaml, metrics.jsonl) and the stages it continues."""
+        opts = dict(min_points=cfg.logging.forecast_min_points,
+                    tolerance=cfg.logging.forecast_tolerance)
+        save_dir = cfg.checkpoint.save_dir
+        if save_dir and (Path(save_dir) / "config.yaml").is_file():
+            try:
+                history = load_history(save_dir, start_tokens=start_tokens)
+                return cls(build_schedule(history.segments),
+                           history.valid.until_tokens(start_tokens), **opts)
+            except (ScalingError, OSError) as err:
+                logger.warning("forecast: earlier records not used (%s); forecasting this stage "
+                               "from its own evaluations", err)
+        return cls(build_schedule([segment_of(cfg, start_tokens)]), **opts)
+
+    def observe(self, step: int, tokens: int, loss: float) -> Optional[LiveCheck]:
+        """Check ``loss`` (validation, after ``tokens``) against the forecast, then keep it.
+
+        Returns None while there are too few points, or when the fit fails (not an error of
+        the run: the law may simply not describe its first steps yet).
+        """
+        check = None
+        if math.isfinite(loss):
+            try:
+                check = self._check(step, tokens, loss)
+            except ScalingError as err:
+                logger.debug("forecast skipped at step %d: %s", step, err)
+            self.points.add(int(tokens), int(step), float(loss))
+        return check
+
+    def _check(self, step: int, tokens: int, loss: float) -> Optional[LiveCheck]:
+        if tokens > self.schedule.tokens[-1]:
+            return None
+        areas, idx, y = fit_points(self.schedule, self.points, self.decay,
+                                   max_points=MAX_FIT_POINTS)
+        if idx.size < self.min_points:
+            return None
+        s1, s2 = areas.s1[idx], areas.s2[idx]
+        fit = fit_curve(s1, s2, y)
+        here = int(self.schedule.index_of([tokens])[0])
+        last = self.schedule.tokens.size - 1
+        band = bootstrap_band(s1, s2, y, areas.s1[[here, last]], areas.s2[[here, last]], fit=fit,
+                              replicates=REPLICATES, confidence=CONFIDENCE, seed=step)
+        expected = float(band.estimate[0])
+        low = float(band.low[0]) - self.tolerance * abs(expected)
+        high = float(band.high[0]) + self.tolerance * abs(expected)
+        distance = loss - high if loss > high else loss - low if loss < low else 0.0
+        warned = distance != 0.0 and not self._outside
+        self._outside = distance != 0.0
+        if warned:
+            logger.warning(
+                "step %d: validation loss %.4f left the forecast band [%.4f, %.4f] (expected "
+                "%.4f from the %d evaluations before it): a loss spike, a data problem or a bad "
+                "restart? Forecast final loss was %.4f [%.4f, %.4f]", step, loss, low, high,
+                expected, idx.size, band.estimate[1], band.low[1], band.high[1])
+        return LiveCheck(step=step, loss=loss, expected=expected, low=low, high=high,
+                         final_loss=float(band.estimate[1]), final_low=float(band.low[1]),
+                         final_high=float(band.high[1]), distance=float(distance), warned=warned)
