@@ -170,3 +170,20 @@ def test_zero_stage_is_compared_as_it_ran(tmp_path):
     fake_checkpoint(tmp_path / "b", 2, world_size=1, cfg=job(tmp_path / "b", parallel={"zero_stage": "auto"}))
     with pytest.raises(ConfigError, match=r"ZeRO stage: checkpoint 1 \(parallel.zero_stage='auto'\), this job 3"):
         plan_start(job(tmp_path / "b", parallel={"zero_stage": 3}), world_size=1)
+
+
+def test_checkpoint_package_imports_run_one_way():
+    """No module of checkpoint/ imports one that imports it back (lazy imports inside functions too)."""
+    import ast
+
+    import megatron_tinyllama.checkpoint as package
+
+    root = Path(package.__file__).parent
+    prefix = "megatron_tinyllama.checkpoint."
+    graph = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = {node.module[len(prefix):] for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(prefix)}
+    cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if a < b and a in graph.get(b, ()))
+    assert cycles == []
