@@ -35,53 +35,19 @@ from megatron_tinyllama.checkpoint.hf import (
     shard_for_tp,
 )
 from megatron_tinyllama.checkpoint.native import (
-    MODEL_INDEX,
     atomic_directory,
     load_model_checkpoint,
     read_model_index,
     save_model_checkpoint,
 )
+# checkpoint.training owns the layout of a run's save_dir; imports go convert -> training only.
+from megatron_tinyllama.checkpoint.training import resolve_model_dir
 from megatron_tinyllama.config import ConfigError
 from megatron_tinyllama.model.build import padded_vocab_size
 
 logger = logging.getLogger(__name__)
 
 _HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_model_dir(source: Union[str, Path]) -> Path:
-    """Find the model weights in ``source``: a model directory, a checkpoint tag directory, or a
-    training save directory (the checkpoint ``latest`` names, falling back to the previous
-    complete one when that is missing or damaged, with a warning naming the file).
-
-    Collective under torch.distributed when ``source`` is a save directory (the files are checked
-    against the checkpoint's manifest by all ranks).
-
-    Raises:
-        ConversionError: nothing convertible there.
-    """
-    from megatron_tinyllama.checkpoint.training import checkpoint_problems, resume_candidates
-
-    source = Path(source)
-    if (source / MODEL_INDEX).is_file():
-        return source
-    if (source / "model" / MODEL_INDEX).is_file():
-        return source / "model"
-    candidates = resume_candidates(source) if source.is_dir() else []
-    if not candidates:
-        raise ConversionError(f"{source}: no {MODEL_INDEX}, model/ or complete checkpoint found; "
-                              "not a checkpoint")
-    skipped = []
-    for tag_dir in candidates:
-        problems = [p for p in checkpoint_problems(tag_dir, only="model")]
-        if not (tag_dir / "model" / MODEL_INDEX).is_file():
-            problems.append(f"{tag_dir / 'model' / MODEL_INDEX}: missing")
-        if not problems:
-            if skipped:
-                logger.warning("%s: using %s instead (%s)", source, tag_dir.name, "; ".join(skipped))
-            return tag_dir / "model"
-        skipped.append(f"{tag_dir.name} is damaged: {problems[0]}")
-    raise ConversionError(f"{source}: no intact model export: " + "; ".join(skipped))
 
 
 def write_hf_tokenizer(spm_model: Union[str, Path], out_dir: Path, model_max_length: int) -> None:

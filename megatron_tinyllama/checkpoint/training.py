@@ -46,7 +46,7 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -61,7 +61,14 @@ from megatron_tinyllama.checkpoint.compat import (
     other_differences,
     tokenizer_differences,
 )
-from megatron_tinyllama.checkpoint.native import save_torch_file, write_model_files, writing
+from megatron_tinyllama.checkpoint.hf import ConversionError
+from megatron_tinyllama.checkpoint.native import (
+    MODEL_INDEX,
+    read_model_index,
+    save_torch_file,
+    write_model_files,
+    writing,
+)
 from megatron_tinyllama.checkpoint.weights import (
     check_tp_replicas,
     gather_full_weights,
@@ -253,6 +260,39 @@ def checkpoint_problems(tag_dir: Path, only: Optional[str] = None) -> list[str]:
     for part in _gather_objects(mine):
         problems.extend(part)
     return problems
+
+
+def resolve_model_dir(source: Union[str, Path]) -> Path:
+    """Find the model weights in ``source``: a model directory, a checkpoint tag directory, or a
+    training save directory (the checkpoint ``latest`` names, falling back to the previous
+    complete one when that is missing or damaged, with a warning naming the file).
+
+    Collective under torch.distributed when ``source`` is a save directory (the files are checked
+    against the checkpoint's manifest by all ranks).
+
+    Raises:
+        ConversionError: nothing convertible there.
+    """
+    source = Path(source)
+    if (source / MODEL_INDEX).is_file():
+        return source
+    if (source / "model" / MODEL_INDEX).is_file():
+        return source / "model"
+    candidates = resume_candidates(source) if source.is_dir() else []
+    if not candidates:
+        raise ConversionError(f"{source}: no {MODEL_INDEX}, model/ or complete checkpoint found; "
+                              "not a checkpoint")
+    skipped = []
+    for tag_dir in candidates:
+        problems = [p for p in checkpoint_problems(tag_dir, only="model")]
+        if not (tag_dir / "model" / MODEL_INDEX).is_file():
+            problems.append(f"{tag_dir / 'model' / MODEL_INDEX}: missing")
+        if not problems:
+            if skipped:
+                logger.warning("%s: using %s instead (%s)", source, tag_dir.name, "; ".join(skipped))
+            return tag_dir / "model"
+        skipped.append(f"{tag_dir.name} is damaged: {problems[0]}")
+    raise ConversionError(f"{source}: no intact model export: " + "; ".join(skipped))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,9 +510,6 @@ def plan_start(cfg: JobConfig, world_size: int) -> StartPlan:
                 f"tokens already consumed at {candidates[0]} (checkpoint.continue_from)")
         return StartPlan("continue", candidates)
     if ckpt.init_from:
-        from megatron_tinyllama.checkpoint.convert import resolve_model_dir
-        from megatron_tinyllama.checkpoint.native import read_model_index
-
         directory = resolve_model_dir(ckpt.init_from)
         saved_model, _ = read_model_index(directory)
         _refuse("checkpoint.init_from", directory, model_differences(dataclasses.asdict(saved_model), cfg.model))

@@ -232,3 +232,20 @@ def test_a_full_disk_is_named_with_enospc_and_the_file(tmp_path, monkeypatch):
     shard = tmp_path / "model-tp00-of-01.safetensors"
     with pytest.raises(native.CheckpointWriteError, match=f"^{shard}: writing failed: .*No space left"):
         native.write_model_files(tmp_path, job(None).model, 0, 1, {"w": torch.zeros(4)})
+
+
+def test_checkpoint_package_imports_run_one_way():
+    """No module of checkpoint/ imports one that imports it back (lazy imports inside functions too)."""
+    import ast
+
+    import megatron_tinyllama.checkpoint as package
+
+    root = Path(package.__file__).parent
+    prefix = "megatron_tinyllama.checkpoint."
+    graph = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = {node.module[len(prefix):] for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(prefix)}
+    cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if a < b and a in graph.get(b, ()))
+    assert cycles == []
