@@ -333,10 +333,16 @@ class TrainConfig:
     stop_after_minutes: Optional[float] = None
     """Save a checkpoint and stop (exit 3) after this much wall time, before an allocation ends;
     SIGUSR1 or SIGTERM to any rank does the same. The same command resumes."""
+    stall_timeout_minutes: Optional[float] = 10.0
+    """A step, evaluation or save that makes no progress this long (a stopped or hung rank, a stuck
+    file system) ends the job: the rank names who stalled and exits 4 (None: wait for the
+    process-group timeout, 30 min). Counts the first step's compilation too."""
 
     def __post_init__(self) -> None:
         if self.stop_after_minutes is not None:
             _check_range("train", "stop_after_minutes", self.stop_after_minutes, low=0, low_open=True)
+        if self.stall_timeout_minutes is not None:
+            _check_range("train", "stall_timeout_minutes", self.stall_timeout_minutes, low=0, low_open=True)
         _check_range("train", "train_tokens", self.train_tokens, low=0, low_open=True)
         _check_range("train", "global_batch_tokens", self.global_batch_tokens, low=1)
         _check_range("train", "micro_batch_size", self.micro_batch_size, low=1)

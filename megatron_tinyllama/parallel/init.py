@@ -107,6 +107,19 @@ def check_local_devices(env: DistributedEnv) -> None:
             + f": one rank per GPU; give the hostfile slots={gpus} (or deepspeed --num_gpus {gpus})")
 
 
+def connect_rendezvous_store(timeout_s: float):
+    """A new client of the job's rendezvous store (the TCP store at MASTER_ADDR:MASTER_PORT that
+    torch.distributed started on rank 0), with its own ``timeout_s``: the default group's client
+    waits as long as the process-group timeout. None when the launcher gave no address."""
+    import datetime
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
+    return dist.TCPStore(addr, int(port), is_master=False, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def set_thread_env_defaults(num_threads: int | None = None) -> None:
     """On CPU, several ranks share the cores: default OMP_NUM_THREADS to cores/local ranks."""
     if torch.cuda.is_available():

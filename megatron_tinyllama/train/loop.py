@@ -32,10 +32,15 @@ from megatron_tinyllama.config import ConfigError, JobConfig, save_config
 from megatron_tinyllama.data.provenance import check_data_vocab
 from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
 from megatron_tinyllama.model.build import forward_logits, language_model_loss
+from megatron_tinyllama.parallel.init import (
+    connect_rendezvous_store,
+    initialize_distributed,
+    initialize_model_parallel,
+)
 from megatron_tinyllama.train.forecast_live import LiveForecast
-from megatron_tinyllama.parallel.init import initialize_distributed, initialize_model_parallel
 from megatron_tinyllama.train.metrics import MetricsWriter, output_problems
 from megatron_tinyllama.train.schedule import learning_rate
+from megatron_tinyllama.train.watchdog import LauncherWatch, StallWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +89,9 @@ def _agree(finite: bool, stop: bool) -> tuple[bool, bool]:
 
 
 class StopRequest:
-    """A signal (SIGUSR1 or SIGTERM) or ``train.stop_after_minutes`` asks the run to stop.
+    """A signal (SIGUSR1 or SIGTERM), ``train.stop_after_minutes`` or the end of the launcher that
+    started this rank (:class:`~megatron_tinyllama.train.watchdog.LauncherWatch`) asks the run to
+    stop.
 
     The run then finishes the current step, saves a checkpoint and returns, to be resumed by the
     same command: how a job ends cleanly before preemption or the end of its allocation. One rank
@@ -94,8 +101,10 @@ class StopRequest:
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self, stop_after_minutes: Optional[float] = None) -> None:
+    def __init__(self, stop_after_minutes: Optional[float] = None,
+                 launcher: Optional[LauncherWatch] = None) -> None:
         self.reason: Optional[str] = None
+        self._launcher = launcher
         self._deadline = (time.monotonic() + 60 * stop_after_minutes) if stop_after_minutes else None
         self._previous: dict = {}
 
@@ -120,6 +129,8 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
+        if self.reason is None and self._launcher is not None and self._launcher.reason:
+            self.reason = self._launcher.reason
         if self.reason is None and self._deadline is not None and time.monotonic() >= self._deadline:
             self.reason = "train.stop_after_minutes reached"
         return self.reason is not None
@@ -227,13 +238,16 @@ def _check_outputs(cfg: JobConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]]] = None) -> TrainResult:
+def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]]] = None,
+          launcher_watch: Optional[LauncherWatch] = None) -> TrainResult:
     """Run (or resume) the job described by ``cfg`` on the current process group.
 
     Args:
         cfg: the resolved recipe.
         batch_source: replaces :func:`megatron_tinyllama.data.loader.build_train_batches` (same
             signature); tests use it to feed synthetic batches.
+        launcher_watch: started by the entry point; when its launcher is gone the run stops
+            after the step with a checkpoint, as on SIGTERM.
     """
     if batch_source is None:
         from megatron_tinyllama.data.loader import build_train_batches as batch_source
@@ -248,12 +262,13 @@ def train(cfg: JobConfig, *, batch_source: Optional[Callable[..., Iterator[dict]
     # Before the save_dir is read: a second job on it is refused here, naming the holder.
     lock = lock_save_dir(cfg.checkpoint.save_dir)
     try:
-        return _train_holding_save_dir(cfg, env, batch_source)
+        return _train_holding_save_dir(cfg, env, batch_source, launcher_watch)
     finally:
         lock.release()
 
 
-def _train_holding_save_dir(cfg: JobConfig, env, batch_source) -> TrainResult:
+def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
+                            launcher_watch: Optional[LauncherWatch]) -> TrainResult:
     from megatron.core import parallel_state
 
     plan = plan_start(cfg, dist.get_world_size())  # refuses a checkpoint that does not fit, early
@@ -277,10 +292,14 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source) -> TrainResult:
             if cfg.logging.forecast and cfg.data.valid_blend and metrics.enabled else None)
     result = TrainResult(state=state)
     consecutive_bad = 0
+    stall = cfg.train.stall_timeout_minutes
+    watchdog = StallWatchdog(stall and 60 * stall, dist.get_rank(), dist.get_world_size(),
+                             connect_rendezvous_store)
     try:
-        with StopRequest(cfg.train.stop_after_minutes) as stop:
+        with StopRequest(cfg.train.stop_after_minutes, launcher_watch) as stop, watchdog:
             while state.consumed_tokens < cfg.train.train_tokens:
                 lr = learning_rate(state.consumed_tokens + batch_tokens, cfg.optimizer, cfg.train.train_tokens)
+                watchdog.progress(state.step + 1, "step")
                 step = train_step(te, cfg, batches, lr, stop)
                 state.step += 1
                 state.consumed_samples += te.geometry.global_batch_size
@@ -311,6 +330,7 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source) -> TrainResult:
                         "skipped_steps": state.skipped_steps,
                     })
                 if cfg.data.valid_blend and (state.step % cfg.logging.eval_interval_steps == 0 or done):
+                    watchdog.progress(state.step, "evaluation")
                     valid = evaluate(te, cfg)
                     result.valid_losses.append(valid)
                     check = live.observe(state.step, state.consumed_tokens, valid) if live else None
@@ -319,6 +339,7 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source) -> TrainResult:
                     state.step % cfg.checkpoint.save_interval_steps == 0 or step.stop
                     or (done and cfg.checkpoint.save_at_end)
                 ):
+                    watchdog.progress(state.step, "checkpoint save")
                     save_training_checkpoint(te.engine, cfg, state)
                 if step.stop and not done:
                     result.stopped = stop.reason or "a stop request on another rank"

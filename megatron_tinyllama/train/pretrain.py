@@ -60,12 +60,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_tinyllama.checkpoint.weights import ReplicaDriftError
     from megatron_tinyllama.parallel.cpu_shim import cpu_shim
     from megatron_tinyllama.train.loop import NonFiniteLossError, train
+    from megatron_tinyllama.train.watchdog import LauncherWatch
 
     set_thread_env_defaults()
+    # Signals go to the launcher, not to us: when it is gone, stop as on SIGTERM (see watchdog).
+    stall = cfg.train.stall_timeout_minutes
+    launcher = LauncherWatch(grace_s=stall and 60 * stall).start()
     code, clean = 0, False
     try:
         with cpu_shim():  # megatron-core's CUDA-only calls get CPU stand-ins (no-op with CUDA)
-            result = train(cfg)
+            result = train(cfg, launcher_watch=launcher)
         clean = True
         if result.stopped:  # a checkpoint was saved; a scheduler sees the run is not finished
             code = 3

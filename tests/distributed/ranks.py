@@ -42,3 +42,15 @@ def run_on_ranks(fn, world_size: int, *args, ranks_per_node: int = 0) -> None:
     """
     per_node = ranks_per_node or world_size
     mp.spawn(_entry, args=(world_size, free_port(), per_node, fn, args), nprocs=world_size, join=True)
+
+
+def start_ranks(fn, world_size: int, *args) -> list:
+    """Start ``fn`` on ``world_size`` gloo ranks as :func:`run_on_ranks` does, without waiting:
+    for tests that watch the processes themselves (exit codes, a stopped rank)."""
+    context = mp.get_context("spawn")
+    port = free_port()
+    procs = [context.Process(target=_entry, args=(rank, world_size, port, world_size, fn, args))
+             for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    return procs

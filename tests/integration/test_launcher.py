@@ -123,14 +123,55 @@ def test_node_local_sharding_on_two_simulated_nodes_matches_plain_zero3(tmp_path
         assert abs(hpz_losses[step] - plain_losses[step]) <= 1e-5
 
 
-def test_a_time_limit_stops_the_launched_job_with_a_checkpoint_and_exit_status_3(tmp_path, small_corpus):
+def test_sigterm_to_the_launcher_and_a_time_limit_stop_the_job_with_a_checkpoint(tmp_path, small_corpus):
+    """A scheduler signals the ``deepspeed`` launcher's PID, not the ranks: the launcher dies at once
+    (it passes nothing on when it runs the node itself), and the ranks must not outlive it."""
+    import signal
     import subprocess
+    import time
 
-    recipe = _recipe(tmp_path, small_corpus, "limited", 4, data={"valid_blend": ""},
-                     train={"stop_after_minutes": 1e-9})
-    with pytest.raises(subprocess.CalledProcessError) as err:
-        launch_local(recipe, nodes=1, ranks_per_node=2, work_dir=tmp_path, timeout_s=600)
-    assert err.value.returncode == 3
+    import psutil
+
+    from megatron_tinyllama.launch import deepspeed_command, free_port, launcher_env, write_local_hostfile
+
+    recipe = _recipe(tmp_path, small_corpus, "limited", 400, data={"valid_blend": ""},
+                     checkpoint={"save_interval_steps": 1000})
     save_dir = tmp_path / "limited"
-    assert (save_dir / "latest").read_text() == "global_step000001"
-    assert sorted(_train_losses(_metrics(save_dir))) == [1]
+    hostfile = write_local_hostfile(tmp_path / "hostfile", 1, 2)
+    log_path = tmp_path / "launcher.log"
+    with open(log_path, "w") as log:
+        runner = subprocess.Popen(deepspeed_command(hostfile, 0, free_port(), recipe), env=launcher_env(),
+                                  stdout=log, stderr=subprocess.STDOUT)
+    below: list = []
+    try:
+        deadline = time.monotonic() + 400
+        while "step 1 |" not in log_path.read_text():
+            assert runner.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        below = psutil.Process(runner.pid).children(recursive=True)  # deepspeed's launch + 2 ranks
+        launch = [p for p in below if "deepspeed.launcher.launch" in p.cmdline()]
+        assert len(launch) == 1 and len(launch[0].children()) == 2
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=30) == -signal.SIGTERM  # deepspeed's runner: no handler, gone at once
+        _, alive = psutil.wait_procs(below, timeout=300)
+        assert not alive, f"orphans: {[(p.pid, p.cmdline()[:4]) for p in alive]}"
+    finally:  # whatever failed above, leave no process behind
+        for proc in below:
+            if proc.is_running():
+                proc.kill()
+        if runner.poll() is None:
+            runner.kill()
+    text = log_path.read_text()
+    assert "the deepspeed launcher (pid " in text and "exited: stopping after this step" in text
+    stopped = int((save_dir / "latest").read_text().removeprefix("global_step"))
+    assert (save_dir / f"global_step{stopped:06d}" / "trainer_state.json").is_file()
+    assert f"stopped at step {stopped} " in text and sorted(_train_losses(_metrics(save_dir)))[-1] == stopped
+
+    # The same command resumes; a time limit stops it again after one step, with exit status 3.
+    recipe = _recipe(tmp_path, small_corpus, "limited", 400, data={"valid_blend": ""},
+                     checkpoint={"save_interval_steps": 1000}, train={"stop_after_minutes": 1e-9})
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        launch_local(recipe, nodes=1, ranks_per_node=2, work_dir=tmp_path / "again", timeout_s=600)
+    assert err.value.returncode == 3
+    assert (save_dir / "latest").read_text() == f"global_step{stopped + 1:06d}"
+    assert sorted(_train_losses(_metrics(save_dir)))[-1] == stopped + 1
