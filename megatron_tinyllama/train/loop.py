@@ -26,6 +26,7 @@ from megatron_tinyllama.checkpoint.training import (
     plan_start,
     save_training_checkpoint,
     start_state,
+    step_tag,
 )
 from megatron_tinyllama.checkpoint.lock import lock_save_dir
 from megatron_tinyllama.config import JobConfig, save_config
@@ -33,7 +34,7 @@ from megatron_tinyllama.data.provenance import check_data_vocab
 from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
 from megatron_tinyllama.model.build import forward_logits, language_model_loss
 from megatron_tinyllama.parallel.init import initialize_distributed, initialize_model_parallel
-from megatron_tinyllama.train.metrics import MetricsWriter
+from megatron_tinyllama.train.metrics import MetricsWriter, RunStart
 from megatron_tinyllama.train.schedule import learning_rate
 
 logger = logging.getLogger(__name__)
@@ -256,7 +257,9 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source) -> TrainResult:
         global_batch_size_at=te.geometry.global_batch_size,
         num_samples=state.samples_needed(cfg, te.geometry.global_batch_size), vocab_size=cfg.model.vocab_size,
     )
-    metrics = MetricsWriter(cfg, dist.get_rank(), dist.get_world_size())
+    resumed_from = str(Path(cfg.checkpoint.save_dir) / step_tag(state.step)) if plan.kind == "resume" else None
+    metrics = MetricsWriter(cfg, dist.get_rank(), dist.get_world_size(),
+                            start=RunStart(plan.kind, state.step, state.consumed_tokens, resumed_from))
     result = TrainResult(state=state)
     consecutive_bad = 0
     try:
