@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_tinyllama.checkpoint.lock import lock_save_dir
 from megatron_tinyllama.checkpoint.training import (
     TrainerState,
     plan_start,
@@ -28,7 +29,6 @@ from megatron_tinyllama.checkpoint.training import (
     start_state,
     step_tag,
 )
-from megatron_tinyllama.checkpoint.lock import lock_save_dir
 from megatron_tinyllama.config import JobConfig, save_config
 from megatron_tinyllama.data.provenance import check_data_vocab
 from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
