@@ -182,6 +182,9 @@ def lock_save_dir(save_dir: Optional[str]) -> SaveDirLock:
             lock = acquire_save_dir_lock(save_dir)
         except CheckpointError as err:
             verdict = [(type(err).__name__, str(err))]
+        except OSError as err:  # writing the record: the peers must hear of it, not wait
+            verdict = [("CheckpointError", f"checkpoint.save_dir={save_dir}: cannot write the lock "
+                                           f"record {Path(save_dir) / LOCK_FILE} ({err.strerror or err})")]
     if distributed:
         dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:

@@ -21,13 +21,14 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_tinyllama.checkpoint.lock import lock_save_dir
 from megatron_tinyllama.checkpoint.training import (
     TrainerState,
     plan_start,
     save_training_checkpoint,
     start_state,
+    step_tag,
 )
-from megatron_tinyllama.checkpoint.lock import lock_save_dir
 from megatron_tinyllama.config import ConfigError, JobConfig, save_config
 from megatron_tinyllama.data.provenance import check_data_vocab
 from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
@@ -38,7 +39,7 @@ from megatron_tinyllama.parallel.init import (
     initialize_model_parallel,
 )
 from megatron_tinyllama.train.forecast_live import LiveForecast
-from megatron_tinyllama.train.metrics import MetricsWriter, output_problems
+from megatron_tinyllama.train.metrics import MetricsWriter, RunStart, output_problems
 from megatron_tinyllama.train.schedule import learning_rate
 from megatron_tinyllama.train.watchdog import LauncherWatch, StallWatchdog
 
@@ -286,7 +287,9 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
         global_batch_size_at=te.geometry.global_batch_size,
         num_samples=state.samples_needed(cfg, te.geometry.global_batch_size), vocab_size=cfg.model.vocab_size,
     )
-    metrics = MetricsWriter(cfg, dist.get_rank(), dist.get_world_size())
+    resumed_from = str(Path(cfg.checkpoint.save_dir) / step_tag(state.step)) if plan.kind == "resume" else None
+    metrics = MetricsWriter(cfg, dist.get_rank(), dist.get_world_size(),
+                            start=RunStart(plan.kind, state.step, state.consumed_tokens, resumed_from))
     # Rank 0 alone forecasts: the validation loss is already the same on every rank.
     live = (LiveForecast.for_run(cfg, state.consumed_tokens)
             if cfg.logging.forecast and cfg.data.valid_blend and metrics.enabled else None)

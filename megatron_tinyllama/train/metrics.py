@@ -7,15 +7,26 @@ recomputation is not counted (so MFU is model FLOPs utilisation, not hardware).
 
 :func:`output_problems` checks, before anything is built, that the folders a run writes (these
 sinks and the checkpoints) can be created and written.
+
+**Restarts.** A run killed after its last checkpoint has logged steps that its resume trains
+again. When a run starts, the records of ``metrics.jsonl`` logged after the step it starts from
+(and a line cut short by the kill) are moved to ``metrics.superseded.jsonl`` beside it, under a
+header record naming the restart, and the file is rewritten atomically; nothing is deleted. A
+resume then appends ``{"event": "resume", "step": N, "tokens": T, "checkpoint": TAG, ...}``, so
+``metrics.jsonl`` holds each step once, in order, and says where the run restarted: plots and
+the scaling fits (:mod:`megatron_tinyllama.scaling.runs`) read it as one run. TensorBoard is
+told the same with ``purge_step``.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -78,10 +89,75 @@ def output_problems(cfg: JobConfig, rank: int) -> list[str]:
     return [problem for problem in (_folder_problem(f, d) for f, d in folders) if problem]
 
 
-class MetricsWriter:
-    """Rank-0 sink for training metrics; a no-op object on other ranks."""
+SUPERSEDED = "metrics.superseded.jsonl"
 
-    def __init__(self, cfg: JobConfig, rank: int, world_size: int) -> None:
+
+@dataclass(frozen=True)
+class RunStart:
+    """Where a run (re)started: the start plan's kind and the counters it trains on from."""
+
+    kind: str
+    """'resume', 'continue', 'init' or 'fresh' (:class:`~megatron_tinyllama.checkpoint.training.StartPlan`)."""
+    step: int
+    tokens: int
+    checkpoint: Optional[str] = None
+    """The checkpoint directory resumed from."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def supersede_records_after(path: Path, step: int, reason: str) -> int:
+    """Move the records of ``path`` logged after ``step``, and unreadable lines, aside.
+
+    They are appended (and synced) to :data:`SUPERSEDED` beside ``path`` under a header record
+    ``{"event": "superseded", "after_step": step, "reason": reason, ...}`` before ``path`` is
+    replaced atomically by the records kept: a kill in between leaves a line in both files, never
+    in neither.
+
+    Returns:
+        How many lines were moved (0 leaves both files untouched).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, moved = [], []
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # the kill cut the last line short
+            moved.append(line)
+            continue
+        late = isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] > step
+        (moved if late else kept).append(line)
+    if not moved:
+        return 0
+    header = json.dumps({"event": "superseded", "after_step": step, "reason": reason, "lines": len(moved),
+                         "time": _now()})
+    with open(path.with_name(SUPERSEDED), "a") as handle:
+        handle.write("".join(f"{line}\n" for line in [header, *moved]))
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write("".join(f"{line}\n" for line in kept))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return len(moved)
+
+
+class MetricsWriter:
+    """Rank-0 sink for training metrics; a no-op object on other ranks.
+
+    With ``start``, records after ``start.step`` left by an interrupted run are moved aside and a
+    resume is recorded (see the module docstring).
+    """
+
+    def __init__(self, cfg: JobConfig, rank: int, world_size: int, start: Optional[RunStart] = None) -> None:
         self.enabled = rank == 0
         self.world_size = world_size
         self.flops_per_token = flops_per_token(cfg.model)
@@ -92,13 +168,30 @@ class MetricsWriter:
         self._interval_tokens = 0
         if not self.enabled:
             return
+        resume = start is not None and start.kind == "resume"
         if cfg.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(cfg.logging.tensorboard_dir)
+            # TensorBoard's steps are tokens: hide what the interrupted run logged past the resume.
+            self._tb = SummaryWriter(cfg.logging.tensorboard_dir,
+                                     purge_step=start.tokens + 1 if resume else None)
         if cfg.checkpoint.save_dir:
             Path(cfg.checkpoint.save_dir).mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(Path(cfg.checkpoint.save_dir) / "metrics.jsonl", "a")
+            path = Path(cfg.checkpoint.save_dir) / "metrics.jsonl"
+            moved = 0
+            if start is not None:
+                reason = (f"resumed from {start.checkpoint or f'step {start.step}'}" if resume
+                          else f"restarted ({start.kind}) at step {start.step}")
+                moved = supersede_records_after(path, start.step, reason)
+                if moved:
+                    logger.warning("%s: %d line(s) logged after step %d by the interrupted run moved to %s",
+                                   path, moved, start.step, SUPERSEDED)
+            self._jsonl = open(path, "a")
+            if resume or moved:
+                self._jsonl.write(json.dumps({
+                    "event": "resume" if resume else "restart", "step": start.step, "tokens": start.tokens,
+                    "checkpoint": start.checkpoint, "superseded": moved, "time": _now()}) + "\n")
+                self._jsonl.flush()
 
     def count_tokens(self, tokens: int) -> None:
         self._interval_tokens += tokens

@@ -74,9 +74,14 @@ def test_damaged_or_missing_checkpoints_fall_back_and_nothing_good_is_lost(tmp_p
     log = run(save_dir, 8, tmp_path / "b.log")
     assert f"{shard}: " in log and "truncated" in log and "fell back to" in log
     assert digest(save_dir / "global_step000006.corrupt") == damaged  # kept, byte for byte
-    resumed = losses(save_dir)[len(first):]
-    assert [s for s, _ in resumed] == [5, 6, 7, 8]
+    resumed = losses(save_dir)
+    assert [s for s, _ in resumed] == list(range(1, 9))  # each step once, 5-6 trained again
     assert all(loss == first[s] for s, loss in resumed if s in first)  # exact from step 4
+    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    (event,) = [r for r in records if "event" in r]
+    assert event["event"] == "resume" and event["step"] == 4 and records.index(event) == 4
+    aside = [json.loads(line) for line in (save_dir / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train_loss"]) for r in aside[1:]] == [(5, first[5]), (6, first[6])]
     assert {tag: digest(save_dir / tag) for tag in good} == good
 
     # 2. 'latest' names a directory that is gone: the newest complete one (6) is used, said so.

@@ -177,8 +177,10 @@ def test_tp2_dp2_matches_reference_and_resumes_exactly(source):
     for step in (4, 5):
         assert resumed[step]["train_loss"] == first[step]["train_loss"]
         assert resumed[step]["grad_norm"] == first[step]["grad_norm"]
-    lines = (save_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == STEPS + 2  # the resumed run logged exactly steps 4 and 5
+    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    # Steps 4 and 5 of the first run are superseded (metrics.superseded.jsonl); the resumed run
+    # logged exactly steps 4 and 5 after recording the resume.
+    assert [r.get("event", r["step"]) for r in records] == [1, 2, 3, "resume", 4, 5]
 
 
 def test_a_stage_continues_a_run_with_its_optimizer_state(source):

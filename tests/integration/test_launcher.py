@@ -88,7 +88,10 @@ def test_dp2_zero3_learns_validates_resumes_exactly_and_converts(tmp_path, small
     # Resume from the middle checkpoint: the same losses, to the last bit.
     (save_dir / "latest").write_text("global_step000006")
     launch_local(recipe, nodes=1, ranks_per_node=2, work_dir=tmp_path, timeout_s=600)
-    resumed = _train_losses(_metrics(save_dir)[len(first):])
+    after = _metrics(save_dir)  # the first run's steps 7-12 are superseded by the resume
+    resume = next(i for i, r in enumerate(after) if r.get("event") == "resume")
+    assert after[:resume] == [r for r in first if r["step"] <= 6] and after[resume]["step"] == 6
+    resumed = _train_losses(after[resume + 1:])
     assert sorted(resumed) == list(range(7, steps + 1))
     assert all(resumed[s] == losses[s] for s in resumed), (resumed, losses)
 
