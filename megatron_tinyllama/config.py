@@ -74,6 +74,14 @@ class ModelConfig:
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     norm_epsilon: float = 1e-5
     rope_base: float = 10000.0
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    """RoPE context extension, as HF Llama's ``rope_parameters.rope_type``: 'linear' divides
+    positions by ``rope_scaling_factor`` (megatron-core's seq_len_interpolation_factor); 'llama3'
+    divides the low frequencies by it and blends the middle band (megatron-core's rope_scaling,
+    low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192). See
+    megatron_tinyllama/model/rope.py."""
+    rope_scaling_factor: float = 1.0
+    """Factor of ``rope_scaling``; 1.0 when it is 'none'."""
     untie_embeddings: bool = True
     """Separate input embedding and output projection (TinyLlama and Llama 2 do not tie them)."""
     qk_layernorm: bool = False
@@ -140,6 +148,13 @@ class ModelConfig:
             _check_range("model", name, getattr(self, name), low=1)
         _check_range("model", "norm_epsilon", self.norm_epsilon, low=0, low_open=True)
         _check_range("model", "rope_base", self.rope_base, low=1, low_open=True)
+        if self.rope_scaling not in ("none", "linear", "llama3"):
+            raise ConfigError(f"model.rope_scaling={self.rope_scaling!r}: expected 'none', 'linear' "
+                              "or 'llama3' (the scalings megatron-core computes)")
+        _check_range("model", "rope_scaling_factor", self.rope_scaling_factor, low=1)
+        if self.rope_scaling == "none" and self.rope_scaling_factor != 1.0:
+            raise ConfigError(f"model.rope_scaling_factor={self.rope_scaling_factor} has no effect "
+                              "with model.rope_scaling='none': set rope_scaling or drop the factor")
         _check_range("model", "z_loss_weight", self.z_loss_weight, low=0)
         _check_range("model", "init_method_std", self.init_method_std, low=0, low_open=True)
         if self.num_attention_heads % self.num_query_groups:

@@ -20,7 +20,11 @@ from megatron_tinyllama.config import JobConfig, ModelConfig
 MODEL_SHAPE_FIELDS = (
     "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
     "vocab_size", "normalization", "norm_epsilon", "rope_base", "untie_embeddings", "qk_layernorm",
+    "rope_scaling", "rope_scaling_factor",
 )
+# Fields added after checkpoints were first written: absent from a saved config means the value
+# every model had before them.
+_ADDED_LATER = {"rope_scaling": "none", "rope_scaling_factor": 1.0}
 
 
 def model_differences(saved: dict[str, Any], recipe: ModelConfig, *,
@@ -30,7 +34,7 @@ def model_differences(saved: dict[str, Any], recipe: ModelConfig, *,
     diffs = []
     for name in fields:
         mine = getattr(recipe, name)
-        theirs = saved.get(name)
+        theirs = saved.get(name, _ADDED_LATER.get(name))
         if theirs is None or _differs(theirs, mine):
             diffs.append(f"model.{name}: checkpoint {theirs!r}, recipe {mine!r}")
     return diffs

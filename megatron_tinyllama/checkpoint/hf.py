@@ -309,8 +309,12 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32",
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.seq_length,
         "rms_norm_eps": cfg.norm_epsilon,
+        # Both spellings: transformers < 5 reads rope_theta + rope_scaling, 5 reads rope_parameters
+        # (and converts the old keys too); they say the same.
         "rope_theta": cfg.rope_base,
-        "rope_scaling": None,
+        "rope_scaling": hf_rope_scaling(cfg),
+        "rope_parameters": {"rope_theta": cfg.rope_base, **(hf_rope_scaling(cfg) or
+                                                             {"rope_type": "default"})},
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -324,6 +328,77 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32",
     }
 
 
+def hf_rope_scaling(cfg: ModelConfig) -> Optional[dict]:
+    """HF's ``rope_scaling`` (and ``rope_parameters`` less ``rope_theta``) for ``cfg``; None when
+    RoPE is unscaled."""
+    from megatron_tinyllama.model.rope import LLAMA3_FIXED
+
+    if cfg.rope_scaling == "none":
+        return None
+    out = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_scaling_factor}
+    if cfg.rope_scaling == "llama3":
+        out.update(LLAMA3_FIXED)
+    return out
+
+
+def _rope_scaling_from_hf(hf_cfg: dict, source: str) -> tuple[str, float]:
+    """(``rope_scaling``, ``rope_scaling_factor``) of our config for an HF Llama ``config.json``.
+
+    transformers 5 writes ``rope_parameters`` (with ``rope_theta`` inside), earlier versions
+    ``rope_scaling`` (``type`` or ``rope_type``); either may be given, or both when they agree.
+
+    Raises:
+        ConversionError: a scaling megatron-core cannot compute (yarn, dynamic, longrope, ...,
+            llama3 with other than its fixed parameters, partial rotary), naming the field.
+    """
+    from megatron_tinyllama.model.rope import LLAMA3_FIXED
+
+    found = []
+    for key in ("rope_parameters", "rope_scaling"):
+        params = hf_cfg.get(key)
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise ConversionError(f"{source}: {key}={params!r} is not an object")
+        kind = params.get("rope_type", params.get("type", "default"))
+        found.append((key, params, kind))
+    partial = hf_cfg.get("partial_rotary_factor", 1.0)
+    for key, params, _ in found:
+        partial = params.get("partial_rotary_factor", partial)
+    if partial != 1.0:
+        raise ConversionError(f"{source}: partial_rotary_factor={partial!r} is not supported "
+                              "(Llama rotates the whole head: 1.0)")
+    scaled = [(key, params, kind) for key, params, kind in found if kind != "default"]
+    if not scaled:
+        return "none", 1.0
+    key, params, kind = scaled[0]
+    for other_key, other, other_kind in scaled[1:]:
+        if other_kind != kind or other.get("factor") != params.get("factor"):
+            raise ConversionError(f"{source}: {key} ({kind}, factor {params.get('factor')}) and "
+                                  f"{other_key} ({other_kind}, factor {other.get('factor')}) disagree")
+    if kind not in ("linear", "llama3"):
+        type_key = "rope_type" if "rope_type" in params else "type"
+        raise ConversionError(
+            f"{source}: {key}.{type_key}={kind!r} is not supported: megatron-core computes 'linear' "
+            f"and 'llama3' RoPE scaling only ({', '.join(f'{k} {v}' for k, v in LLAMA3_FIXED.items())}"
+            " for llama3); converting without it would give another model")
+    factor = params.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor >= 1:
+        raise ConversionError(f"{source}: {key}.factor={factor!r}: need a number >= 1 for "
+                              f"{kind!r} RoPE scaling")
+    if kind == "llama3":
+        for name, fixed in LLAMA3_FIXED.items():
+            if params.get(name) != fixed:
+                raise ConversionError(
+                    f"{source}: {key}.{name}={params.get(name)!r} is not supported: megatron-core's "
+                    f"llama3 RoPE scaling fixes it at {fixed}")
+    for name in ("attention_factor", "mscale", "mscale_all_dim"):
+        if params.get(name) not in (None, 1, 1.0):
+            raise ConversionError(f"{source}: {key}.{name}={params.get(name)!r} is not supported "
+                                  f"with {kind!r} RoPE scaling")
+    return kind, float(factor)
+
+
 def model_config_from_hf(hf_cfg: dict, source: str = "config.json") -> ModelConfig:
     """Our :class:`ModelConfig` for an HF Llama ``config.json`` (other architectures refused)."""
     archs = hf_cfg.get("architectures") or []
@@ -333,7 +408,7 @@ def model_config_from_hf(hf_cfg: dict, source: str = "config.json") -> ModelConf
             "only Llama checkpoints (model_type 'llama') can be converted"
         )
     for field_name, allowed in (("hidden_act", ("silu", None)), ("attention_bias", (False, None)),
-                                ("mlp_bias", (False, None)), ("rope_scaling", (None,))):
+                                ("mlp_bias", (False, None))):
         if hf_cfg.get(field_name) not in allowed:
             raise ConversionError(
                 f"{source}: {field_name}={hf_cfg.get(field_name)!r} is not supported (need {allowed[0]!r})"
@@ -346,6 +421,7 @@ def model_config_from_hf(hf_cfg: dict, source: str = "config.json") -> ModelConf
     rope_theta = hf_cfg.get("rope_theta")
     if rope_theta is None:  # transformers 5 nests it under rope_parameters
         rope_theta = (hf_cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    rope_scaling, rope_scaling_factor = _rope_scaling_from_hf(hf_cfg, source)
     head_dim = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // heads
     if head_dim * heads != hf_cfg["hidden_size"]:
         raise ConversionError(f"{source}: head_dim={head_dim} x heads != hidden_size is not supported")
@@ -360,6 +436,8 @@ def model_config_from_hf(hf_cfg: dict, source: str = "config.json") -> ModelConf
         normalization="RMSNorm",
         norm_epsilon=hf_cfg.get("rms_norm_eps", 1e-6),
         rope_base=float(rope_theta),
+        rope_scaling=rope_scaling,
+        rope_scaling_factor=rope_scaling_factor,
         untie_embeddings=not hf_cfg.get("tie_word_embeddings", False),
         init_method_std=hf_cfg.get("initializer_range", 0.02),
     )

@@ -31,6 +31,8 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_tinyllama.model.rope import rotary_cos_sin  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 try:  # optional accelerator
@@ -65,17 +67,22 @@ def _report(backend: str) -> None:
         logger.info("attention backend: %s", backend)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, base: float,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos and sin of the RoPE angles, [seq_len, head_dim] (halves duplicated, HF layout).
+@functools.lru_cache(maxsize=16)
+def _cached_cos_sin(seq_len: int, head_dim: int, base: float, device: torch.device, scaling: str,
+                    factor: float, inference: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # ``inference`` keys the cache: a table made under inference_mode cannot be saved for backward.
+    return rotary_cos_sin(seq_len, head_dim, base, device, scaling, factor)
 
-    Positions and inverse frequencies are fp32 whatever the model dtype: bf16 holds integers
-    exactly only up to 256.
-    """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+
+def rope_table(seq_len: int, head_dim: int, base: float, device: torch.device,
+               scaling: str = "none", factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~megatron_tinyllama.model.rope.rotary_cos_sin`, built once per shape and reused by
+    every layer and every forward (it depends on no parameter). Inside torch.compile it is traced
+    into the graph instead, where the compiler folds it."""
+    if torch.compiler.is_compiling():
+        return rotary_cos_sin(seq_len, head_dim, base, device, scaling, factor)
+    return _cached_cos_sin(seq_len, head_dim, float(base), device, scaling, float(factor),
+                           torch.is_inference_mode_enabled())
 
 
 def apply_rope_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -108,6 +115,8 @@ class FusedCoreAttention(MegatronModule):
     requested_backend = "auto"
     rope: Optional[str] = None  # None: RoPE already applied by SelfAttention; "compiled" | "liger"
     rope_base = 10000.0
+    rope_scaling = "none"
+    rope_scaling_factor = 1.0
     gqa = "repeat"
 
     def __init__(
@@ -175,7 +184,8 @@ class FusedCoreAttention(MegatronModule):
         v = value.permute(1, 2, 0, 3)
         if self.rope is None:
             return query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), v
-        cos, sin = rotary_cos_sin(query.shape[0], query.shape[-1], self.rope_base, query.device)
+        cos, sin = rope_table(query.shape[0], query.shape[-1], self.rope_base, query.device,
+                              self.rope_scaling, self.rope_scaling_factor)
         if self.rope == "liger":
             from liger_kernel.transformers.functional import liger_rope
 
@@ -188,7 +198,8 @@ class FusedCoreAttention(MegatronModule):
 
 
 def core_attention_class(backend: str = "auto", *, rope: Optional[str] = None,
-                         rope_base: float = 10000.0, gqa: str = "repeat") -> type:
+                         rope_base: float = 10000.0, gqa: str = "repeat",
+                         rope_scaling: str = "none", rope_scaling_factor: float = 1.0) -> type:
     """A :class:`FusedCoreAttention` subclass bound to ``backend``, RoPE and GQA modes.
 
     megatron-core instantiates ``core_attention`` itself with a fixed set of keyword arguments
@@ -200,10 +211,13 @@ def core_attention_class(backend: str = "auto", *, rope: Optional[str] = None,
         rope: None (megatron-core's SelfAttention applies RoPE), "compiled" or "liger".
         rope_base: RoPE base, used when ``rope`` is set.
         gqa: "repeat" or "native".
+        rope_scaling, rope_scaling_factor: RoPE scaling (:mod:`megatron_tinyllama.model.rope`),
+            used when ``rope`` is set.
     """
     resolve_attention_backend(backend)  # fail at spec time, not in the middle of model building
     if rope not in (None, "compiled", "liger") or gqa not in ("repeat", "native"):
         raise ValueError(f"core attention: unknown rope={rope!r} or gqa={gqa!r}")
     name = f"FusedCoreAttention_{backend}_{rope or 'mcore_rope'}_{gqa}"
     return type(name, (FusedCoreAttention,),
-                {"requested_backend": backend, "rope": rope, "rope_base": float(rope_base), "gqa": gqa})
+                {"requested_backend": backend, "rope": rope, "rope_base": float(rope_base), "gqa": gqa,
+                 "rope_scaling": rope_scaling, "rope_scaling_factor": float(rope_scaling_factor)})

@@ -20,6 +20,7 @@ from megatron_tinyllama.config import ModelConfig
 from megatron_tinyllama.model.kernels import PLAIN_PLAN, KernelPlan
 from megatron_tinyllama.model.layer_spec import get_block_spec, get_layer_spec
 from megatron_tinyllama.model.loss import language_model_loss  # noqa: F401  (re-exported)
+from megatron_tinyllama.model.rope import mcore_rope_kwargs, rope_inv_freq
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def build_model(model_cfg: ModelConfig, tensor_parallel_size: int = 1, precision
     kernels = kernels or PLAIN_PLAN
     transformer_config = build_transformer_config(model_cfg, tensor_parallel_size, precision, kernels)
     layer_spec = get_layer_spec(model_cfg.normalization, model_cfg.qk_layernorm, model_cfg.attention_backend,
-                                kernels, model_cfg.rope_base)
+                                kernels, model_cfg.rope_base, model_cfg.rope_scaling,
+                                model_cfg.rope_scaling_factor)
     spec = get_block_spec(layer_spec, model_cfg.num_layers, model_cfg.normalization, kernels)
     model = GPTModel(
         config=transformer_config,
@@ -132,6 +134,7 @@ def build_model(model_cfg: ModelConfig, tensor_parallel_size: int = 1, precision
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=int(model_cfg.rope_base),
+        **mcore_rope_kwargs(model_cfg.rope_scaling, model_cfg.rope_scaling_factor),
     )
     if torch.cuda.is_available() and not next(model.parameters()).is_cuda:
         model = model.cuda()
@@ -161,12 +164,14 @@ def use_fp32_rotary_frequencies(model, model_cfg: ModelConfig) -> int:
     inside it to the engine dtype, so under bf16 megatron-core's ``inv_freq`` is born in bf16, and
     the positions it builds with ``arange(..., dtype=inv_freq.dtype)`` too. bf16 holds integers
     exactly only up to 256, so positions collapse in groups and RoPE angles at position 2047 are
-    wrong by whole radians. The formula is megatron-core's (and HF Llama's), in fp32.
+    wrong by whole radians. The formula is megatron-core's (and HF Llama's), in fp32, with llama3
+    scaling (:func:`~megatron_tinyllama.model.rope.rope_inv_freq`; linear scaling stays in the
+    module's ``seq_len_interpolation_factor``).
     """
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    dim = model_cfg.head_dim
-    inv_freq = 1.0 / (model_cfg.rope_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = rope_inv_freq(model_cfg.head_dim, model_cfg.rope_base, model_cfg.rope_scaling,
+                             model_cfg.rope_scaling_factor)
     count = 0
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):

@@ -40,7 +40,8 @@ class RowParallelLinearWithGroup(RowParallelLinear):
 
 def get_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False,
                    attention_backend: str = "auto", kernels: KernelPlan = PLAIN_PLAN,
-                   rope_base: float = 10000.0) -> ModuleSpec:
+                   rope_base: float = 10000.0, rope_scaling: str = "none",
+                   rope_scaling_factor: float = 1.0) -> ModuleSpec:
     """Spec of a pre-norm decoder layer: norm -> GQA attention -> norm -> SwiGLU MLP, no biases.
 
     Args:
@@ -49,6 +50,7 @@ def get_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False,
         attention_backend: "auto", "sdpa", "flash_attn" or "math" (see attention.py).
         kernels: resolved backends; the plain plan is what the stack always computed.
         rope_base: RoPE base, for the backends that apply RoPE inside core attention.
+        rope_scaling, rope_scaling_factor: RoPE scaling, for the same backends.
     """
     norm = norm_class(normalization, kernels.norm)
     rope_in_core = kernels.rope != "torch"
@@ -64,7 +66,8 @@ def get_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False,
                     linear_qkv=ColumnParallelLinear,
                     core_attention=core_attention_class(
                         attention_backend, rope=kernels.rope if rope_in_core else None,
-                        rope_base=rope_base, gqa=kernels.gqa),
+                        rope_base=rope_base, gqa=kernels.gqa, rope_scaling=rope_scaling,
+                        rope_scaling_factor=rope_scaling_factor),
                     linear_proj=RowParallelLinearWithGroup,
                     q_layernorm=norm if qk_layernorm else IdentityOp,
                     k_layernorm=norm if qk_layernorm else IdentityOp,

@@ -177,13 +177,16 @@ def initialize_model_parallel(tensor_parallel_size: int, seed: int) -> None:
             f"parallel.tensor_parallel_size={tensor_parallel_size} does not divide the "
             f"world size {world}"
         )
-    on_cpu = require_cpu_shim()
+    require_cpu_shim()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
-        # On CPU the default groups already are gloo; duplicates would only cost start-up time.
-        create_gloo_process_groups=not on_cpu,
+        # megatron-core's gloo twins of the DP groups serve only its own distributed optimizer
+        # and checkpoint code, which this stack does not use (DeepSpeed optimises, over the
+        # default groups). On GPU they would be idle gloo sockets, a known cause of multi-node
+        # hangs when gloo picks the wrong interface; on CPU the default groups are gloo already.
+        create_gloo_process_groups=False,
     )
     set_seed(seed)
 

@@ -195,13 +195,20 @@ def evaluate(te: TrainingEngine, cfg: JobConfig) -> Optional[float]:
         seed=_data_seed(cfg), vocab_size=cfg.model.vocab_size,
     )
     te.engine.eval()
-    losses = []
+    # Summed on the device, read once at the end: an .item() per batch would make the host wait
+    # for each batch's kernels before queuing the next one.
+    total = torch.zeros(1, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    count = 0
     for batch in batches:
         batch = _to_device(batch)
         _, metrics = compute_loss(te, cfg, batch)
-        losses.append(metrics["lm_loss"].item())
+        total += metrics["lm_loss"].detach().to(torch.float64)
+        count += 1
     te.engine.train()
-    return _all_reduce_mean(sum(losses) / max(1, len(losses)), parallel_state.get_data_parallel_group())
+    group = parallel_state.get_data_parallel_group()
+    total /= max(1, count)
+    dist.all_reduce(total, group=group)
+    return total.item() / dist.get_world_size(group)
 
 
 def _data_seed(cfg: JobConfig) -> int:
