@@ -46,9 +46,10 @@ class Layout:
     zero_stage: object = "auto"
     ranks_per_node: int = 0
     hpz: int = 1
+    micro_batch: int = 2
 
     def __str__(self) -> str:
-        text = f"TP{self.tp}xDP{self.ranks // self.tp}-Z{self.zero_stage}"
+        text = f"TP{self.tp}xDP{self.ranks // self.tp}-Z{self.zero_stage}-mb{self.micro_batch}"
         return text + (f"-hpZ{self.ranks // self.ranks_per_node}nodes" if self.ranks_per_node else "")
 
 
@@ -56,6 +57,7 @@ def _tree(save_dir: Path, layout: Layout, steps: int, init_from) -> dict:
     tree = recipe(save_dir, tp=layout.tp, steps=steps, init_from=init_from, save_interval=SWITCH, hpz=layout.hpz)
     tree["optimizer"]["decay_tokens"] = SIX.decay_tokens
     tree["parallel"]["zero_stage"] = layout.zero_stage
+    tree["train"]["micro_batch_size"] = layout.micro_batch
     return tree
 
 
@@ -117,8 +119,11 @@ def _gaps(save_dir: Path, reference) -> tuple[float, float]:
 DP2 = Layout(2)
 CASES = {
     "dp2-to-dp1": (DP2, Layout(1)),
-    "zero3-to-zero1": (DP2, Layout(2, zero_stage=1)),
-    "zero1-to-zero3": (Layout(2, zero_stage=1), DP2),
+    # DeepSpeed's own load (same layout), another micro-batch at the same global batch
+    "micro-batch-2-to-4-same-layout": pytest.param((DP2, Layout(2, micro_batch=4)), marks=pytest.mark.slow),
+    "zero3-to-zero1-and-micro-batch-4": pytest.param((DP2, Layout(2, zero_stage=1, micro_batch=4)),
+                                                     marks=pytest.mark.slow),
+    "zero1-to-zero3": pytest.param((Layout(2, zero_stage=1), DP2), marks=pytest.mark.slow),
     "dp2-to-dp4": pytest.param((DP2, Layout(4)), marks=pytest.mark.slow),
     "dp4-to-dp1": pytest.param((Layout(4), Layout(1)), marks=pytest.mark.slow),
     "tp2dp2-to-tp1dp4": pytest.param((Layout(4, tp=2), Layout(4)), marks=pytest.mark.slow),
