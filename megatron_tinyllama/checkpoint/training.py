@@ -10,7 +10,9 @@ or nothing)::
     global_step000100/          DeepSpeed's files (ZeRO shards, optimizer states) for step 100
         rng/rank00000.pt        every rank's RNG states
         model/                  per-TP-rank full fp32 weights (see checkpoint.native), for the
-                                converter and for ``init_from``
+                                converter, for ``init_from`` and as the master weights of a
+                                resume on another layout
+        optim/                  the AdamW moments, layout-free (see checkpoint.reshard)
         manifest.json           size and hash of every file above
         trainer_state.json      counters, recipe, layout, tokenizer: written last = complete
 
@@ -24,8 +26,9 @@ the manifest; a truncated or corrupt file is named, the checkpoint is set aside 
 its own ``save_dir``'s checkpoint named by ``latest`` (or, when ``latest`` is missing or names no
 complete checkpoint, the newest complete one, said in the log), else ``checkpoint.continue_from``
 (a previous stage: full state), else ``checkpoint.init_from`` (weights only), else nothing. The
-saved model shape, parallel layout and tokenizer are compared with the recipe and every difference
-is named before the run refuses.
+saved model shape and tokenizer are compared with the recipe and every difference is named before
+the run refuses. On the layout it was written at, a checkpoint loads through DeepSpeed; on another
+(data-parallel size, TP degree, ZeRO stage, node-local sharding), through checkpoint.reshard.
 
 **Retention** keeps the ``keep_last`` newest complete checkpoints *of this run* (by step number,
 and only those carrying this run's id): a run never deletes checkpoints it did not write.

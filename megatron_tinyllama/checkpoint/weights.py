@@ -1,6 +1,6 @@
 """Model weights in and out of a live DeepSpeed engine.
 
-This module owns the three places where full tensors meet the engine's shards:
+This module owns the places where full tensors meet the engine's shards:
 
 * :func:`load_weights_into_engine` (``checkpoint.init_from``): every rank reads its own
   tensor-parallel shard of a model directory (resharded when it was written at another TP degree)
@@ -12,6 +12,8 @@ This module owns the three places where full tensors meet the engine's shards:
   parameters) for the model export written beside each training checkpoint.
 * :func:`check_tp_replicas`: parameters that every TP rank holds whole (norm gains) must stay
   identical across the TP group; a drift would silently fork the model.
+* :func:`get_optimizer_state` / :func:`set_optimizer_state`: one parameter's AdamW moments as
+  this TP rank's full tensor, whatever ZeRO stage partitions them (for checkpoint.reshard).
 """
 
 from __future__ import annotations
