@@ -381,7 +381,8 @@ class CheckpointConfig:
     continue_from: Optional[str] = None
     """A previous stage's save_dir (or one of its checkpoint directories): weights, fp32 master
     weights, optimizer state, token count and data position carry over; the data blend, batch size
-    and run length may change. Model shape, tensor/data-parallel layout and tokenizer must match."""
+    and run length may change, and so may the layout (see ``reshardable``). Model shape and
+    tokenizer must match."""
     init_from: Optional[str] = None
     """Weights only (a converted HF model, a model directory, or a run's save_dir at any TP degree);
     optimizer and data start fresh (see ``train.start_tokens``)."""
@@ -391,6 +392,10 @@ class CheckpointConfig:
     tp_replica_tolerance: float = 0.0
     """Largest difference allowed between tensor-parallel ranks' copies of a replicated parameter
     (norm gains), checked at each checkpoint; they are bitwise equal when training is correct."""
+    reshardable: bool = True
+    """Also write the AdamW moments layout-free (``optim/``, each data-parallel rank a share), so
+    the run can resume on another data-parallel size, TP degree, ZeRO stage or node-local
+    sharding; costs about two thirds of DeepSpeed's optimizer files again in bytes."""
 
     def __post_init__(self) -> None:
         _check_range("checkpoint", "save_interval_steps", self.save_interval_steps, low=1)

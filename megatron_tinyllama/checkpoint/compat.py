@@ -133,3 +133,37 @@ def other_differences(saved_cfg: dict[str, Any], cfg: JobConfig,
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+# The layout a checkpoint was written at, as saved in its trainer_state.json ("layout") and as an
+# engine runs: what DeepSpeed's shards depend on. Node-local sharding counts data-parallel ranks
+# per group (1 = off).
+LAYOUT_FIELDS = (("data_parallel_size", "DP"), ("tensor_parallel_size", "TP"), ("zero_stage", "ZeRO"),
+                 ("node_local_ranks", "node-local sharding"))
+
+
+def saved_layout(payload: dict[str, Any]) -> dict[str, Optional[int]]:
+    """The layout a checkpoint was written at; for checkpoints older than the ``layout`` record it
+    is derived from the saved recipe and world size (node-local sharding then unknown: None)."""
+    if isinstance(payload.get("layout"), dict):
+        return {name: payload["layout"].get(name) for name, _ in LAYOUT_FIELDS}
+    parallel = payload.get("config", {}).get("parallel", {})
+    tp, world = parallel.get("tensor_parallel_size"), payload.get("world_size")
+    dp = world // tp if world and tp else None
+    stage = parallel.get("zero_stage")
+    if stage is not None and dp:
+        from megatron_tinyllama.engine.ds_config import auto_zero_stage
+
+        stage = auto_zero_stage(stage, dp)
+    return {"data_parallel_size": dp, "tensor_parallel_size": tp, "zero_stage": stage, "node_local_ranks": None}
+
+
+def layout_change(saved: dict[str, Optional[int]], running: dict[str, int]) -> list[str]:
+    """``DP 4 -> 2``, ``TP 1 -> 2``... for each layout field that differs ([] when the same).
+    A field the checkpoint does not record is not compared."""
+    def shown(name: str, value) -> str:
+        return "off" if name == "node_local_ranks" and value == 1 else str(value)
+
+    return [f"{label} {shown(name, saved[name])} -> {shown(name, running[name])}"
+            for name, label in LAYOUT_FIELDS
+            if saved.get(name) is not None and saved[name] != running[name]]

@@ -11,7 +11,9 @@ or nothing)::
     global_step000100/          DeepSpeed's files (ZeRO shards, optimizer states) for step 100
         rng/rank00000.pt        every rank's RNG states
         model/                  per-TP-rank full fp32 weights (see checkpoint.native), for the
-                                converter and for ``init_from``
+                                converter, for ``init_from`` and as the master weights of a
+                                resume on another layout
+        optim/                  the AdamW moments, layout-free (see checkpoint.reshard)
         manifest.json           size and hash of every file above
         trainer_state.json      counters, recipe, layout, tokenizer: written last = complete
 
@@ -25,8 +27,9 @@ the manifest; a truncated or corrupt file is named, the checkpoint is set aside 
 its own ``save_dir``'s checkpoint named by ``latest`` (or, when ``latest`` is missing or names no
 complete checkpoint, the newest complete one, said in the log), else ``checkpoint.continue_from``
 (a previous stage: full state), else ``checkpoint.init_from`` (weights only), else nothing. The
-saved model shape, parallel layout and tokenizer are compared with the recipe and every difference
-is named before the run refuses.
+saved model shape and tokenizer are compared with the recipe and every difference is named before
+the run refuses. On the layout it was written at, a checkpoint loads through DeepSpeed; on another
+(data-parallel size, TP degree, ZeRO stage, node-local sharding), through checkpoint.reshard.
 
 **Retention** keeps the ``keep_last`` newest complete checkpoints *of this run* (by step number,
 and only those carrying this run's id): a run never deletes checkpoints it did not write.
@@ -56,9 +59,11 @@ from megatron_tinyllama.checkpoint.compat import (
     DATA_ORDER_FIELDS,
     data_order_differences,
     file_fingerprint,
+    layout_change,
     layout_differences,
     model_differences,
     other_differences,
+    saved_layout,
     tokenizer_differences,
 )
 from megatron_tinyllama.checkpoint.hf import ConversionError
@@ -68,6 +73,13 @@ from megatron_tinyllama.checkpoint.native import (
     save_torch_file,
     write_model_files,
     writing,
+)
+from megatron_tinyllama.checkpoint.reshard import (
+    ReshardError,
+    engine_layout,
+    has_layout_free_state,
+    load_resharded,
+    save_optimizer_state,
 )
 from megatron_tinyllama.checkpoint.weights import (
     check_tp_replicas,
@@ -392,10 +404,13 @@ def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Pat
         write_model_files(tag_dir / "model", cfg.model, parallel_state.get_tensor_model_parallel_rank(),
                           parallel_state.get_tensor_model_parallel_world_size(), weights)
     del weights
+    if cfg.checkpoint.reshardable:
+        save_optimizer_state(engine, tag_dir)
     dist.barrier()
     write_manifest(tag_dir)
     if rank == 0:
         payload = {**asdict(state), "config": cfg.to_dict(), "world_size": dist.get_world_size(),
+                   "layout": engine_layout(engine),
                    "tokenizer_fingerprint": file_fingerprint(cfg.data.tokenizer_model)}
         _write_atomic(tag_dir / TRAINER_STATE, json.dumps(payload, indent=2))
         _write_atomic(save_dir / "latest", tag)
@@ -447,8 +462,11 @@ def _refuse(what: str, where: Path, diffs: list[str]) -> None:
 def _check_checkpoint_fits(tag_dir: Path, cfg: JobConfig, world_size: int, *, resume: bool) -> None:
     payload = read_trainer_state(tag_dir) or {}
     saved_model = payload.get("config", {}).get("model", {})
-    diffs = (model_differences(saved_model, cfg.model, include_seq_length=resume)
-             + layout_differences(payload, cfg, world_size) + tokenizer_differences(payload, cfg))
+    diffs = model_differences(saved_model, cfg.model, include_seq_length=resume) + tokenizer_differences(payload, cfg)
+    layout = layout_differences(payload, cfg, world_size)
+    if layout and not has_layout_free_state(tag_dir):
+        diffs += layout + ["the checkpoint has no layout-free optimizer state to reshard (optim/: written "
+                           "when checkpoint.reshardable is true)"]
     _refuse("resuming from" if resume else "continuing from", tag_dir, diffs)
     saved_cfg = payload.get("config", {})
     # A new stage (continue_from) may change its data; a resume of the same run that does reads
@@ -517,19 +535,32 @@ def plan_start(cfg: JobConfig, world_size: int) -> StartPlan:
     return StartPlan("fresh")
 
 
-def _load_full_state(engine, tag_dir: Path, *, own_run: bool) -> TrainerState:
+def _load_full_state(engine, cfg: JobConfig, tag_dir: Path, *, own_run: bool) -> TrainerState:
+    payload = read_trainer_state(tag_dir)
+    known = {k: payload[k] for k in asdict(TrainerState()) if k in payload}
+    state = TrainerState(**known)
+    change = layout_change(saved_layout(payload), engine_layout(engine))
     try:
-        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
+        if change:  # DeepSpeed's files hold this layout's shards: rebuild from the layout-free copy
+            if not has_layout_free_state(tag_dir):
+                raise ReshardError(f"written at another layout ({', '.join(change)}) without the "
+                                   "layout-free optimizer state (optim/)")
+            logger.info("resuming step %d on a new layout: %s (optimizer state resharded)", state.step,
+                        ", ".join(change))
+            load_resharded(engine, cfg.model, tag_dir)
+            # DeepSpeed's own counters, as its load_checkpoint would have set them.
+            engine.global_steps, engine.global_samples = state.step, state.consumed_samples
+            engine.skipped_steps = state.skipped_steps
+        else:
+            engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
     except Exception as err:  # noqa: BLE001 - named and re-raised
         raise CheckpointError(f"loading {tag_dir} failed on rank {dist.get_rank()}: "
                               f"{type(err).__name__}: {err}") from err
-    payload = read_trainer_state(tag_dir)
     rng_file = tag_dir / "rng" / f"rank{dist.get_rank():05d}.pt"
-    if rng_file.is_file() and payload.get("world_size") == dist.get_world_size():
+    # Each rank's RNG stream belongs to its place in the layout; on another layout it means nothing.
+    if rng_file.is_file() and not change and payload.get("world_size") == dist.get_world_size():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    known = {k: payload[k] for k in asdict(TrainerState()) if k in payload}
-    state = TrainerState(**known)
     if not own_run:  # a new stage: its own id, and its data and warm-up start here
         state.run_id = TrainerState().run_id
         state.stage_start_samples = state.consumed_samples
@@ -554,7 +585,7 @@ def start_state(engine, cfg: JobConfig, plan: StartPlan) -> TrainerState:
         for tag_dir in plan.candidates:
             problems = checkpoint_problems(tag_dir)
             if not problems:
-                state = _load_full_state(engine, tag_dir, own_run=plan.kind == "resume")
+                state = _load_full_state(engine, cfg, tag_dir, own_run=plan.kind == "resume")
                 if rejected:
                     logger.warning("fell back to %s", tag_dir)
                 logger.info("%s from %s: step %d, %s tokens", "resumed" if plan.kind == "resume" else

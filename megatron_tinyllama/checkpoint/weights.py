@@ -1,6 +1,6 @@
 """Model weights in and out of a live DeepSpeed engine.
 
-This module owns the three places where full tensors meet the engine's shards:
+This module owns the places where full tensors meet the engine's shards:
 
 * :func:`load_weights_into_engine` (``checkpoint.init_from``): every rank reads its own
   tensor-parallel shard of a model directory (resharded when it was written at another TP degree)
@@ -12,6 +12,8 @@ This module owns the three places where full tensors meet the engine's shards:
   parameters) for the model export written beside each training checkpoint.
 * :func:`check_tp_replicas`: parameters that every TP rank holds whole (norm gains) must stay
   identical across the TP group; a drift would silently fork the model.
+* :func:`get_optimizer_state` / :func:`set_optimizer_state`: one parameter's AdamW moments as
+  this TP rank's full tensor, whatever ZeRO stage partitions them (for checkpoint.reshard).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def read_shard_for_rank(directory: Path, model_cfg: ModelConfig, tp_rank: int,
     return shard_for_tp(full, tp_size)[tp_rank]
 
 
-def _shape(param: torch.nn.Parameter) -> tuple[int, ...]:
+def param_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
     # Under ZeRO-3 a parameter's own tensor is an empty placeholder; ds_shape is the real shape.
     return tuple(getattr(param, "ds_shape", param.shape))
 
@@ -61,12 +63,7 @@ def _set_master_weight(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
     if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the flattened, padded tensor
-        group = param.ds_process_group
-        rank, count = dist.get_rank(group=group), dist.get_world_size(group=group)
-        size = param.ds_tensor.ds_numel
-        flat = torch.zeros(size * count, dtype=torch.float32)
-        flat[: value.numel()] = value.reshape(-1)
-        safe_set_local_fp32_param(param, flat[rank * size:(rank + 1) * size].to(param.ds_tensor.device))
+        safe_set_local_fp32_param(param, _zero3_local_part(param, value))
     elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and DeepSpeed's bf16 optimizer
         safe_set_full_fp32_param(param, value.to(param.device))
     # Otherwise the parameter is its own master copy and already holds the value.
@@ -82,22 +79,65 @@ def load_weights_into_engine(engine, state: dict[str, torch.Tensor], source: str
     Raises:
         ConversionError: a tensor missing, unexpected or of another shape (named, with ``source``).
     """
-    import deepspeed
-
     params = dict(engine.module.named_parameters())
     missing = sorted(set(params) - set(state))
     unexpected = sorted(k for k in set(state) - set(params) if not k.endswith("_extra_state"))
     if missing or unexpected:
         raise ConversionError(f"{source}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
     for name, param in params.items():
-        if tuple(state[name].shape) != _shape(param):
+        if tuple(state[name].shape) != param_shape(param):
             raise ConversionError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                                  f"the model expects {_shape(param)}")
+                                  f"the model expects {param_shape(param)}")
     for name, param in params.items():
-        value = state[name].to(torch.float32)
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
-            param.data.copy_(value.to(device=param.device, dtype=param.dtype))
-        _set_master_weight(param, value)
+        set_weight(param, state[name])
+
+
+def set_weight(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Put this TP rank's full tensor into one parameter and its fp32 master copy (collective
+    over the data-parallel group under ZeRO-3)."""
+    import deepspeed
+
+    value = value.to(torch.float32)
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
+        param.data.copy_(value.to(device=param.device, dtype=param.dtype))
+    _set_master_weight(param, value)
+
+
+def _zero3_local_part(param: torch.nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+    """This rank's partition of a ZeRO-3 parameter's flattened tensor, padded as ZeRO pads it
+    (DeepSpeed's set_full_hp_param narrows the unpadded tensor, which fails on the last rank)."""
+    group = param.ds_process_group
+    rank, count = dist.get_rank(group=group), dist.get_world_size(group=group)
+    size = param.ds_tensor.ds_numel
+    flat = torch.zeros(size * count, dtype=torch.float32)
+    flat[: value.numel()] = value.reshape(-1)
+    return flat[rank * size:(rank + 1) * size].to(param.ds_tensor.device)
+
+
+def get_optimizer_state(param: torch.nn.Parameter, key: str, optimizer) -> torch.Tensor:
+    """This TP rank's full fp32 optimizer state ``key`` (``exp_avg``...) of a parameter, in its
+    shape. Collective over the data-parallel group under ZeRO (every rank gets the tensor)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+        value = safe_get_full_optimizer_state(param, key)
+    else:  # no ZeRO partitioning: the parameter is its own master and owns its state
+        value = optimizer.state[param][key]
+    return value.detach().float().cpu().reshape(param_shape(param)).clone()
+
+
+def set_optimizer_state(param: torch.nn.Parameter, key: str, value: torch.Tensor, optimizer) -> None:
+    """Write this TP rank's full tensor into the optimizer state ``key`` of a parameter (each
+    rank keeps its ZeRO partition). The state must exist (see reshard.prepare_adam_state)."""
+    from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
+
+    value = value.to(torch.float32)
+    if hasattr(param, "ds_id"):
+        safe_set_local_optimizer_state(param, _zero3_local_part(param, value), key)
+    elif hasattr(param, "_hp_mapping"):
+        safe_set_full_optimizer_state(param, value.to(param.device), key)
+    else:
+        optimizer.state[param][key].copy_(value.reshape(param.shape).to(param.device))
 
 
 def _is_tp_replicated(param: torch.nn.Parameter) -> bool:
@@ -124,7 +164,7 @@ def gather_full_weights(engine, keep_all: bool) -> dict[str, torch.Tensor]:
                                                    enabled=hasattr(param, "ds_id")):
                 master = param.data.detach().float().clone() if keep else None
         if keep:
-            state[name] = master.detach().float().cpu().reshape(_shape(param)).clone()
+            state[name] = master.detach().float().cpu().reshape(param_shape(param)).clone()
     return state
 
 

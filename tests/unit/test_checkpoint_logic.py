@@ -249,3 +249,30 @@ def test_checkpoint_package_imports_run_one_way():
                             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(prefix)}
     cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if a < b and a in graph.get(b, ()))
     assert cycles == []
+
+
+def test_a_layout_change_reshards_when_the_checkpoint_carries_the_layout_free_state(tmp_path):
+    tag_dir = fake_checkpoint(tmp_path, 2, world_size=4)
+    (tag_dir / "optim").mkdir()
+    (tag_dir / "optim" / "index.json").write_text("{}")
+    plan = plan_start(job(tmp_path, parallel={"tensor_parallel_size": 2}), world_size=2)
+    assert plan.kind == "resume" and plan.candidates == [tag_dir]
+    # What cannot be resharded is still refused, named.
+    with pytest.raises(ConfigError, match=r"model.hidden_size: checkpoint 64, recipe 128") as err:
+        plan_start(job(tmp_path, model={"hidden_size": 128}, parallel={"tensor_parallel_size": 2}), world_size=2)
+    assert "tensor_parallel_size" not in str(err.value)
+
+
+def test_a_layout_change_is_named_field_by_field():
+    from megatron_tinyllama.checkpoint.compat import layout_change, saved_layout
+
+    saved = {"data_parallel_size": 4, "tensor_parallel_size": 1, "zero_stage": 3, "node_local_ranks": 2}
+    now = {"data_parallel_size": 2, "tensor_parallel_size": 2, "zero_stage": 3, "node_local_ranks": 1}
+    assert layout_change(saved, now) == ["DP 4 -> 2", "TP 1 -> 2", "node-local sharding 2 -> off"]
+    assert layout_change(saved, saved) == []
+    # A checkpoint from before the layout record: derived from its recipe ('auto' as it ran).
+    old = {"world_size": 4, "config": job(None, parallel={"zero_stage": "auto"}).to_dict()}
+    assert saved_layout(old) == {"data_parallel_size": 4, "tensor_parallel_size": 1, "zero_stage": 3,
+                                 "node_local_ranks": None}
+    assert layout_change(saved_layout(old), {**now, "data_parallel_size": 1, "zero_stage": 1,
+                                             "tensor_parallel_size": 1}) == ["DP 4 -> 1", "ZeRO 3 -> 1"]

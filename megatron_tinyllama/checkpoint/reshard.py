@@ -1,0 +1,268 @@
+"""Resume on another layout: the layout-free optimizer state every checkpoint carries, and its load.
+
+This module owns the part of a training checkpoint that does not depend on how the run was laid
+out, and the load that puts it into an engine built for another layout (data-parallel size, TP
+degree, ZeRO stage, node-local sharding)::
+
+    global_step000100/
+        model/                          fp32 master weights, full tensors of each TP rank
+                                        (checkpoint.native, written anyway for the converter)
+        optim/index.json                AdamW's step count, the TP degree, which file holds what
+        optim/tp00-of-02.dp001.part000.safetensors
+                                        exp_avg/<name>, exp_avg_sq/<name>: full tensors of TP
+                                        rank 0 (megatron-core's slicing, vocabulary padded for
+                                        TP=2) for the parameters data-parallel rank 1 writes
+
+**Why our own copy, not DeepSpeed's universal checkpoint.** ``ds_to_universal`` is an offline
+step run by one process over every rank's files, and it merges TP slices by rules that Megatron-
+DeepSpeed passes in (``universal_checkpoint_info``); ours are megatron-core's (SwiGLU fc1 as
+``[gate_r; up_r]`` per rank, GQA's grouped QKV, vocabulary padding that depends on the TP degree)
+and are already written once, in checkpoint.hf. So the moments are stored the way the weights
+are, in full per-TP-rank tensors, and the load slices them with the same rules, then lets
+DeepSpeed's own accessors (``safe_set_*``: ZeRO-1/2 fragments, ZeRO-3 partitions, with or
+without node-local sharding) place each rank's part. Same layout: DeepSpeed's own files load
+as before (faster, and bit-exact including RNG).
+
+**Written in parallel.** Parameters are dealt to the data-parallel ranks of each TP rank by size;
+every rank takes part in each parameter's gather (a ZeRO collective) but only its owner keeps and
+writes it, in parts of at most 1 GiB, so each rank writes about 1/DP of its TP rank's moments and
+no rank holds more than a part in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_tinyllama.checkpoint.hf import merge_tp_shards, repad_vocab, shard_for_tp
+from megatron_tinyllama.checkpoint.native import read_model_index, shard_filename
+from megatron_tinyllama.checkpoint.weights import get_optimizer_state, param_shape, set_optimizer_state, set_weight
+from megatron_tinyllama.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+OPTIM_DIR = "optim"
+OPTIM_INDEX = "index.json"
+FORMAT_VERSION = 1
+MOMENTS = ("exp_avg", "exp_avg_sq")
+PART_BYTES = 1 << 30
+
+
+class ReshardError(RuntimeError):
+    """The layout-free state of a checkpoint is missing, incomplete or does not fit the model."""
+
+
+def has_layout_free_state(tag_dir: Path) -> bool:
+    return (Path(tag_dir) / OPTIM_DIR / OPTIM_INDEX).is_file()
+
+
+def engine_layout(engine) -> dict[str, int]:
+    """The layout this engine runs (the fields of checkpoint.compat.LAYOUT_FIELDS)."""
+    from megatron.core import parallel_state
+
+    stage = int(engine.zero_optimization_stage())
+    return {"data_parallel_size": parallel_state.get_data_parallel_world_size(),
+            "tensor_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "zero_stage": stage,
+            "node_local_ranks": int(engine.zero_hpz_partition_size()) if stage == 3 else 1}
+
+
+def _inner_optimizer(engine):
+    # DeepSpeed's ZeRO optimizers wrap torch's AdamW (over flat fp32 partitions) as .optimizer.
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def adam_step(engine) -> int:
+    """AdamW's step count (updates applied; it sets the bias correction)."""
+    steps = [state["step"] for state in _inner_optimizer(engine).state.values() if "step" in state]
+    return int(max(steps)) if steps else 0
+
+
+def _owners(sizes: list[int], count: int) -> list[int]:
+    """Deal items to ``count`` owners, largest first to the least loaded (deterministic)."""
+    load, owner = [0] * count, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owner[i] = min(range(count), key=lambda r: (load[r], r))
+        load[owner[i]] += sizes[i]
+    return owner
+
+
+class _PartWriter:
+    """Collects tensors and writes them in safetensors parts of at most ``PART_BYTES``."""
+
+    def __init__(self, directory: Path, stem: str) -> None:
+        self.directory, self.stem = directory, stem
+        self.pending: dict[str, torch.Tensor] = {}
+        self.files: dict[str, list[str]] = {}
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        self.pending[key] = tensor
+        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= PART_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"{self.stem}.part{len(self.files):03d}.safetensors"
+        save_file(self.pending, str(self.directory / name), metadata={"format": "pt"})
+        self.files[name] = sorted(self.pending)
+        self.pending = {}
+
+
+def save_optimizer_state(engine, tag_dir: Path) -> None:
+    """Write this rank's share of the layout-free AdamW moments and, from rank 0, the index.
+
+    Collective over all ranks (each parameter's moments are gathered over its data-parallel
+    group; every group member calls in the same order).
+    """
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    optimizer = _inner_optimizer(engine)
+    step = adam_step(engine)
+    params = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+    owners = _owners([int(torch.Size(param_shape(p)).numel()) for _, p in params], dp_size)
+    directory = Path(tag_dir) / OPTIM_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = _PartWriter(directory, f"tp{tp_rank:02d}-of-{tp_size:02d}.dp{dp_rank:03d}")
+    if step:
+        _link_fragments(engine)
+    for (name, param), owner in zip(params, owners):
+        for key in MOMENTS:
+            # Before the first update AdamW has no state yet: its moments are zeros.
+            value = get_optimizer_state(param, key, optimizer) if step else torch.zeros(param_shape(param))
+            if owner == dp_rank:
+                writer.add(f"{key}/{name}", value)
+            del value
+    writer.flush()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (tp_rank, writer.files))
+    if dist.get_rank() == 0:
+        tensors: dict[str, dict[str, str]] = {str(r): {} for r in range(tp_size)}
+        for rank, files in everyone:
+            for file, keys in files.items():
+                tensors[str(rank)].update({key: file for key in keys})
+        index = {"format_version": FORMAT_VERSION, "tensor_parallel_size": tp_size, "adam_step": step,
+                 "tensors": tensors}
+        (directory / OPTIM_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
+
+
+class _Reader:
+    """Tensors of a checkpoint's model/ and optim/ files, opened lazily, one tensor at a time."""
+
+    def __init__(self, tag_dir: Path) -> None:
+        self.tag_dir = Path(tag_dir)
+        path = self.tag_dir / OPTIM_DIR / OPTIM_INDEX
+        try:
+            self.index = json.loads(path.read_text())
+            self.tp_size = int(self.index["tensor_parallel_size"])
+            self.step = int(self.index["adam_step"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ReshardError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+        _, model_tp = read_model_index(self.tag_dir / "model")
+        if model_tp != self.tp_size:
+            raise ReshardError(f"{self.tag_dir}: model/ written at TP={model_tp}, optim/ at TP={self.tp_size}")
+        self.handles: dict[Path, object] = {}
+
+    def _open(self, path: Path):
+        if path not in self.handles:
+            self.handles[path] = safe_open(str(path), framework="pt")
+        return self.handles[path]
+
+    def get(self, tp_rank: int, kind: str, name: str) -> torch.Tensor:
+        """One saved tensor: ``kind`` is ``fp32`` (from model/) or a moment (from optim/)."""
+        if kind == "fp32":
+            path, key = self.tag_dir / "model" / shard_filename(tp_rank, self.tp_size), name
+        else:
+            key = f"{kind}/{name}"
+            file = self.index["tensors"].get(str(tp_rank), {}).get(key)
+            if file is None:
+                raise ReshardError(f"{self.tag_dir / OPTIM_DIR / OPTIM_INDEX}: no {key} for TP rank {tp_rank}")
+            path = self.tag_dir / OPTIM_DIR / file
+        handle = self._open(path)
+        if key not in handle.keys():
+            raise ReshardError(f"{path}: no tensor {key!r}")
+        return handle.get_tensor(key)
+
+    def for_rank(self, kind: str, name: str, model_cfg: ModelConfig, tp_rank: int, tp_size: int) -> torch.Tensor:
+        """The tensor as TP rank ``tp_rank`` of ``tp_size`` holds it (merged and re-split when the
+        checkpoint was written at another TP degree, vocabulary padding redone)."""
+        from megatron_tinyllama.model.build import padded_vocab_size
+
+        if tp_size == self.tp_size:
+            return self.get(tp_rank, kind, name)
+        full = merge_tp_shards([{name: self.get(r, kind, name)} for r in range(self.tp_size)])
+        full = repad_vocab(full, model_cfg, padded_vocab_size(model_cfg.vocab_size, tp_size))
+        return shard_for_tp(full, tp_size)[tp_rank][name]
+
+
+def prepare_adam_state(engine, step: int) -> None:
+    """Give AdamW's state its tensors (zeros) and the saved step count before they are filled.
+
+    torch's AdamW creates its state at the first step, and a freshly built engine has not
+    stepped; DeepSpeed's ZeRO-1/2 fragments then link to the state's tensors.
+    """
+    optimizer = _inner_optimizer(engine)
+    zero = engine.optimizer
+    # The tensors AdamW steps: ZeRO-3's and ZeRO-1/2's flat fp32 partitions (ZeRO-3 hands them to
+    # AdamW's param_groups only during its step), else the parameters themselves.
+    masters = (getattr(zero, "fp32_partitioned_groups_flat", None)
+               or getattr(zero, "single_partition_of_fp32_groups", None)
+               or [p for group in optimizer.param_groups for p in group["params"]])
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    for hp in masters:
+        state = optimizer.state[hp]
+        state["step"] = torch.tensor(float(step), dtype=torch.float32,
+                                     device=hp.device if on_device else torch.device("cpu"))
+        for key in MOMENTS:
+            if key not in state:
+                state[key] = torch.zeros_like(hp, memory_format=torch.preserve_format)
+    _link_fragments(engine)
+
+
+def _link_fragments(engine) -> None:
+    """Point ZeRO-1/2's per-parameter fragments at AdamW's state tensors (what the ``safe_*``
+    accessors read and write). DeepSpeed 0.19 links them once, right after the first param
+    group's first step, when the other groups have no state yet, and never again: without this
+    the no-decay group's moments cannot be read ('exp_avg not found in optimizer state fragment')."""
+    zero = engine.optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
+    """Load a checkpoint's fp32 master weights and AdamW moments, written at any layout, into this
+    engine (parameters too). Collective over all ranks. Returns AdamW's step count.
+
+    Raises:
+        ReshardError: a tensor missing, or of a shape this model does not have (named).
+    """
+    from megatron.core import parallel_state
+
+    reader = _Reader(tag_dir)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    optimizer = _inner_optimizer(engine)
+    prepare_adam_state(engine, reader.step)
+    for name, param in engine.module.named_parameters():
+        for kind in ("fp32",) + (MOMENTS if param.requires_grad else ()):
+            value = reader.for_rank(kind, name, model_cfg, tp_rank, tp_size)
+            if tuple(value.shape) != param_shape(param):
+                raise ReshardError(f"{tag_dir}: {kind} of {name!r} has shape {tuple(value.shape)}, the "
+                                   f"model expects {param_shape(param)}")
+            if kind == "fp32":
+                set_weight(param, value)
+            else:
+                set_optimizer_state(param, kind, value, optimizer)
+    return reader.step
+
