@@ -123,7 +123,10 @@ def build_engine(cfg: JobConfig, env: DistributedEnv) -> TrainingEngine:
                               tensor_parallel_size=cfg.parallel.tensor_parallel_size,
                               zero_stage=zero_stage)
     with init_context:
-        model = build_model(cfg.model, cfg.parallel.tensor_parallel_size, precision="fp32", kernels=kernels)
+        # The initial weights are a function of the seed alone (fp32 CPU draws), also under
+        # zero.Init, which would otherwise make megatron-core draw them in bf16 on the GPU.
+        model = build_model(cfg.model, cfg.parallel.tensor_parallel_size, precision="fp32", kernels=kernels,
+                            init_seed=cfg.parallel.seed)
     use_fp32_rotary_frequencies(model, cfg.model)  # zero.Init made them bf16 under bf16
     optimizer = torch.optim.AdamW(
         optimizer_param_groups(model, cfg.optimizer.weight_decay),

@@ -36,20 +36,59 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+class InitialWeights:
+    """Draws every initial weight in fp32 on the CPU, from a generator seeded by the seed alone.
+
+    megatron-core (``use_cpu_initialization``) builds each full weight matrix ("master weight"),
+    calls the config's init method on it and keeps this TP rank's slice, so the same draws give
+    the same model at any TP degree. But under ``deepspeed.zero.Init`` that master weight is
+    created in the engine dtype on the engine's device (bf16 on the GPU), and an init method that
+    fills it in place would draw in bf16 from the CUDA generator: ZeRO-1 and ZeRO-3 runs with one
+    seed would start from different models. So each tensor is drawn here into an fp32 CPU buffer
+    (made by numpy, which zero.Init does not patch), from its own generator seeded by
+    ``(seed, index of the tensor in construction order)`` (torch's other RNG users cannot shift
+    it), and then copied (cast) into whatever megatron-core handed over.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.drawn = 0
+
+    def normal(self, std: float):
+        """An init method (``fn(tensor)``) drawing N(0, std)."""
+
+        def init_(tensor: torch.Tensor) -> torch.Tensor:
+            import numpy as np
+
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed((self.seed * 1_000_003 + self.drawn) % (1 << 63))
+            self.drawn += 1
+            values = torch.from_numpy(np.empty(tuple(tensor.shape), dtype=np.float32))
+            values.normal_(0.0, std, generator=generator)
+            with torch.no_grad():
+                tensor.copy_(values)
+            return tensor
+
+        return init_
+
+
 def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int = 1,
-                             precision: str = "fp32", kernels: KernelPlan = PLAIN_PLAN):
+                             precision: str = "fp32", kernels: KernelPlan = PLAIN_PLAN,
+                             init_seed: Optional[int] = None):
     """The megatron-core ``TransformerConfig`` for ``model_cfg``.
 
-    Weights are always initialised on the CPU (``use_cpu_initialization``): full matrices from
-    torch's default RNG, sliced per TP rank, so the same seed gives the same model at any TP
-    degree; without CUDA it is also the only path (megatron's GPU path calls
-    ``torch.cuda.current_device()``).
+    Weights are always initialised on the CPU (``use_cpu_initialization``): full matrices drawn
+    in fp32 by :class:`InitialWeights` from ``init_seed`` alone, sliced per TP rank, so the same
+    seed gives the same model at any TP degree and ZeRO stage, on CPU and GPU; without CUDA it is
+    also the only path (megatron's GPU path calls ``torch.cuda.current_device()``).
 
     Args:
         model_cfg: architecture.
         tensor_parallel_size: TP degree; must divide heads and query groups.
         precision: "fp32", "bf16" or "fp16" (parameter dtype of the built modules).
         kernels: resolved speed levers; only the SwiGLU choice lives in the TransformerConfig.
+        init_seed: seed of the initial weights (None: torch's default generator's seed, as set
+            by ``torch.manual_seed``).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -63,6 +102,8 @@ def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int =
             )
     dtype = _DTYPES[precision]
     recompute = model_cfg.activation_checkpointing
+    weights = InitialWeights(torch.initial_seed() if init_seed is None else init_seed)
+    std = model_cfg.init_method_std
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -79,7 +120,11 @@ def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int =
         activation_func=F.silu,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=model_cfg.init_method_std,
+        init_method_std=std,
+        # megatron-core's defaults (N(0, std); output projections std / sqrt(2 * layers)), drawn
+        # by InitialWeights; the embedding uses init_method (same std).
+        init_method=weights.normal(std),
+        output_layer_init_method=weights.normal(std / math.sqrt(2.0 * model_cfg.num_layers)),
         tensor_model_parallel_size=tensor_parallel_size,
         sequence_parallel=False,
         use_cpu_initialization=True,
@@ -103,21 +148,25 @@ def build_transformer_config(model_cfg: ModelConfig, tensor_parallel_size: int =
 
 
 def build_model(model_cfg: ModelConfig, tensor_parallel_size: int = 1, precision: str = "fp32",
-                kernels: Optional[KernelPlan] = None):
+                kernels: Optional[KernelPlan] = None, init_seed: Optional[int] = None):
     """Build this rank's shard of the GPTModel (megatron-core parallel state must be initialised).
 
-    Weights are drawn from torch's default RNG; seed it identically on all ranks first
+    The initial weights are a function of ``init_seed`` alone (:class:`InitialWeights`: fp32
+    draws on the CPU, the same at every TP degree and ZeRO stage, inside ``zero.Init`` or not).
+    Without it, torch's default generator's seed is used: seed it identically on all ranks first
     (:func:`megatron_tinyllama.parallel.init.set_seed`). The kernels do not change the parameters
     (names, shapes, initial values), only how they are computed with.
 
     Args:
         kernels: resolved speed levers (:func:`megatron_tinyllama.model.kernels.resolve_kernels`);
             None builds the plain path (conversion, evaluation, tests).
+        init_seed: seed of the initial weights (the training engine passes ``parallel.seed``).
     """
     from megatron.core.models.gpt import GPTModel
 
     kernels = kernels or PLAIN_PLAN
-    transformer_config = build_transformer_config(model_cfg, tensor_parallel_size, precision, kernels)
+    transformer_config = build_transformer_config(model_cfg, tensor_parallel_size, precision, kernels,
+                                                  init_seed=init_seed)
     layer_spec = get_layer_spec(model_cfg.normalization, model_cfg.qk_layernorm, model_cfg.attention_backend,
                                 kernels, model_cfg.rope_base, model_cfg.rope_scaling,
                                 model_cfg.rope_scaling_factor)
