@@ -23,6 +23,7 @@ import numpy as np
 
 from megatron_tinyllama.scaling.curve import (
     DEFAULT_DECAY,
+    Areas,
     CurveBand,
     CurveFit,
     bootstrap_band,
@@ -294,17 +295,13 @@ class Forecast:
     curve_index: np.ndarray
     """Schedule step indices of the forecast curve (subsampled, the last step included)."""
     band: CurveBand
+    areas: Areas
+    """S1, S2 after every step of ``schedule``."""
 
     def predict(self, tokens: Sequence[float]) -> np.ndarray:
         """The law's loss after the steps ending at ``tokens``."""
         idx = self.schedule.index_of(tokens)
-        areas = self.areas
-        return self.fit.law(areas.s1[idx], areas.s2[idx])
-
-    @property
-    def areas(self):
-        s = self.schedule
-        return lr_areas(s.lr, s.step_tokens, s.reference_tokens, self.decay)
+        return self.fit.law(self.areas.s1[idx], self.areas.s2[idx])
 
     @property
     def final_loss(self) -> float:
@@ -348,10 +345,12 @@ def curve_indices(schedule: Schedule, measured_tokens: Sequence[float] = (),
 
 
 def fit_points(schedule: Schedule, points: Points, decay: float = DEFAULT_DECAY,
-               *, max_points: Optional[int] = None):
+               *, max_points: Optional[int] = None, areas: Optional[Areas] = None):
     """(areas, step indices, losses) of the points past warm-up, at most ``max_points`` of them
-    (evenly thinned, the latest kept) so a live refit costs the same at step 1M as at step 1k."""
-    areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay)
+    (evenly thinned, the latest kept) so a live refit costs the same at step 1M as at step 1k.
+    ``areas`` of the schedule may be given when already computed (a loop over every step)."""
+    if areas is None:
+        areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay)
     idx = schedule.index_of(points.tokens)
     y = np.asarray(points.loss, dtype=float)
     keep = (idx >= areas.warmup_steps) & (np.asarray(points.tokens) <= schedule.tokens[-1])
@@ -409,7 +408,7 @@ def forecast_history(
                     fitted_tokens=schedule.tokens[idx], fitted_loss=y,
                     measured_tokens=np.asarray(points.tokens, dtype=float),
                     measured_steps=np.asarray(points.steps), measured_loss=np.asarray(points.loss),
-                    curve_index=cidx, band=band)
+                    curve_index=cidx, band=band, areas=areas)
 
 
 def forecast_run(run_dir: Union[str, Path], recipes: Sequence[Union[str, Path]] = (),
@@ -533,10 +532,31 @@ def forecast_plan(run_dirs: Sequence[Union[str, Path]], recipes: Sequence[Union[
                      measured_tokens=np.empty(0), measured_steps=np.empty(0, dtype=int),
                      measured_loss=np.empty(0), curve_index=cidx,
                      band=CurveBand(estimate=est, low=est, high=est, confidence=confidence,
-                                    replicates=0))
+                                    replicates=0), areas=areas)
     final = float(law_fit.loss_fit.law.at(params, tokens))
     boot = bootstrap_law(law_fit, [params], [tokens], replicates, confidence, seed)
     return PlanForecast(law_fit=law_fit, shape_run=str(shape_dir), curve=curve, params=params,
                         tokens=tokens, final_loss=final,
                         band=(boot.loss[0].low, boot.loss[0].high), shift=final - float(est[-1]),
                         schedule=target, reference_tokens=float(history.segments[0].batch_tokens))
+
+
+def predict_schedule(fit: CurveFit, fitted: tuple[np.ndarray, np.ndarray, np.ndarray],
+                     schedule: Schedule, tokens: Sequence[float], *, reference_tokens: float,
+                     decay: float = DEFAULT_DECAY, replicates: int = 200,
+                     confidence: float = 0.95, seed: int = 0) -> CurveBand:
+    """A law fitted on one run, applied to another schedule (the paper's cross-schedule check).
+
+    Args:
+        fit: the law and its residuals.
+        fitted: ``(s1, s2, loss)`` it was fitted on (for the bootstrap band).
+        schedule: the other run's steps.
+        tokens: where to predict (token counts of that run's steps).
+        reference_tokens: the fitted run's areas unit (its first batch), so both runs' areas
+            are per token in the same unit.
+    """
+    areas = lr_areas(schedule.lr, schedule.step_tokens, reference_tokens, decay)
+    idx = schedule.index_of(tokens)
+    s1, s2, y = fitted
+    return bootstrap_band(s1, s2, y, areas.s1[idx], areas.s2[idx], fit=fit,
+                          replicates=replicates, confidence=confidence, seed=seed)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, bootstrap_band, fit_curve
+from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, bootstrap_band, fit_curve, lr_areas
 from megatron_tinyllama.scaling.fit import ScalingError
 from megatron_tinyllama.scaling.forecast import (
     Points,
@@ -84,6 +84,8 @@ class LiveForecast:
         self.tolerance = tolerance
         self.decay = decay
         self._outside = False
+        # The areas of the whole planned schedule, once: a loop over every step (1M for v1.1).
+        self.areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay)
 
     @classmethod
     def for_run(cls, cfg, start_tokens: int) -> "LiveForecast":
@@ -121,7 +123,7 @@ class LiveForecast:
         if tokens > self.schedule.tokens[-1]:
             return None
         areas, idx, y = fit_points(self.schedule, self.points, self.decay,
-                                   max_points=MAX_FIT_POINTS)
+                                   max_points=MAX_FIT_POINTS, areas=self.areas)
         if idx.size < self.min_points:
             return None
         s1, s2 = areas.s1[idx], areas.s2[idx]
