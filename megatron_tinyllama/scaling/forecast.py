@@ -23,6 +23,7 @@ import numpy as np
 
 from megatron_tinyllama.scaling.curve import (
     DEFAULT_DECAY,
+    Areas,
     CurveBand,
     CurveFit,
     bootstrap_band,
@@ -34,6 +35,10 @@ from megatron_tinyllama.scaling.runs import RunFileError
 
 MAX_CHAIN = 32
 """Earlier stages followed through ``checkpoint.continue_from`` before giving up (a loop)."""
+BURN_IN = 0.5
+"""Fraction of the measured tokens, from the start, whose points are not fitted: a small model's
+first steps go through plateaus and bumps the law does not describe (measured on the CPU
+benchmark: fitted from its first steps, the law bends to them and forecasts nonsense)."""
 MAX_CURVE_POINTS = 400
 """Points of the forecast curve written to JSON and plotted (a 1M-step run is subsampled)."""
 
@@ -294,17 +299,13 @@ class Forecast:
     curve_index: np.ndarray
     """Schedule step indices of the forecast curve (subsampled, the last step included)."""
     band: CurveBand
+    areas: Areas
+    """S1, S2 after every step of ``schedule``."""
 
     def predict(self, tokens: Sequence[float]) -> np.ndarray:
         """The law's loss after the steps ending at ``tokens``."""
         idx = self.schedule.index_of(tokens)
-        areas = self.areas
-        return self.fit.law(areas.s1[idx], areas.s2[idx])
-
-    @property
-    def areas(self):
-        s = self.schedule
-        return lr_areas(s.lr, s.step_tokens, s.reference_tokens, self.decay)
+        return self.fit.law(self.areas.s1[idx], self.areas.s2[idx])
 
     @property
     def final_loss(self) -> float:
@@ -348,13 +349,19 @@ def curve_indices(schedule: Schedule, measured_tokens: Sequence[float] = (),
 
 
 def fit_points(schedule: Schedule, points: Points, decay: float = DEFAULT_DECAY,
-               *, max_points: Optional[int] = None):
-    """(areas, step indices, losses) of the points past warm-up, at most ``max_points`` of them
-    (evenly thinned, the latest kept) so a live refit costs the same at step 1M as at step 1k."""
-    areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay)
+               *, max_points: Optional[int] = None, areas: Optional[Areas] = None,
+               burn_in: float = BURN_IN):
+    """(areas, step indices, losses) of the points past warm-up and past the first ``burn_in``
+    of the measured tokens, at most ``max_points`` of them (evenly thinned, the latest kept) so a
+    live refit costs the same at step 1M as at step 1k. ``areas`` of the schedule may be given
+    when already computed (a loop over every step)."""
+    if areas is None:
+        areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay)
     idx = schedule.index_of(points.tokens)
     y = np.asarray(points.loss, dtype=float)
-    keep = (idx >= areas.warmup_steps) & (np.asarray(points.tokens) <= schedule.tokens[-1])
+    tokens = np.asarray(points.tokens, dtype=float)
+    first = burn_in * tokens.max() if tokens.size else 0.0
+    keep = (idx >= areas.warmup_steps) & (tokens >= first) & (tokens <= schedule.tokens[-1])
     idx, y = idx[keep], y[keep]
     if max_points is not None and idx.size > max_points:
         pick = np.unique(np.linspace(0, idx.size - 1, max_points).round().astype(int))
@@ -368,6 +375,7 @@ def forecast_history(
     *,
     fit_until_step: Optional[int] = None,
     decay: float = DEFAULT_DECAY,
+    burn_in: float = BURN_IN,
     replicates: int = 200,
     confidence: float = 0.95,
     seed: int = 0,
@@ -381,10 +389,11 @@ def forecast_history(
         fit_until_step: fit only the records up to this step (to check a forecast against what
             came after).
         decay: lambda of the annealing area.
+        burn_in: fraction of the fitted records' tokens, from the start, left out of the fit.
         replicates, confidence, seed: the bootstrap band.
 
     Raises:
-        FitError: fewer than 5 points past warm-up, or a failed fit.
+        FitError: fewer than 5 points past warm-up and burn-in, or a failed fit.
     """
     segments = list(history.segments)
     for cfg in next_stages:
@@ -396,10 +405,11 @@ def forecast_history(
         keep = [i for i, s in enumerate(points.steps) if s <= fit_until_step]
         fitted = Points([points.tokens[i] for i in keep], [points.steps[i] for i in keep],
                         [points.loss[i] for i in keep])
-    areas, idx, y = fit_points(schedule, fitted, decay)
+    areas, idx, y = fit_points(schedule, fitted, decay, burn_in=burn_in)
     if idx.size < 5:
         until = f" up to step {fit_until_step}" if fit_until_step is not None else ""
-        raise FitError(f"{history.run_dir}: {idx.size} {kind} record(s) past warm-up{until}; the "
+        raise FitError(f"{history.run_dir}: {idx.size} {kind} record(s) past warm-up and the "
+                       f"first {100 * burn_in:g}% of the tokens{until}; the "
                        "curve law needs at least 5 (evaluate more often: logging.eval_interval_steps)")
     fit = fit_curve(areas.s1[idx], areas.s2[idx], y)
     cidx = curve_indices(schedule, points.tokens)
@@ -409,7 +419,7 @@ def forecast_history(
                     fitted_tokens=schedule.tokens[idx], fitted_loss=y,
                     measured_tokens=np.asarray(points.tokens, dtype=float),
                     measured_steps=np.asarray(points.steps), measured_loss=np.asarray(points.loss),
-                    curve_index=cidx, band=band)
+                    curve_index=cidx, band=band, areas=areas)
 
 
 def forecast_run(run_dir: Union[str, Path], recipes: Sequence[Union[str, Path]] = (),
@@ -471,9 +481,14 @@ class PlanForecast:
         lo_off, hi_off = self.band[0] - self.final_loss, self.band[1] - self.final_loss
         est = c.band.estimate + self.shift
         g = self.law_fit.loss_fit.law
+        first_step = {int(s.segment[i]): i for i in range(s.tokens.size - 1, -1, -1)}
         return {
             "final_loss": self.final_loss,
             "band": list(self.band),
+            "confidence": c.band.confidence,
+            "stages": [{"name": seg.name, "first_step": first_step[k] + 1,
+                        "start_tokens": seg.start_tokens, "end_tokens": seg.end_tokens,
+                        "batch_tokens": seg.batch_tokens} for k, seg in enumerate(s.segments)],
             "curve": [{"step": int(i) + 1, "tokens": int(s.tokens[i]), "loss": float(e),
                        "low": float(e + lo_off), "high": float(e + hi_off)}
                       for i, e in zip(idx, est)],
@@ -533,10 +548,31 @@ def forecast_plan(run_dirs: Sequence[Union[str, Path]], recipes: Sequence[Union[
                      measured_tokens=np.empty(0), measured_steps=np.empty(0, dtype=int),
                      measured_loss=np.empty(0), curve_index=cidx,
                      band=CurveBand(estimate=est, low=est, high=est, confidence=confidence,
-                                    replicates=0))
+                                    replicates=0), areas=areas)
     final = float(law_fit.loss_fit.law.at(params, tokens))
     boot = bootstrap_law(law_fit, [params], [tokens], replicates, confidence, seed)
     return PlanForecast(law_fit=law_fit, shape_run=str(shape_dir), curve=curve, params=params,
                         tokens=tokens, final_loss=final,
                         band=(boot.loss[0].low, boot.loss[0].high), shift=final - float(est[-1]),
                         schedule=target, reference_tokens=float(history.segments[0].batch_tokens))
+
+
+def predict_schedule(fit: CurveFit, fitted: tuple[np.ndarray, np.ndarray, np.ndarray],
+                     schedule: Schedule, tokens: Sequence[float], *, reference_tokens: float,
+                     decay: float = DEFAULT_DECAY, replicates: int = 200,
+                     confidence: float = 0.95, seed: int = 0) -> CurveBand:
+    """A law fitted on one run, applied to another schedule (the paper's cross-schedule check).
+
+    Args:
+        fit: the law and its residuals.
+        fitted: ``(s1, s2, loss)`` it was fitted on (for the bootstrap band).
+        schedule: the other run's steps.
+        tokens: where to predict (token counts of that run's steps).
+        reference_tokens: the fitted run's areas unit (its first batch), so both runs' areas
+            are per token in the same unit.
+    """
+    areas = lr_areas(schedule.lr, schedule.step_tokens, reference_tokens, decay)
+    idx = schedule.index_of(tokens)
+    s1, s2, y = fitted
+    return bootstrap_band(s1, s2, y, areas.s1[idx], areas.s2[idx], fit=fit,
+                          replicates=replicates, confidence=confidence, seed=seed)

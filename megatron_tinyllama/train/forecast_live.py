@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, bootstrap_band, fit_curve
+from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, bootstrap_band, fit_curve, lr_areas
 from megatron_tinyllama.scaling.fit import ScalingError
 from megatron_tinyllama.scaling.forecast import (
+    BURN_IN,
     Points,
     Schedule,
     build_schedule,
@@ -77,13 +78,17 @@ class LiveForecast:
     """
 
     def __init__(self, schedule: Schedule, points: Optional[Points] = None, *, min_points: int = 8,
-                 tolerance: float = 0.02, decay: float = DEFAULT_DECAY) -> None:
+                 tolerance: float = 0.02, decay: float = DEFAULT_DECAY,
+                 burn_in: float = BURN_IN) -> None:
         self.schedule = schedule
         self.points = points if points is not None else Points()
         self.min_points = min_points
         self.tolerance = tolerance
         self.decay = decay
+        self.burn_in = burn_in
         self._outside = False
+        # The areas of the whole planned schedule, once: a loop over every step (1M for v1.1).
+        self.areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay)
 
     @classmethod
     def for_run(cls, cfg, start_tokens: int) -> "LiveForecast":
@@ -121,7 +126,8 @@ class LiveForecast:
         if tokens > self.schedule.tokens[-1]:
             return None
         areas, idx, y = fit_points(self.schedule, self.points, self.decay,
-                                   max_points=MAX_FIT_POINTS)
+                                   max_points=MAX_FIT_POINTS, areas=self.areas,
+                                   burn_in=self.burn_in)
         if idx.size < self.min_points:
             return None
         s1, s2 = areas.s1[idx], areas.s2[idx]

@@ -1,0 +1,352 @@
+"""Evidence for the loss-curve forecast (docs/forecast.md): tiny Llamas trained on CPU on the demo
+corpus through this stack's real training entry, then the forecasts checked against what they
+measured.
+
+Runs (one gloo rank each, ``python -m megatron_tinyllama.train.pretrain``, validation every 2
+steps, ``logging.forecast`` on):
+
+* ``cosine``: warm-up + cosine over T tokens (checkpoint at half-way for the fault runs).
+* ``const_cooldown``: constant LR to 0.8 T, then a linear cooldown (a second stage).
+* ``v11``: TinyLlama v1.1's shape: one cosine over T across three stages, the last at 4x the batch.
+* ``fault_lr10``: resumed from ``cosine`` at half-way with the LR x10 (a bad restart).
+* ``fault_shuffled``: resumed from ``cosine`` at half-way on the same data with its tokens shuffled.
+* ``size_*``: hidden 32 and 48 at T/4 and T/2, with ``cosine`` (hidden 64 at T) the five small
+  runs of L(C, M); ``size_h96`` at T/2 is held out.
+
+Checks (numbers into ``--out``): the law fitted on ``cosine`` predicts ``const_cooldown`` and
+``v11`` (mean/max relative error over their validation points past warm-up); fitted on the first
+30% of ``cosine`` it predicts the rest (error at the end); the live WARNING of the fault runs (in
+how many evaluations after the fault) and of the clean runs (none expected); L(C, M) on the five
+small runs predicts ``size_h96``'s final loss, and ``forecast --plan`` its curve.
+
+    python benchmarks/bench_forecast.py --work-dir /tmp/bench_forecast \
+        --out benchmarks/results/forecast.json --png docs/forecast.png
+
+About 20-25 minutes on 2 shared CPU cores. A run whose metrics already reach its end is not
+trained again (rerun to redo the analysis only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Sized for 2 shared CPU cores: at this size a step's cost is mostly fixed overhead, so a large
+# batch per step (one micro-batch) and few steps give the smoothest curves per minute.
+SEQ = 128
+BATCH_SEQS = 32
+BATCH = SEQ * BATCH_SEQS  # tokens per step of the first stage (the areas' unit)
+STEPS = 64
+T = STEPS * BATCH
+LR, MIN_LR = 8e-3, 8e-4
+WARMUP = 4 * BATCH
+FAULT_STEP = 32
+FAULT_END = 40
+
+
+def model(hidden: int) -> dict:
+    return {"hidden_size": hidden, "ffn_hidden_size": int(hidden * 2.75) // 8 * 8,
+            "num_layers": 2, "num_attention_heads": 4, "num_query_groups": 2,
+            "vocab_size": 512, "seq_length": SEQ}
+
+
+def recipe(name: str, corpus: Path, save_dir: Path, *, hidden: int = 64, train_tokens: int = T,
+           batch: int = BATCH, schedule: str = "cosine", warmup: int = WARMUP,
+           decay_tokens=None, lr: float = LR, min_lr: float = MIN_LR, continue_from=None,
+           eval_every: int = 2, text: str = "text_document", code: str = "code_document",
+           save_every: int = 100000) -> dict:
+    return {
+        "name": name,
+        "model": model(hidden),
+        "parallel": {"zero_stage": 1, "seed": 1234},
+        "data": {"blend": f"0.7 {corpus}/{text} 0.3 {corpus}/{code}",
+                 "valid_blend": f"0.7 {corpus}/valid_text_document 0.3 {corpus}/valid_code_document",
+                 "tokenizer_model": str(corpus / "tokenizer.model"), "num_workers": 0},
+        "optimizer": {"lr": lr, "min_lr": min_lr, "warmup_tokens": warmup, "schedule": schedule,
+                      "decay_tokens": decay_tokens},
+        "train": {"train_tokens": train_tokens, "global_batch_tokens": batch,
+                  "micro_batch_size": BATCH_SEQS, "precision": "fp32"},
+        "checkpoint": {"save_dir": str(save_dir), "save_interval_steps": save_every,
+                       "keep_last": 0, "continue_from": continue_from and str(continue_from)},
+        "logging": {"log_interval_steps": eval_every, "eval_interval_steps": eval_every,
+                    "eval_tokens": BATCH, "forecast": True},
+    }
+
+
+def last_tokens(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    tokens = [json.loads(line).get("tokens", 0) for line in path.read_text().splitlines() if line]
+    return max(tokens, default=0)
+
+
+def train(work: Path, cfg: dict, allow_fail: bool = False) -> Path:
+    """Train one recipe (skipped when its metrics already reach the end); returns its folder."""
+    from megatron_tinyllama.launch import free_port
+
+    run = Path(cfg["checkpoint"]["save_dir"])
+    if last_tokens(run) >= cfg["train"]["train_tokens"]:
+        return run
+    recipe_path = work / "recipes" / f"{cfg['name']}.yaml"
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = work / "logs" / f"{cfg['name']}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with log.open("w") as f:
+        code = subprocess.call([sys.executable, "-m", "megatron_tinyllama.train.pretrain",
+                                "--config", str(recipe_path)], env=env, stdout=f,
+                               stderr=subprocess.STDOUT, cwd=REPO)
+    print(f"  {cfg['name']}: exit {code} in {time.time() - start:.0f} s", flush=True)
+    if code != 0 and not allow_fail:
+        raise SystemExit(f"training {cfg['name']} failed; see {log}")
+    return run
+
+
+def shuffled_copy(corpus: Path, prefix: str) -> str:
+    """The dataset ``prefix`` with all its tokens permuted (same documents, same lengths)."""
+    import shutil
+
+    dtypes = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+    out = f"shuffled_{prefix}"
+    if not (corpus / f"{out}.bin").is_file():
+        code = (corpus / f"{prefix}.idx").read_bytes()[17]
+        tokens = np.fromfile(corpus / f"{prefix}.bin", dtype=dtypes[code])
+        np.random.default_rng(0).permutation(tokens).tofile(corpus / f"{out}.bin")
+        for ext in (".idx", ".meta.json"):
+            shutil.copy(corpus / f"{prefix}{ext}", corpus / f"{out}{ext}")
+    return out
+
+
+def warnings_in(log: Path) -> list[tuple[int, str]]:
+    found = []
+    for line in log.read_text().splitlines():
+        m = re.search(r"step (\d+): validation loss .* left the forecast band", line)
+        if m:
+            found.append((int(m[1]), line.split("WARNING", 1)[-1].strip()))
+    return found
+
+
+def valid_points(run: Path):
+    from megatron_tinyllama.scaling.forecast import read_points
+
+    v, _ = read_points(run / "metrics.jsonl")
+    return np.array(v.tokens, dtype=float), np.array(v.loss), np.array(v.steps)
+
+
+def errors(pred, meas) -> dict:
+    rel = np.abs(np.asarray(pred) - meas) / meas
+    return {"points": int(rel.size), "mean": float(rel.mean()), "max": float(rel.max()),
+            "last": float(rel[-1])}
+
+
+def cross_schedule(fc, fit_pts, target_run: Path, ref_tokens: float) -> dict:
+    """The law fitted on one run against another run's measured validation curve."""
+    from megatron_tinyllama.scaling.forecast import build_schedule, load_history, predict_schedule
+
+    history = load_history(target_run)
+    schedule = build_schedule(history.segments)
+    areas_warm = int(np.argmax(np.diff(schedule.lr) <= 0)) + 1
+    tokens = np.array(history.valid.tokens, dtype=float)
+    loss = np.array(history.valid.loss)
+    keep = schedule.index_of(tokens) >= areas_warm
+    band = predict_schedule(fc.fit, fit_pts, schedule, tokens[keep], reference_tokens=ref_tokens,
+                            decay=fc.decay)
+    return {**errors(band.estimate, loss[keep]),
+            "inside_band": float(np.mean((loss[keep] >= band.low) & (loss[keep] <= band.high))),
+            "curve": {"tokens": tokens[keep].tolist(), "measured": loss[keep].tolist(),
+                      "predicted": band.estimate.tolist(), "low": band.low.tolist(),
+                      "high": band.high.tolist()},
+            "stages": [s.start_tokens for s in schedule.segments[1:]]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_forecast"))
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "forecast.json")
+    p.add_argument("--png", type=Path, default=REPO / "docs" / "forecast.png")
+    args = p.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from megatron_tinyllama.data.demo_corpus import build_demo_corpus
+    from megatron_tinyllama.scaling.forecast import fit_points, forecast_history, forecast_plan, \
+        load_history
+    from megatron_tinyllama.scaling.protocol import fit_laws
+    from megatron_tinyllama.scaling.runs import STACK_EVAL, load_runs
+
+    work = args.work_dir.resolve()
+    runs = work / "runs"
+    t0 = time.time()
+    corpus = build_demo_corpus(work / "corpus", vocab_size=512, max_code_bytes=400_000).text_prefix.parent
+    R = lambda name: runs / name  # noqa: E731
+
+    print("training (one rank each):", flush=True)
+    cos = train(work, recipe("cosine", corpus, R("cosine"), save_every=FAULT_STEP))
+    cc1 = train(work, recipe("const_cooldown_1", corpus, R("cc1"), schedule="constant",
+                             train_tokens=int(0.8 * T) // BATCH * BATCH))
+    cc2 = train(work, recipe("const_cooldown_2", corpus, R("cc2"), schedule="linear",
+                             warmup=int(0.8 * T) // BATCH * BATCH, decay_tokens=T, continue_from=cc1))
+    v1 = train(work, recipe("v11_stage1", corpus, R("v11_1"), train_tokens=T // 2, decay_tokens=T))
+    v2 = train(work, recipe("v11_stage2", corpus, R("v11_2"), train_tokens=3 * T // 4,
+                            decay_tokens=T, continue_from=v1))
+    v3 = train(work, recipe("v11_stage3", corpus, R("v11_3"), train_tokens=T, batch=4 * BATCH,
+                            decay_tokens=T, continue_from=v2, eval_every=1))
+    ckpt = cos / f"global_step{FAULT_STEP:06d}"
+    f_lr = train(work, recipe("fault_lr10", corpus, R("fault_lr10"), train_tokens=FAULT_END * BATCH,
+                              lr=10 * LR, min_lr=10 * MIN_LR, decay_tokens=T, continue_from=ckpt), allow_fail=True)
+    text, code = shuffled_copy(corpus, "text_document"), shuffled_copy(corpus, "code_document")
+    f_sh = train(work, recipe("fault_shuffled", corpus, R("fault_shuffled"), decay_tokens=T,
+                              train_tokens=FAULT_END * BATCH, continue_from=ckpt, text=text,
+                              code=code), allow_fail=True)
+    sizes = {}
+    for hidden, tokens in ((32, T // 4), (32, T // 2), (48, T // 4), (48, T // 2), (96, T // 2)):
+        name = f"size_h{hidden}_{tokens // BATCH}steps"
+        sizes[name] = train(work, recipe(name, corpus, R(name), hidden=hidden, train_tokens=tokens,
+                                         eval_every=4))
+    train_minutes = (time.time() - t0) / 60
+
+    results: dict = {"setup": {"seq": SEQ, "batch_tokens": BATCH, "steps": STEPS, "lr": LR,
+                               "min_lr": MIN_LR, "vocab": 512, "hidden": 64, "layers": 2,
+                               "eval_every_steps": 2, "eval_tokens": BATCH,
+                               "train_minutes": round(train_minutes, 1)}}
+    # 1. Fit on the cosine run, predict the other schedules.
+    hist = load_history(cos)
+    fc = forecast_history(hist, replicates=200)
+    areas, idx, y = fit_points(fc.schedule, hist.valid, fc.decay)
+    fit_pts = (areas.s1[idx], areas.s2[idx], y)
+    law = fc.fit.law
+    results["fit_cosine"] = {"L0": law.L0, "A": law.A, "alpha": law.alpha, "C": law.C,
+                             "points": fc.fit.num_points, "rms_residual": fc.fit.rms_residual}
+    results["predict_const_cooldown"] = cross_schedule(fc, fit_pts, cc2, BATCH)
+    results["predict_v11_3stage_batch_x4"] = cross_schedule(fc, fit_pts, v3, BATCH)
+    # 2. First 30% -> last 70%.
+    early = forecast_history(hist, fit_until_step=int(0.3 * STEPS), replicates=200)
+    tok, loss, _ = valid_points(cos)
+    after = tok > early.fitted_tokens.max()
+    results["first30_predicts_last70"] = {
+        **errors(early.predict(tok[after]), loss[after]), "fitted_points": early.fit.num_points,
+        "final_band": [float(early.band.low[-1]), float(early.band.high[-1])],
+        "final_forecast": early.final_loss, "final_measured": float(loss[-1])}
+    # 3. Live warnings: faults after step FAULT_STEP, none in clean runs.
+    faults = {}
+    for name, run in (("lr_x10_after_resume", f_lr), ("shuffled_tokens", f_sh)):
+        w = warnings_in(work / "logs" / f"{run.name}.log")
+        first = w[0][0] if w else None
+        faults[name] = {"fault_at_step": FAULT_STEP, "first_warning_step": first,
+                        "evaluations_to_trip": None if first is None else (first - FAULT_STEP) // 2,
+                        "warning": w[0][1] if w else None, "warnings": len(w)}
+    clean = {}
+    for log in sorted((work / "logs").glob("*.log")):
+        if not log.stem.startswith("fault"):
+            clean[log.stem] = len(warnings_in(log))
+    results["live_faults"] = faults
+    results["live_clean_runs_warnings"] = clean
+    # 4. Across sizes: L(C, M) on five small runs -> the held-out bigger run.
+    small = [cos] + [sizes[k] for k in sizes if not k.startswith("size_h96")]
+    held = sizes[next(k for k in sizes if k.startswith("size_h96"))]
+    law_fit = fit_laws(load_runs(small), STACK_EVAL, description="small CPU runs")
+    target = load_runs([held])[0]
+    pred = float(law_fit.loss_fit.law.at(target.params, target.tokens))
+    plan = forecast_plan(small, [work / "recipes" / f"{held.name}.yaml"], replicates=200)
+    ptok, ploss, _ = valid_points(held)
+    pkeep = ptok > WARMUP
+    idx_plan = plan.schedule.index_of(ptok[pkeep])
+    from megatron_tinyllama.scaling.curve import lr_areas
+    pa = lr_areas(plan.schedule.lr, plan.schedule.step_tokens, plan.reference_tokens, fc.decay)
+    plan_curve = plan.curve.fit.law(pa.s1[idx_plan], pa.s2[idx_plan]) + plan.shift
+    results["across_sizes"] = {
+        "fit_runs": [{"name": r.name, "params": r.params, "tokens": r.tokens,
+                      "loss": r.losses[STACK_EVAL]} for r in load_runs(small)],
+        "held_out": {"name": target.name, "params": target.params, "tokens": target.tokens,
+                     "measured_final": target.losses[STACK_EVAL], "predicted_final": pred,
+                     "relative_error": abs(pred - target.losses[STACK_EVAL]) / target.losses[STACK_EVAL],
+                     "band": list(plan.band),
+                     "paper_relative_error": 0.007},
+        "plan_curve": errors(plan_curve, ploss[pkeep]),
+    }
+    results["total_minutes"] = round((time.time() - t0) / 60, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in results.items() if k not in ("predict_const_cooldown",
+                                                                       "predict_v11_3stage_batch_x4")},
+                     indent=1, default=str)[:4000])
+    for key in ("predict_const_cooldown", "predict_v11_3stage_batch_x4"):
+        r = results[key]
+        print(f"{key}: mean {100 * r['mean']:.2f}% max {100 * r['max']:.2f}% "
+              f"inside band {100 * r['inside_band']:.0f}%")
+    plot(results, early, cos, work, args.png)
+    print(f"wrote {args.out} and {args.png}")
+    return 0
+
+
+def plot(results: dict, early, cos: Path, work: Path, path: Path) -> None:
+    from megatron_tinyllama.scaling.plots import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    ax = axes[0][0]
+    tok, loss, _ = valid_points(cos)
+    data = early.to_json()
+    t = [c["tokens"] for c in data["curve"]]
+    ax.fill_between(t, [c["low"] for c in data["curve"]], [c["high"] for c in data["curve"]],
+                    color="tab:orange", alpha=0.25, lw=0, label="95% band")
+    ax.plot(t, [c["loss"] for c in data["curve"]], color="tab:orange", label="law, fitted on 30%")
+    cut = early.fitted_tokens.max()
+    ax.plot(tok[tok <= cut], loss[tok <= cut], "o", ms=3, color="tab:blue", label="fitted")
+    ax.plot(tok[tok > cut], loss[tok > cut], "o", ms=3, mfc="none", color="tab:blue",
+            label="measured later")
+    r = results["first30_predicts_last70"]
+    ax.set_title(f"cosine: first 30% -> last 70% (end error {100 * r['last']:.2f}%)")
+    for a, key, title in ((axes[0][1], "predict_const_cooldown", "constant + linear cooldown"),
+                          (axes[1][0], "predict_v11_3stage_batch_x4",
+                           "v1.1-like: 3 stages, last at 4x batch")):
+        c = results[key]["curve"]
+        a.fill_between(c["tokens"], c["low"], c["high"], color="tab:orange", alpha=0.25, lw=0)
+        a.plot(c["tokens"], c["predicted"], color="tab:orange", label="law fitted on cosine run")
+        a.plot(c["tokens"], c["measured"], "o", ms=3, mfc="none", color="tab:blue",
+               label="measured")
+        for s in results[key]["stages"]:
+            a.axvline(s, color="black", ls="--", lw=0.8)
+        a.set_title(f"{title} (mean error {100 * results[key]['mean']:.2f}%)")
+    ax = axes[1][1]
+    for name, color in (("fault_lr10", "tab:red"), ("fault_shuffled", "tab:purple")):
+        rec = [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text()
+               .splitlines() if line]
+        ev = [r for r in rec if "forecast_band_low" in r]
+        if ev:
+            ts = [r["tokens"] for r in ev]
+            ax.fill_between(ts, [r["forecast_band_low"] for r in ev],
+                            [r["forecast_band_high"] for r in ev], color=color, alpha=0.15, lw=0)
+            ax.plot(ts, [r["valid_loss"] for r in ev], "o-", ms=3, color=color,
+                    label=f"{name} (band: live forecast)")
+    ax.plot(tok, loss, "o", ms=3, mfc="none", color="tab:blue", label="clean cosine run")
+    ax.axvline(FAULT_STEP * BATCH, color="gray", ls=":")
+    ax.set_title("live check: faults at the resume (dotted)")
+    for a in axes.flat:
+        a.set_xlabel("tokens")
+        a.set_ylabel("validation loss")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
