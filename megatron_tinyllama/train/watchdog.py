@@ -167,13 +167,16 @@ class StallWatchdog:
         self._last: Optional[tuple[float, float, int, str]] = None  # monotonic, wall, step, what
         self._last_step_done: Optional[tuple[int, float]] = None
         self._beat = 0
+        self._store = None
         self._done = threading.Event()
-        self._thread: Optional[threading.Thread] = None
 
     def __enter__(self) -> "StallWatchdog":
         if self.timeout_s:
-            self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
-            self._thread.start()
+            # Two threads: a store call to a stopped host can block past its timeout (seen with
+            # rank 0 stopped), and must not keep the clock from being checked.
+            threading.Thread(target=self._run, name="stall-watchdog", daemon=True).start()
+            if self._connect_store is not None:
+                threading.Thread(target=self._heartbeats, name="stall-heartbeat", daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -191,37 +194,43 @@ class StallWatchdog:
             return self._last
 
     def _run(self) -> None:
-        store = None
-        if self._connect_store is not None:
-            try:
-                store = self._connect_store(self._store_timeout_s)
-            except Exception as err:  # noqa: BLE001 (heartbeats are a help, not a need)
-                logger.warning("stall watchdog: no heartbeats, the rendezvous store is not reachable: %s", err)
         while not self._done.wait(self.interval_s):
             last = self._snapshot()
-            if last is None:
-                continue
-            self._publish(store, last)
-            if time.monotonic() - last[0] >= self.timeout_s:
-                self._report(store, last)
+            if last is not None and time.monotonic() - last[0] >= self.timeout_s:
+                self._report(self._store, last)
                 _hard_exit(EXIT_STALLED)
 
-    def _publish(self, store, last) -> None:
-        if store is None:
-            return
-        self._beat += 1
+    def _heartbeats(self) -> None:
         try:
-            store.set(self._KEY.format(self.rank), json.dumps(
-                {"beat": self._beat, "step": last[2], "what": last[3], "since": last[1]}))
-        except Exception:  # noqa: BLE001 (the store's host may be the stalled one)
-            pass
+            store = self._connect_store(self._store_timeout_s)
+        except Exception as err:  # noqa: BLE001 (heartbeats are a help, not a need)
+            logger.warning("stall watchdog: no heartbeats, the rendezvous store is not reachable: %s", err)
+            return
+        self._store = store
+        while not self._done.wait(self.interval_s):
+            last = self._snapshot()
+            if last is None or store is None:
+                continue
+            self._beat += 1
+            try:
+                store.set(self._KEY.format(self.rank), json.dumps(
+                    {"beat": self._beat, "step": last[2], "what": last[3], "since": last[1]}))
+            except Exception:  # noqa: BLE001 (the store's host may be the stalled one)
+                pass
 
     def _read_peers(self, store) -> Optional[dict[int, dict]]:
+        """Every peer's last heartbeat; None when the store does not answer within its timeout
+        (read in a thread of its own: a store call to a stopped host may never return)."""
         keys = {r: self._KEY.format(r) for r in range(self.world_size) if r != self.rank}
-        try:
-            return {r: json.loads(store.get(k)) for r, k in keys.items() if store.check([k])}
-        except Exception:  # noqa: BLE001
-            return None
+        found: dict = {}
+
+        def read() -> None:
+            found["peers"] = {r: json.loads(store.get(k)) for r, k in keys.items() if store.check([k])}
+
+        reader = threading.Thread(target=read, name="stall-read", daemon=True)
+        reader.start()
+        reader.join(self._store_timeout_s + 1)
+        return found.get("peers")
 
     def _peer_report(self, store) -> list[str]:
         if store is None:
