@@ -9,6 +9,11 @@ psutil. For contrast, a Megatron-LM-style single process feeding megatron-core's
 the same inputs. Not a test: run by hand.
 
     python benchmarks/bench_preprocess_memory.py --sizes-mb 20 40 80 160
+
+``--huge-doc-mb 50`` instead measures one jsonl line holding a single document of that size
+(stdlib sources back to back): the peak RSS per document, as a multiple of the document's size.
+
+    python benchmarks/bench_preprocess_memory.py --huge-doc-mb 50 --workers 1
 """
 
 from __future__ import annotations
@@ -101,12 +106,40 @@ builder.finalize(prefix + ".idx")
 """
 
 
+def make_huge_document(workdir: Path, size_mb: float) -> Path:
+    """One jsonl line whose "text" is ``size_mb`` MB of distinct source text."""
+    path = workdir / f"huge_{size_mb:g}mb.jsonl"
+    if path.exists():
+        return path
+    parts, total = [], 0
+    for doc in short_documents():
+        parts.append(doc)
+        total += len(doc)
+        if total >= size_mb * 2**20:
+            break
+    path.write_text(json.dumps({"text": "".join(parts)}) + "\n", encoding="utf-8")
+    return path
+
+
+def huge_document(workdir: Path, model: Path, size_mb: float, workers: int) -> None:
+    path = make_huge_document(workdir, size_mb)
+    tree, main_peak, seconds = peak_rss([
+        sys.executable, "-m", "megatron_tinyllama.data.preprocess", "--input", str(path),
+        "--output-prefix", str(workdir / "huge"), "--tokenizer-model", str(model), "--append-eod",
+        "--workers", str(workers), "--quiet"])
+    size = path.stat().st_size / 2**20
+    print(f"one {size:.0f} MiB document, {workers} worker(s): peak RSS {tree:.0f} MiB "
+          f"(main {main_peak:.0f} MiB) = x{tree / size:.1f} the document, {seconds:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/bench_preprocess_memory")
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[20, 40, 80, 160])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--huge-doc-mb", type=float,
+                        help="measure one document of this size instead of the size sweep")
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -116,6 +149,9 @@ def main() -> None:
         texts = [text for _, text in prose_documents()]
         texts += [doc for doc, _ in zip(short_documents(), range(60_000))]
         train_sentencepiece(texts, workdir / "llama32k", 32000)
+    if args.huge_doc_mb:
+        huge_document(workdir, model, args.huge_doc_mb, args.workers)
+        return
     inputs = make_inputs(workdir, args.sizes_mb)
 
     print(f"{'input':>10} {'docs':>9} | {'ours: tree peak':>15} {'main':>7} {'time':>6} | "

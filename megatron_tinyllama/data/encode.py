@@ -16,6 +16,13 @@ encoders produce identical output:
   so it is cached separately. As a running check, one document per batch is also encoded
   plainly; any difference turns the cache off for the rest of the job (with a warning) and the
   batch is re-encoded plainly.
+
+A document longer than :data:`LONG_DOCUMENT_CHARS` is encoded in pieces by either encoder
+(:class:`LongDocumentEncoder`) when the same property holds: cut at segment boundaries, the first
+piece with the dummy prefix and the others without, the pieces' tokens are exactly the whole
+document's, and neither sentencepiece nor Python's lists of ints ever hold more than one piece
+(a 220 MB document took 9.1 GB whole). Where the property does not hold (HF ``tokenizer.json``,
+normalising sentencepiece models) no cut is provably exact, and long documents are encoded whole.
 """
 
 from __future__ import annotations
@@ -43,15 +50,108 @@ def _flatten(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
-class PlainEncoder:
-    """One call into the tokenizer per batch."""
+LONG_DOCUMENT_CHARS = 1 << 18
+"""Documents longer than this (characters) are encoded piece by piece where that is exact.
+sentencepiece holds about 100 bytes per character of the string it encodes; 256k characters
+keep that to tens of MB, and a call per 256k characters costs nothing measurable."""
+_BOUNDARY = re.compile(f"[^ {_SPACE}](?=[ {_SPACE}])")  # ends just before a segment boundary
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+
+def _without_dummy_prefix(tokenizer: Tokenizer):
+    """The tokenizer's sentencepiece model, without the dummy prefix (for non-first segments)."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    with open(tokenizer.path, "rb") as stream:
+        proto.ParseFromString(stream.read())
+    proto.normalizer_spec.add_dummy_prefix = False
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+def long_document_cuts(text: str, piece_chars: int) -> list[int]:
+    """Start offsets of the pieces of ``text``: each at a segment boundary (a space after a
+    non-space), about ``piece_chars`` apart. A stretch with no boundary (a long unspaced string)
+    stays in one piece: only boundaries are exact cuts."""
+    cuts, start = [0], 0
+    while len(text) - start > piece_chars:
+        target = start + piece_chars
+        window = max(start + 1, target - piece_chars // 2)
+        last = None
+        for last in _BOUNDARY.finditer(text, window, target):
+            pass
+        if last is None:  # none in the second half of the piece: take the next one after it
+            last = _BOUNDARY.search(text, target)
+            if last is None:
+                break
+        start = last.end()
+        cuts.append(start)
+    return cuts
+
+
+class LongDocumentEncoder:
+    """Exact piecewise encoding of long documents (see the module docstring).
+
+    Args:
+        tokenizer: A sentencepiece tokenizer for which :func:`segment_cache_support` holds.
+        piece_chars: Characters per piece (about).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, piece_chars: int = LONG_DOCUMENT_CHARS) -> None:
+        ok, reason = segment_cache_support(tokenizer)
+        if not ok:
+            raise ValueError(f"piecewise encoding not exact for {tokenizer.path}: {reason}")
+        self.piece_chars = piece_chars
+        self._first_sp = tokenizer._sp
+        self._rest_sp = _without_dummy_prefix(tokenizer)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of ``text`` (int32: ids are below the vocabulary size, and this array is as
+        long as the document), equal to encoding it whole; no BOS/EOS."""
+        cuts = long_document_cuts(text, self.piece_chars)
+        parts = []
+        for k, start in enumerate(cuts):
+            stop = cuts[k + 1] if k + 1 < len(cuts) else len(text)
+            sp = self._first_sp if k == 0 else self._rest_sp
+            parts.append(np.asarray(sp.encode(text[start:stop]), dtype=np.int32))
+        return np.concatenate(parts) if parts else np.empty(0, np.int32)
+
+
+def _with_long_documents(encode, long_encoder: Optional[LongDocumentEncoder],
+                         texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``encode(texts)``, with documents over ``long_encoder.piece_chars`` encoded in pieces."""
+    if long_encoder is None:
+        return encode(texts)
+    long_at = [i for i, text in enumerate(texts) if len(text) > long_encoder.piece_chars]
+    if not long_at:
+        return encode(texts)
+    flats, lengths, start = [], [], 0
+    for i in long_at + [len(texts)]:
+        if start < i:
+            flat, length = encode(texts[start:i])
+            flats.append(flat)
+            lengths.append(length)
+        if i < len(texts):
+            flats.append(long_encoder.encode(texts[i]))
+            lengths.append(np.array([flats[-1].shape[0]], dtype=np.int64))
+        start = i + 1
+    if len(flats) == 1:  # a unit that is one long document: no copy
+        return flats[0], lengths[0]
+    return np.concatenate(flats), np.concatenate(lengths)
+
+
+class PlainEncoder:
+    """One call into the tokenizer per batch (long documents in exact pieces where possible)."""
+
+    def __init__(self, tokenizer: Tokenizer,
+                 long_encoder: Optional[LongDocumentEncoder] = None) -> None:
         self.tokenizer = tokenizer
+        self.long_encoder = long_encoder
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(all token ids back to back, int64 lengths per text); no BOS/EOS."""
-        return _flatten(self.tokenizer.encode_batch(texts))
+        return _with_long_documents(lambda batch: _flatten(self.tokenizer.encode_batch(batch)),
+                                    self.long_encoder, texts)
 
 
 def segment_cache_support(tokenizer: Tokenizer) -> tuple[bool, str]:
@@ -93,10 +193,8 @@ class SegmentCacheEncoder:
     """
 
     def __init__(self, tokenizer: Tokenizer, max_entries: int = 65_536,
-                 max_chars: int = 8_000_000) -> None:
-        import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2 as model_pb2
-
+                 max_chars: int = 8_000_000,
+                 long_encoder: Optional[LongDocumentEncoder] = None) -> None:
         ok, reason = segment_cache_support(tokenizer)
         if not ok:
             raise ValueError(f"segment cache not exact for {tokenizer.path}: {reason}")
@@ -105,11 +203,8 @@ class SegmentCacheEncoder:
         self.max_chars = max_chars
         self.enabled = True
         self._first_sp = tokenizer._sp  # segments that start a document get the dummy prefix
-        proto = model_pb2.ModelProto()
-        with open(tokenizer.path, "rb") as stream:
-            proto.ParseFromString(stream.read())
-        proto.normalizer_spec.add_dummy_prefix = False
-        self._rest_sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self._rest_sp = _without_dummy_prefix(tokenizer)
+        self.long_encoder = long_encoder
         self._plain = PlainEncoder(tokenizer)
         self._checks = 0
         self._reset()
@@ -155,6 +250,9 @@ class SegmentCacheEncoder:
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(all token ids back to back, int64 lengths per text); no BOS/EOS."""
+        return _with_long_documents(self._encode, self.long_encoder, texts)
+
+    def _encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if not self.enabled or not texts:
             return self._plain.encode(texts)
         if len(self._first) + len(self._rest) > self.max_entries or self._chars > self.max_chars:
@@ -199,15 +297,21 @@ class SegmentCacheEncoder:
 
 
 def make_encoder(tokenizer: Tokenizer, *, segment_cache: bool = True,
-                 max_entries: Optional[int] = None):
-    """The fastest exact encoder for ``tokenizer``.
+                 max_entries: Optional[int] = None,
+                 long_document_chars: int = LONG_DOCUMENT_CHARS):
+    """The fastest exact encoder for ``tokenizer``, with bounded memory per long document where
+    piecewise encoding is exact.
 
     Args:
         tokenizer: The tokenizer.
         segment_cache: Allow :class:`SegmentCacheEncoder` when it is exact for this model.
         max_entries: Its cache bound (default 65536 segments).
+        long_document_chars: Documents longer than this are encoded in pieces of about this
+            many characters (:class:`LongDocumentEncoder`), when that is exact.
     """
-    if segment_cache and segment_cache_support(tokenizer)[0]:
+    exact_pieces = segment_cache_support(tokenizer)[0]
+    long_encoder = LongDocumentEncoder(tokenizer, long_document_chars) if exact_pieces else None
+    if segment_cache and exact_pieces:
         bound = {"max_entries": max_entries} if max_entries else {}
-        return SegmentCacheEncoder(tokenizer, **bound)
-    return PlainEncoder(tokenizer)
+        return SegmentCacheEncoder(tokenizer, long_encoder=long_encoder, **bound)
+    return PlainEncoder(tokenizer, long_encoder)

@@ -399,7 +399,7 @@ def _parse_jsonl(unit: WorkUnit, json_keys, excludes, parsed: ParsedUnit) -> Non
     for offset, raw in enumerate(_lines(unit.payload)):
         line = unit.first_line + offset
         raw = _strip_bom(unit, offset, raw)
-        if not raw.strip():
+        if not raw or raw.isspace():  # no copy of the line, as strip() would make
             parsed.counts["blank_lines"] += 1
             continue
         try:
@@ -452,7 +452,7 @@ def _parse_text(unit: WorkUnit, json_keys, text_mode: str, parsed: ParsedUnit) -
         for offset, raw in enumerate(_lines(data)):
             line = unit.first_line + offset
             raw = _strip_bom(unit, offset, raw)
-            if not raw.strip():
+            if not raw or raw.isspace():  # no copy of the line, as strip() would make
                 parsed.counts["blank_lines"] += 1
                 continue
             try:

@@ -194,3 +194,25 @@ def test_fp32_frequency_recompute_after_zero_init_keeps_the_scaling(mcore_cpu, k
     assert use_fp32_rotary_frequencies(model, cfg) == 1
     assert torch.equal(rotary.inv_freq, built)
     assert rotary.seq_len_interpolation_factor == (2.0 if kind == "linear" else None)
+
+
+def test_config_fields_are_checked_and_compared_on_resume():
+    import dataclasses
+
+    from megatron_tinyllama.checkpoint.compat import model_differences
+    from megatron_tinyllama.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.rope_scaling='yarn'"):
+        tricky_config(rope_scaling="yarn", rope_scaling_factor=2.0)
+    with pytest.raises(ConfigError, match="model.rope_scaling_factor=2.0 has no effect"):
+        tricky_config(rope_scaling_factor=2.0)
+    with pytest.raises(ConfigError, match=r"model.rope_scaling_factor=0.5: must be >= 1"):
+        tricky_config(rope_scaling="linear", rope_scaling_factor=0.5)
+    plain = tricky_config()
+    saved_before_the_fields = {k: v for k, v in dataclasses.asdict(plain).items()
+                               if not k.startswith("rope_scaling")}
+    assert model_differences(saved_before_the_fields, plain) == []
+    scaled = dataclasses.replace(plain, rope_scaling="linear", rope_scaling_factor=4.0)
+    assert model_differences(saved_before_the_fields, scaled) == [
+        "model.rope_scaling: checkpoint 'none', recipe 'linear'",
+        "model.rope_scaling_factor: checkpoint 1.0, recipe 4.0"]
