@@ -6,7 +6,8 @@ Layout of a model directory::
     model-tp00-of-02.safetensors       rank 0's megatron-core state (no optimizer)
     model-tp01-of-02.safetensors
 
-The trainer writes one next to each DeepSpeed checkpoint (gathered from ZeRO-3 shards), the HF
+The trainer writes one next to each DeepSpeed checkpoint (gathered from ZeRO-3 shards; every
+data-parallel rank writes its share of the tensors into its place of the TP rank's file), the HF
 converter reads and writes it, and ``checkpoint.init_from`` starts training from it. Directories
 are written under a temporary name and renamed when complete, so a crash never leaves a directory
 that looks finished.
@@ -23,7 +24,9 @@ import dataclasses
 import errno
 import io
 import json
+import math
 import os
+import struct
 import shutil
 import uuid
 from pathlib import Path
@@ -152,10 +155,60 @@ def write_model_files(directory: Path, model_cfg: ModelConfig, tp_rank: int, tp_
     with writing(shard):
         save_file(clean_state(state), str(shard), metadata={"format": "pt"})
     if tp_rank == 0:
-        index = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(model_cfg),
-                 "tensor_parallel_size": tp_size}
-        with writing(directory / MODEL_INDEX):
-            (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2))
+        write_model_index(directory, model_cfg, tp_size)
+
+
+def _layout(shapes: dict[str, tuple[int, ...]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The safetensors header of an all-fp32 file of ``shapes`` (tensors in name order) and each
+    tensor's byte range in the data section: every rank computes the same from the shapes alone."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    spans, offset = {}, 0
+    for name in sorted(shapes):
+        size = 4 * math.prod(shapes[name])
+        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        spans[name] = (offset, offset + size)
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text, spans
+
+
+def create_shared_model_file(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Create a safetensors file of ``shapes`` (fp32) at full size, data still to be written by
+    :func:`fill_shared_model_file` (by several processes, each its own tensors)."""
+    head, spans = _layout(shapes)
+    with writing(path), open(path, "wb") as handle:
+        handle.write(head)
+        handle.truncate(len(head) + max((end for _, end in spans.values()), default=0))
+
+
+def fill_shared_model_file(path: Path, shapes: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` (a subset of ``shapes``) into their byte ranges of a created file."""
+    head, spans = _layout(shapes)
+    with writing(path):
+        _fill(path, head, spans, tensors)
+
+
+def _fill(path: Path, head: bytes, spans: dict, tensors: dict[str, torch.Tensor]) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for name, tensor in tensors.items():
+            data = memoryview(tensor.detach().to(torch.float32).contiguous().numpy()).cast("B")
+            if len(data) != spans[name][1] - spans[name][0]:
+                raise ValueError(f"{path}: {name} holds {len(data)} bytes, its place {spans[name]}")
+            done, where = 0, len(head) + spans[name][0]
+            while done < len(data):  # pwrite may write less than asked (large tensors)
+                done += os.pwrite(fd, data[done:], where + done)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_model_index(directory: Path, model_cfg: ModelConfig, tp_size: int) -> None:
+    index = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(model_cfg),
+             "tensor_parallel_size": tp_size}
+    with writing(directory / MODEL_INDEX):
+        (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2))
 
 
 def save_model_checkpoint(directory: Union[str, Path], model_cfg: ModelConfig,

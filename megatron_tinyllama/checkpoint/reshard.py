@@ -93,6 +93,12 @@ def _owners(sizes: list[int], count: int) -> list[int]:
     return owner
 
 
+def owned_names(shapes: dict[str, tuple[int, ...]], dp_rank: int, dp_size: int) -> set[str]:
+    """The tensors (of ``shapes``, in order) that data-parallel rank ``dp_rank`` writes."""
+    owners = _owners([int(torch.Size(shape).numel()) for shape in shapes.values()], dp_size)
+    return {name for name, owner in zip(shapes, owners) if owner == dp_rank}
+
+
 class _PartWriter:
     """Collects tensors and writes them in safetensors parts of at most ``PART_BYTES``."""
 

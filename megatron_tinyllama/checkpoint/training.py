@@ -69,9 +69,12 @@ from megatron_tinyllama.checkpoint.compat import (
 from megatron_tinyllama.checkpoint.hf import ConversionError
 from megatron_tinyllama.checkpoint.native import (
     MODEL_INDEX,
+    create_shared_model_file,
+    fill_shared_model_file,
     read_model_index,
     save_torch_file,
-    write_model_files,
+    shard_filename,
+    write_model_index,
     writing,
 )
 from megatron_tinyllama.checkpoint.reshard import (
@@ -79,12 +82,14 @@ from megatron_tinyllama.checkpoint.reshard import (
     engine_layout,
     has_layout_free_state,
     load_resharded,
+    owned_names,
     save_optimizer_state,
 )
 from megatron_tinyllama.checkpoint.weights import (
     check_tp_replicas,
     gather_full_weights,
     load_weights_into_engine,
+    param_shape,
     read_shard_for_rank,
 )
 from megatron_tinyllama.config import ConfigError, JobConfig
@@ -396,13 +401,22 @@ def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Pat
     engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
     (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
     save_torch_file(_rng_state(), tag_dir / "rng" / f"rank{rank:05d}.pt")
-    writer = parallel_state.get_data_parallel_rank() == 0
-    weights = gather_full_weights(engine, keep_all=writer)
+    # Every data-parallel rank of a TP rank writes its share of that TP rank's weights file, in
+    # place: no rank waits for one writer of the whole model.
+    shapes = {name: param_shape(p) for name, p in engine.module.named_parameters()}
+    mine = owned_names(shapes, parallel_state.get_data_parallel_rank(),
+                       parallel_state.get_data_parallel_world_size())
+    weights = gather_full_weights(engine, mine)
     check_tp_replicas(engine, weights, cfg.checkpoint.tp_replica_tolerance)
-    if writer:
+    tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    model_file = tag_dir / "model" / shard_filename(tp_rank, tp_size)
+    if parallel_state.get_data_parallel_rank() == 0:
         (tag_dir / "model").mkdir(parents=True, exist_ok=True)
-        write_model_files(tag_dir / "model", cfg.model, parallel_state.get_tensor_model_parallel_rank(),
-                          parallel_state.get_tensor_model_parallel_world_size(), weights)
+        create_shared_model_file(model_file, shapes)
+        if tp_rank == 0:
+            write_model_index(tag_dir / "model", cfg.model, tp_size)
+    dist.barrier()
+    fill_shared_model_file(model_file, shapes, {name: weights[name] for name in mine})
     del weights
     if cfg.checkpoint.reshardable:
         save_optimizer_state(engine, tag_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Collection, Union
 
 import torch
 import torch.distributed as dist
@@ -145,19 +146,21 @@ def _is_tp_replicated(param: torch.nn.Parameter) -> bool:
     return not getattr(param, "tensor_model_parallel", False)
 
 
-def gather_full_weights(engine, keep_all: bool) -> dict[str, torch.Tensor]:
+def gather_full_weights(engine, keep_all: Union[bool, Collection[str]]) -> dict[str, torch.Tensor]:
     """This TP rank's full fp32 weights, from the optimizer's master copy where there is one.
 
     Collective over the data-parallel group (each parameter is all-gathered on every rank).
-    Returns every tensor (on CPU) when ``keep_all``, else only the TP-replicated ones (small,
-    for :func:`check_tp_replicas`), so only the rank that writes the export holds a full copy.
+    Returns (on CPU) every tensor when ``keep_all`` is True, the named ones when it is a
+    collection of names (the share this rank writes), and always the TP-replicated ones (small,
+    for :func:`check_tp_replicas`), so no rank holds more than it writes.
     """
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     state: dict[str, torch.Tensor] = {}
     for name, param in engine.module.named_parameters():
-        keep = keep_all or _is_tp_replicated(param)
+        keep = (keep_all is True or (not isinstance(keep_all, bool) and name in keep_all)
+                or _is_tp_replicated(param))
         master = safe_get_full_fp32_param(param) if param.requires_grad else None
         if master is None:
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None,
