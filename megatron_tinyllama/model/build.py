@@ -193,15 +193,31 @@ def build_model(model_cfg: ModelConfig, tensor_parallel_size: int = 1, precision
 
 
 def compile_layers(model) -> int:
-    """torch.compile each transformer layer in place (parameter names unchanged); returns how many.
+    """torch.compile each transformer layer's forward in place (parameter names unchanged);
+    returns how many.
 
     Layers are compiled one by one rather than the whole model: the layers share one graph (same
     code, parameters as inputs), so compile time does not grow with depth, and the embedding, the
     output layer and the loss stay eager (the loss has its own kernels).
+
+    Only ``forward`` is compiled, not the module's call, so a module's own hooks run eagerly
+    around its graph. Under ZeRO-3 (a model built inside ``zero.Init``) this is what DeepSpeed's
+    ``engine.compile()`` relies on too: its parameter gather (forward pre-hook) and release
+    (forward hook) sit on every submodule, are ``torch.compiler.disable``d, and so split a
+    compiled layer into one graph per stretch between submodule calls (the norm, RoPE with the
+    attention, SwiGLU, the residual adds each fuse within their stretch); the compiled backward
+    reads the parameters the pre-backward hooks gathered again, as eager autograd does.
+    ``tests/distributed/test_compile_zero3.py`` checks loss and gradients against the eager
+    layers at ZeRO-3, TP 1 and 2. One graph per layer (each layer a ZeRO-3 "leaf module", its
+    parameters gathered at once) fails already without compile: DeepSpeed releases a leaf's
+    parameters when the gradient of its input is done, before autograd has accumulated all of its
+    weight gradients (``AccumulateGrad`` then meets a 0-size parameter). DeepCompile (``compile``
+    in the DeepSpeed config) would put the gathers into the graph, but it compiles the whole
+    model with its own backend and needs its CUDA op, so it is not used here.
     """
     count = 0
     for layer in model.decoder.layers:
-        layer.compile(dynamic=False)
+        layer.forward = torch.compile(layer.forward, dynamic=False)
         count += 1
     return count
 

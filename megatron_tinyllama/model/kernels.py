@@ -10,7 +10,9 @@ only when they could be used, so a CPU machine without them never touches them.
 
 * Without CUDA everything stays on the plain path: CPU runs are for correctness, and tests pin
   each backend explicitly.
-* ``torch_compile``: ``layers`` on CUDA below ZeRO-3 (ZeRO-3's parameter hooks break the graph).
+* ``torch_compile``: ``layers`` on CUDA, at every ZeRO stage. Under ZeRO-3 DeepSpeed's parameter
+  hooks (compiler-disabled) split each compiled layer at its submodules, and each stretch between
+  them is fused (see :func:`megatron_tinyllama.model.build.compile_layers`).
 * With compiled layers, norm, SwiGLU and RoPE stay plain torch inside the layer: inductor fuses
   them with their neighbours (residual adds included), better than any one-op kernel.
 * Otherwise on CUDA: norm Transformer Engine > apex > liger > compiled; SwiGLU megatron-core's
@@ -146,12 +148,11 @@ def resolve_kernels(model_cfg: ModelConfig, *, precision: str = "fp32", tensor_p
         precision: the engine's precision; megatron-core's fused cross-entropy returns bf16
             gradients, so it is refused (falls back to chunked) outside bf16.
         tensor_parallel_size: liger's cross-entropy sees one vocabulary slice only: TP=1.
-        zero_stage: compiled layers are not used by ``auto`` under ZeRO-3.
+        zero_stage: the ZeRO stage (compiled layers work at every stage; kept for callers).
         cuda: override device detection (tests).
     """
     on_cuda = torch.cuda.is_available() if cuda is None else cuda
-    compile_layers = (model_cfg.torch_compile == "layers"
-                      or (model_cfg.torch_compile == "auto" and on_cuda and zero_stage < 3))
+    compile_layers = model_cfg.torch_compile == "layers" or (model_cfg.torch_compile == "auto" and on_cuda)
     if on_cuda and not compile_layers:
         norm_order, swiglu_order, rope_order = ["te", "apex", "liger", "compiled"], ["fused"], ["liger", "compiled"]
     else:  # inside a compiled layer, plain torch ops fuse with their neighbours

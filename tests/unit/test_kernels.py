@@ -198,8 +198,12 @@ def test_auto_resolves_to_the_plain_path_without_cuda_and_to_fused_kernels_on_cu
     assert on_gpu.compile_layers and on_gpu.gqa == "native"
     assert (on_gpu.norm, on_gpu.swiglu, on_gpu.rope) == ("torch", "torch", "torch")  # inside the compiled layer
     assert on_gpu.cross_entropy in ("liger", "chunked")
-    zero3 = resolve_kernels(CFG, precision="bf16", cuda=True, zero_stage=3)
-    assert not zero3.compile_layers and zero3.swiglu == "fused" and zero3.norm != "torch"
+    # ZeRO-3 is the fast path too: compiled layers under its parameter hooks
+    # (tests/distributed/test_compile_zero3.py checks them against eager layers).
+    assert resolve_kernels(CFG, precision="bf16", cuda=True, zero_stage=3) == on_gpu
+    eager = resolve_kernels(dataclasses.replace(CFG, torch_compile="none"), precision="bf16", cuda=True,
+                            zero_stage=3)
+    assert not eager.compile_layers and eager.swiglu == "fused" and eager.norm != "torch"
     assert resolve_kernels(CFG, precision="bf16", cuda=True, tensor_parallel_size=2).cross_entropy == "chunked"
 
 
@@ -319,15 +323,16 @@ def test_a_backend_whose_compiled_part_does_not_load_is_not_available(monkeypatc
             _fake_modules(monkeypatch, absent=other_python[-1:])
     _fake_modules(monkeypatch, present=python_part, absent=[compiled_part])
     assert not kernels._AVAILABLE["norm"][backend]()
-    zero3 = resolve_kernels(CFG, precision="bf16", cuda=True, zero_stage=3)
+    eager = dataclasses.replace(CFG, torch_compile="none")  # no compiled layers: norm kernels are chosen
+    zero3 = resolve_kernels(eager, precision="bf16", cuda=True, zero_stage=3)
     assert zero3.norm == "compiled", zero3  # the only fused norm left that can run
-    asked = resolve_kernels(dataclasses.replace(CFG, norm_backend=backend), precision="bf16", cuda=True,
+    asked = resolve_kernels(dataclasses.replace(eager, norm_backend=backend), precision="bf16", cuda=True,
                             zero_stage=3)
     assert asked.norm == "torch" and f"norm backend: {backend} requested but cannot run here" in caplog.text
 
     _fake_modules(monkeypatch, present=[compiled_part, "megatron.core.extensions.transformer_engine"])
     assert kernels._AVAILABLE["norm"][backend]()  # with its compiled part it is chosen
-    assert resolve_kernels(CFG, precision="bf16", cuda=True, zero_stage=3, log=False).norm == backend
+    assert resolve_kernels(eager, precision="bf16", cuda=True, zero_stage=3, log=False).norm == backend
 
 
 @pytest.mark.parametrize("backend", ["plain", "chunked", "megatron_fused", "liger"])
@@ -361,8 +366,10 @@ def test_auto_never_picks_a_cross_entropy_whose_loss_is_not_an_fp32_mean(monkeyp
     host sync) and liger only for the norm and RoPE; asking for liger still gets it."""
     _fake_modules(monkeypatch, present=["triton"], absent=["transformer_engine.pytorch", "apex.normalization"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    plan = resolve_kernels(CFG, precision="bf16", cuda=True, zero_stage=3, log=False)
+    eager = dataclasses.replace(CFG, torch_compile="none")
+    plan = resolve_kernels(eager, precision="bf16", cuda=True, zero_stage=3, log=False)
     assert plan.cross_entropy == "chunked" and plan.norm == "liger", plan
+    assert resolve_kernels(CFG, precision="bf16", cuda=True, zero_stage=3, log=False).cross_entropy == "chunked"
     asked = resolve_kernels(dataclasses.replace(CFG, cross_entropy_backend="liger"), precision="bf16",
                             cuda=True, zero_stage=3, log=False)
     assert asked.cross_entropy == "liger"
