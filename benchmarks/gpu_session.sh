@@ -2,8 +2,8 @@
 # One GPU session, one command, at most 8 minutes (TOTAL_S=470 s, the wheel install included), most
 # important first:
 #   1. install the wheels the GPU machine lacks                              (timeout INSTALL_S=90)
-#   2. stack-auto vs hf-compile: TinyLlama 1.1B, bf16, micro-batch 8         (timeout HEAD_S=200)
-#   3. the gpu-marked tests (kernels against the plain path on CUDA)        (timeout TESTS_S=110)
+#   2. stack-auto vs hf-compile: TinyLlama 1.1B, bf16, micro-batch 8         (timeout HEAD_S=240)
+#   3. the gpu-marked tests (kernels against the plain path on CUDA)        (timeout TESTS_S=100)
 #   4. the other levers (benchmarks/bench_throughput.py's REST_PLAN), appended to the same
 #      results.json, with what is left; no configuration starts in the last minute
 #   5. the summary (also from a results.json cut short by a time limit)
@@ -35,8 +35,8 @@ else
 fi
 TOTAL_S=${TOTAL_S:-470}
 INSTALL_S=${INSTALL_S:-90}
-HEAD_S=${HEAD_S:-200}
-TESTS_S=${TESTS_S:-110}
+HEAD_S=${HEAD_S:-240}
+TESTS_S=${TESTS_S:-100}
 OUT=${OUT:-$PWD/gpu_session_out}
 if [ "$DRY_RUN" = 1 ]; then
   SKIP_INSTALL=1
