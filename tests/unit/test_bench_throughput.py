@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from megatron_tinyllama.launch import free_port
 from tests.conftest import REPO_ROOT
 
@@ -36,3 +38,31 @@ def test_bench_throughput_runs_every_kind_of_configuration_on_cpu(tmp_path):
     # bf16 rounding (their kernels differ).
     first = [r["first_loss"] for r in stack]
     assert max(first) - min(first) < 0.02, first
+
+
+@pytest.mark.slow
+def test_gpu_session_dry_run_runs_its_phases_in_order_and_records_each(tmp_path):
+    """benchmarks/gpu_session.sh --dry-run: the session's plumbing at a tiny shape on CPU (no
+    install, nothing compiled): the head-to-head first, then the gpu-marked tests, then the other
+    levers appended to the same results.json, each phase recorded in session.json with its
+    status and the device name, the summary made from results.json."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "2", "MASTER_PORT": str(free_port()),
+           "OUT": str(out)}
+    proc = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_session.sh"), "--dry-run"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    session = json.loads((out / "session.json").read_text())
+    assert session["device"] == "cpu" and session["dry_run"] and session["budget_s"] <= 480
+    assert [p["phase"] for p in session["phases"]] == [
+        "install", "bench: hf-eager@2,stack-auto@2", "gpu tests", "bench: stack-plain@2", "summary"]
+    assert all(p["status"] == "ok" for p in session["phases"]), session
+    results = json.loads((out / "bench" / "results.json").read_text())
+    assert results["device"] == "cpu"
+    assert [(r["config"], r["status"]) for r in results["results"]] == [
+        ("hf-eager", "ok"), ("stack-auto", "ok"), ("stack-plain", "ok")]
+    summary = (out / "bench" / "summary.txt").read_text()
+    assert "stack-plain" in summary and "hf-eager" in summary
+    assert (out / "gpu_tests.xml").is_file() and "skipped" in (out / "gpu_tests.log").read_text()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8  # what the device tool brings back
