@@ -134,6 +134,13 @@ def shuffled_copy(corpus: Path, prefix: str) -> str:
     return out
 
 
+def log_seconds(log: Path) -> int:
+    """Wall seconds between a training log's first and last timestamped line."""
+    stamps = re.findall(r"^\[rank0\] (\d\d):(\d\d):(\d\d) ", log.read_text(), flags=re.M)
+    secs = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in stamps]
+    return (secs[-1] - secs[0]) % 86400 if secs else 0
+
+
 def warnings_in(log: Path) -> list[tuple[int, str]]:
     found = []
     for line in log.read_text().splitlines():
@@ -156,8 +163,9 @@ def errors(pred, meas) -> dict:
             "last": float(rel[-1])}
 
 
-def cross_schedule(fc, fit_pts, target_run: Path, ref_tokens: float) -> dict:
-    """The law fitted on one run against another run's measured validation curve."""
+def cross_schedule(fc, fit_pts, target_run: Path, ref_tokens: float, from_tokens: float) -> dict:
+    """The law fitted on one run against another run's measured validation curve: errors over
+    the points from ``from_tokens`` (the range the law was fitted on), and over all past warm-up."""
     from megatron_tinyllama.scaling.forecast import build_schedule, load_history, predict_schedule
 
     history = load_history(target_run)
@@ -168,8 +176,11 @@ def cross_schedule(fc, fit_pts, target_run: Path, ref_tokens: float) -> dict:
     keep = schedule.index_of(tokens) >= areas_warm
     band = predict_schedule(fc.fit, fit_pts, schedule, tokens[keep], reference_tokens=ref_tokens,
                             decay=fc.decay)
-    return {**errors(band.estimate, loss[keep]),
-            "inside_band": float(np.mean((loss[keep] >= band.low) & (loss[keep] <= band.high))),
+    late = tokens[keep] >= from_tokens
+    inside = (loss[keep] >= band.low) & (loss[keep] <= band.high)
+    return {**errors(band.estimate[late], loss[keep][late]), "from_tokens": from_tokens,
+            "all_points_past_warmup": errors(band.estimate, loss[keep]),
+            "inside_band": float(np.mean(inside[late])),
             "curve": {"tokens": tokens[keep].tolist(), "measured": loss[keep].tolist(),
                       "predicted": band.estimate.tolist(), "low": band.low.tolist(),
                       "high": band.high.tolist()},
@@ -214,16 +225,17 @@ def main(argv=None) -> int:
                               train_tokens=FAULT_END * BATCH, continue_from=ckpt, text=text,
                               code=code), allow_fail=True)
     sizes = {}
-    for hidden, tokens in ((32, T // 4), (32, T // 2), (48, T // 4), (48, T // 2), (96, T // 2)):
+    for hidden, tokens in ((32, T // 4), (32, T // 2), (48, T // 4), (48, T // 2), (96, T // 2),
+                           (96, T)):
         name = f"size_h{hidden}_{tokens // BATCH}steps"
         sizes[name] = train(work, recipe(name, corpus, R(name), hidden=hidden, train_tokens=tokens,
                                          eval_every=4))
-    train_minutes = (time.time() - t0) / 60
-
+    seconds = {log.stem: log_seconds(log) for log in sorted((work / "logs").glob("*.log"))}
     results: dict = {"setup": {"seq": SEQ, "batch_tokens": BATCH, "steps": STEPS, "lr": LR,
                                "min_lr": MIN_LR, "vocab": 512, "hidden": 64, "layers": 2,
                                "eval_every_steps": 2, "eval_tokens": BATCH,
-                               "train_minutes": round(train_minutes, 1)}}
+                               "train_seconds_per_run": seconds,
+                               "train_minutes_total": round(sum(seconds.values()) / 60, 1)}}
     # 1. Fit on the cosine run, predict the other schedules.
     hist = load_history(cos)
     fc = forecast_history(hist, replicates=200)
@@ -232,8 +244,12 @@ def main(argv=None) -> int:
     law = fc.fit.law
     results["fit_cosine"] = {"L0": law.L0, "A": law.A, "alpha": law.alpha, "C": law.C,
                              "points": fc.fit.num_points, "rms_residual": fc.fit.rms_residual}
-    results["predict_const_cooldown"] = cross_schedule(fc, fit_pts, cc2, BATCH)
-    results["predict_v11_3stage_batch_x4"] = cross_schedule(fc, fit_pts, v3, BATCH)
+    fitted_from = float(fc.fitted_tokens.min())
+    results["predict_const_cooldown"] = cross_schedule(fc, fit_pts, cc2, BATCH, fitted_from)
+    results["predict_v11_3stage_batch_x4"] = cross_schedule(fc, fit_pts, v3, BATCH, fitted_from)
+    v3_stage3 = cross_schedule(fc, fit_pts, v3, BATCH, float(3 * T // 4 + 1))
+    results["predict_v11_3stage_batch_x4"]["stage3_only"] = {
+        k: v3_stage3[k] for k in ("points", "mean", "max", "last")}
     # 2. First 30% -> last 70%.
     early = forecast_history(hist, fit_until_step=int(0.3 * STEPS), replicates=200)
     tok, loss, _ = valid_points(cos)
@@ -242,6 +258,14 @@ def main(argv=None) -> int:
         **errors(early.predict(tok[after]), loss[after]), "fitted_points": early.fit.num_points,
         "final_band": [float(early.band.low[-1]), float(early.band.high[-1])],
         "final_forecast": early.final_loss, "final_measured": float(loss[-1])}
+    # How the end forecast improves with the share of the run fitted.
+    results["final_forecast_by_fraction_fitted"] = {}
+    for frac in (0.3, 0.4, 0.5, 0.6, 0.75, 0.9):
+        f = forecast_history(hist, fit_until_step=int(frac * STEPS), replicates=100)
+        results["final_forecast_by_fraction_fitted"][str(frac)] = {
+            "forecast": f.final_loss, "band": [float(f.band.low[-1]), float(f.band.high[-1])],
+            "relative_error": abs(f.final_loss - float(loss[-1])) / float(loss[-1]),
+            "fitted_points": f.fit.num_points}
     # 3. Live warnings: faults after step FAULT_STEP, none in clean runs.
     faults = {}
     for name, run in (("lr_x10_after_resume", f_lr), ("shuffled_tokens", f_sh)):
@@ -258,28 +282,33 @@ def main(argv=None) -> int:
     results["live_clean_runs_warnings"] = clean
     # 4. Across sizes: L(C, M) on five small runs -> the held-out bigger run.
     small = [cos] + [sizes[k] for k in sizes if not k.startswith("size_h96")]
-    held = sizes[next(k for k in sizes if k.startswith("size_h96"))]
     law_fit = fit_laws(load_runs(small), STACK_EVAL, description="small CPU runs")
-    target = load_runs([held])[0]
-    pred = float(law_fit.loss_fit.law.at(target.params, target.tokens))
-    plan = forecast_plan(small, [work / "recipes" / f"{held.name}.yaml"], replicates=200)
-    ptok, ploss, _ = valid_points(held)
-    pkeep = ptok > WARMUP
-    idx_plan = plan.schedule.index_of(ptok[pkeep])
     from megatron_tinyllama.scaling.curve import lr_areas
-    pa = lr_areas(plan.schedule.lr, plan.schedule.step_tokens, plan.reference_tokens, fc.decay)
-    plan_curve = plan.curve.fit.law(pa.s1[idx_plan], pa.s2[idx_plan]) + plan.shift
+    held_out = []
+    for held in (sizes[k] for k in sizes if k.startswith("size_h96")):
+        target = load_runs([held])[0]
+        pred = float(law_fit.loss_fit.law.at(target.params, target.tokens))
+        plan = forecast_plan(small, [work / "recipes" / f"{held.name}.yaml"], replicates=200)
+        ptok, ploss, _ = valid_points(held)
+        pkeep = ptok >= T / 4
+        idx_plan = plan.schedule.index_of(ptok[pkeep])
+        pa = lr_areas(plan.schedule.lr, plan.schedule.step_tokens, plan.reference_tokens, fc.decay)
+        plan_curve = plan.curve.fit.law(pa.s1[idx_plan], pa.s2[idx_plan]) + plan.shift
+        measured = target.losses[STACK_EVAL]
+        held_out.append({"name": target.name, "params": target.params, "tokens": target.tokens,
+                         "measured_final": measured, "predicted_final": pred,
+                         "relative_error": abs(pred - measured) / measured,
+                         "band": list(plan.band), "paper_relative_error": 0.007,
+                         "plan_curve_from_T/4": errors(plan_curve, ploss[pkeep])})
+    g = law_fit.loss_fit.law
     results["across_sizes"] = {
         "fit_runs": [{"name": r.name, "params": r.params, "tokens": r.tokens,
                       "loss": r.losses[STACK_EVAL]} for r in load_runs(small)],
-        "held_out": {"name": target.name, "params": target.params, "tokens": target.tokens,
-                     "measured_final": target.losses[STACK_EVAL], "predicted_final": pred,
-                     "relative_error": abs(pred - target.losses[STACK_EVAL]) / target.losses[STACK_EVAL],
-                     "band": list(plan.band),
-                     "paper_relative_error": 0.007},
-        "plan_curve": errors(plan_curve, ploss[pkeep]),
+        "loss_law": {"E": g.E, "a": g.a, "b": g.b, "eta": g.eta,
+                     "rms_residual": law_fit.loss_fit.rms_residual},
+        "held_out": held_out,
     }
-    results["total_minutes"] = round((time.time() - t0) / 60, 1)
+    results["analysis_seconds"] = round(time.time() - t0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k not in ("predict_const_cooldown",
@@ -310,12 +339,15 @@ def plot(results: dict, early, cos: Path, work: Path, path: Path) -> None:
     ax.plot(tok[tok <= cut], loss[tok <= cut], "o", ms=3, color="tab:blue", label="fitted")
     ax.plot(tok[tok > cut], loss[tok > cut], "o", ms=3, mfc="none", color="tab:blue",
             label="measured later")
+    ax.set_ylim(loss.min() - 0.3, loss[tok >= T / 4].max() + 0.3)  # the law is off in the first steps
     r = results["first30_predicts_last70"]
     ax.set_title(f"cosine: first 30% -> last 70% (end error {100 * r['last']:.2f}%)")
     for a, key, title in ((axes[0][1], "predict_const_cooldown", "constant + linear cooldown"),
                           (axes[1][0], "predict_v11_3stage_batch_x4",
                            "v1.1-like: 3 stages, last at 4x batch")):
-        c = results[key]["curve"]
+        c = {k: np.asarray(v) for k, v in results[key]["curve"].items()}
+        shown = c["tokens"] >= T / 4
+        c = {k: v[shown] for k, v in c.items()}
         a.fill_between(c["tokens"], c["low"], c["high"], color="tab:orange", alpha=0.25, lw=0)
         a.plot(c["tokens"], c["predicted"], color="tab:orange", label="law fitted on cosine run")
         a.plot(c["tokens"], c["measured"], "o", ms=3, mfc="none", color="tab:blue",
