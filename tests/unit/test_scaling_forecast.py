@@ -259,3 +259,19 @@ def test_live_forecast_of_a_real_tiny_run_needs_the_burn_in(burn_in, caplog):
     else:
         assert len(caplog.records) >= 1
         assert min(c.final_loss for c in done) < 0
+
+
+def test_live_forecast_never_stops_training(tmp_path, caplog):
+    """A run folder whose earlier stage cannot be read, and a fit that raises, cost a warning:
+    the trainer's evaluation goes on."""
+    run = tmp_path / "run"
+    write_run(run, recipe(100 * BATCH, save_dir=str(run), continue_from=str(tmp_path / "gone")),
+              [])
+    cfg = config_from_dict(recipe(100 * BATCH, save_dir=str(run)))
+    with caplog.at_level(logging.WARNING, logger="megatron_tinyllama.train.forecast_live"):
+        live = LiveForecast.for_run(cfg, 0)
+        assert "earlier records not used" in caplog.text
+        live._check = lambda *a: 1 / 0
+        assert live.observe(5, 5 * BATCH, 4.0) is None and live.disabled
+        assert live.observe(10, 10 * BATCH, 3.9) is None
+    assert caplog.text.count("forecast disabled") == 1
