@@ -275,3 +275,26 @@ def test_live_forecast_never_stops_training(tmp_path, caplog):
         assert live.observe(5, 5 * BATCH, 4.0) is None and live.disabled
         assert live.observe(10, 10 * BATCH, 3.9) is None
     assert caplog.text.count("forecast disabled") == 1
+
+
+def test_forecast_fields_reach_metrics_jsonl_and_tensorboard(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_tinyllama.train.metrics import MetricsWriter
+
+    cfg = config_from_dict({**recipe(100 * BATCH, save_dir=str(tmp_path / "run")),
+                            "logging": {"tensorboard_dir": str(tmp_path / "tb")}})
+    writer = MetricsWriter(cfg, rank=0, world_size=1)
+    extra = {"forecast_final_loss": 3.5, "forecast_final_low": 3.4, "forecast_final_high": 3.6,
+             "forecast_expected_loss": 4.0, "forecast_band_low": 3.9, "forecast_band_high": 4.1,
+             "forecast_band_distance": 0.0}
+    with caplog.at_level(logging.INFO, logger="megatron_tinyllama.train.metrics"):
+        writer.log_eval(10, 10 * BATCH, 4.05, extra)
+    writer.close()
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record == {"step": 10, "tokens": 10 * BATCH, "valid_loss": 4.05, **extra}
+    assert "forecast final loss 3.5000 [3.4000, 3.6000]" in caplog.text
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) >= {"valid/loss", "forecast/final_loss",
+                                             "forecast/band_distance"}
