@@ -195,8 +195,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from megatron_tinyllama.data.demo_corpus import build_demo_corpus
-    from megatron_tinyllama.scaling.forecast import fit_points, forecast_history, forecast_plan, \
-        load_history
+    from megatron_tinyllama.scaling.forecast import fit_points, forecast_history, load_history
+    from megatron_tinyllama.scaling.forecast_plan import forecast_plan
     from megatron_tinyllama.scaling.protocol import fit_laws
     from megatron_tinyllama.scaling.runs import STACK_EVAL, load_runs
 

@@ -6,6 +6,9 @@ the released testbed or on this stack's own runs, and predict larger runs.
 * :mod:`.runs`: reading the released testbed in place and this stack's run folders.
 * :mod:`.protocol`: the paper's fit/check protocol on runs, and fit files.
 * :mod:`.planner`: training recipes for shapes x token multipliers, with their compute.
+* :mod:`.curve`: the loss-curve law of Tissue et al. (2024) over a run's LR schedule.
+* :mod:`.forecast`: a run's curve forecast from its metrics; :mod:`.forecast_plan`: a planned
+  run's curve from small runs (``forecast --plan``).
 * :mod:`.plots`: PNG plots. :mod:`.cli`: the ``tinyllama-scaling`` command.
 """
 

@@ -358,7 +358,8 @@ def _forecast_table(data: dict, measured: dict[int, float]) -> str:
 def cmd_forecast(args) -> int:
     import json
 
-    from megatron_tinyllama.scaling.forecast import forecast_plan, forecast_run, relative_errors
+    from megatron_tinyllama.scaling.forecast import forecast_run, relative_errors
+    from megatron_tinyllama.scaling.forecast_plan import forecast_plan
 
     opts = dict(decay=args.decay, replicates=args.bootstrap, confidence=args.confidence,
                 seed=args.seed)

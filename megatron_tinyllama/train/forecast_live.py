@@ -86,6 +86,7 @@ class LiveForecast:
         self.tolerance = tolerance
         self.decay = decay
         self.burn_in = burn_in
+        self.disabled = False
         self._outside = False
         # The areas of the whole planned schedule, once: a loop over every step (1M for v1.1).
         self.areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay)
@@ -102,7 +103,7 @@ class LiveForecast:
                 history = load_history(save_dir, start_tokens=start_tokens)
                 return cls(build_schedule(history.segments),
                            history.valid.until_tokens(start_tokens), **opts)
-            except (ScalingError, OSError) as err:
+            except Exception as err:  # noqa: BLE001 - a forecast must never stop a training run
                 logger.warning("forecast: earlier records not used (%s); forecasting this stage "
                                "from its own evaluations", err)
         return cls(build_schedule([segment_of(cfg, start_tokens)]), **opts)
@@ -114,11 +115,15 @@ class LiveForecast:
         the run: the law may simply not describe its first steps yet).
         """
         check = None
-        if math.isfinite(loss):
+        if math.isfinite(loss) and not self.disabled:
             try:
                 check = self._check(step, tokens, loss)
             except ScalingError as err:
                 logger.debug("forecast skipped at step %d: %s", step, err)
+            except Exception as err:  # noqa: BLE001 - a forecast must never stop a training run
+                self.disabled = True
+                logger.warning("forecast disabled for this run after an error at step %d: %r",
+                               step, err)
             self.points.add(int(tokens), int(step), float(loss))
         return check
 

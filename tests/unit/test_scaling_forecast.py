@@ -259,3 +259,42 @@ def test_live_forecast_of_a_real_tiny_run_needs_the_burn_in(burn_in, caplog):
     else:
         assert len(caplog.records) >= 1
         assert min(c.final_loss for c in done) < 0
+
+
+def test_live_forecast_never_stops_training(tmp_path, caplog):
+    """A run folder whose earlier stage cannot be read, and a fit that raises, cost a warning:
+    the trainer's evaluation goes on."""
+    run = tmp_path / "run"
+    write_run(run, recipe(100 * BATCH, save_dir=str(run), continue_from=str(tmp_path / "gone")),
+              [])
+    cfg = config_from_dict(recipe(100 * BATCH, save_dir=str(run)))
+    with caplog.at_level(logging.WARNING, logger="megatron_tinyllama.train.forecast_live"):
+        live = LiveForecast.for_run(cfg, 0)
+        assert "earlier records not used" in caplog.text
+        live._check = lambda *a: 1 / 0
+        assert live.observe(5, 5 * BATCH, 4.0) is None and live.disabled
+        assert live.observe(10, 10 * BATCH, 3.9) is None
+    assert caplog.text.count("forecast disabled") == 1
+
+
+def test_forecast_fields_reach_metrics_jsonl_and_tensorboard(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_tinyllama.train.metrics import MetricsWriter
+
+    cfg = config_from_dict({**recipe(100 * BATCH, save_dir=str(tmp_path / "run")),
+                            "logging": {"tensorboard_dir": str(tmp_path / "tb")}})
+    writer = MetricsWriter(cfg, rank=0, world_size=1)
+    extra = {"forecast_final_loss": 3.5, "forecast_final_low": 3.4, "forecast_final_high": 3.6,
+             "forecast_expected_loss": 4.0, "forecast_band_low": 3.9, "forecast_band_high": 4.1,
+             "forecast_band_distance": 0.0}
+    with caplog.at_level(logging.INFO, logger="megatron_tinyllama.train.metrics"):
+        writer.log_eval(10, 10 * BATCH, 4.05, extra)
+    writer.close()
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record == {"step": 10, "tokens": 10 * BATCH, "valid_loss": 4.05, **extra}
+    assert "forecast final loss 3.5000 [3.4000, 3.6000]" in caplog.text
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) >= {"valid/loss", "forecast/final_loss",
+                                             "forecast/band_distance"}
