@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.distributed.ranks import run_on_ranks
 from tests.distributed.synthetic import synthetic_batches
@@ -64,13 +63,24 @@ def _tree(save_dir: Path, layout: Layout, steps: int, init_from) -> dict:
 def _worker(rank, world_size, tree, zero_moments):
     from megatron_tinyllama.config import config_from_dict
     from megatron_tinyllama.train.loop import train
+    from tests.distributed.test_checkpoint_faults import _log_to
 
+    _log_to(_log_path(Path(tree["checkpoint"]["save_dir"]), rank))
     if zero_moments:  # the fault the comparison must catch: moments lost on the way
         from megatron_tinyllama.checkpoint import reshard
 
         original = reshard.set_optimizer_state
         reshard.set_optimizer_state = lambda param, key, value, opt: original(param, key, value * 0, opt)
     train(config_from_dict(tree), batch_source=synthetic_batches)
+
+
+def _log_path(save_dir: Path, rank: int = 0) -> Path:
+    return save_dir.parent / f"{save_dir.name}.rank{rank}.log"
+
+
+def _log(save_dir: Path) -> str:
+    """Rank 0's log of the last run into ``save_dir``."""
+    return _log_path(save_dir).read_text()
 
 
 def _run(save_dir: Path, layout: Layout, steps: int, init_from, zero_moments: bool = False) -> None:
@@ -117,29 +127,35 @@ def _gaps(save_dir: Path, reference) -> tuple[float, float]:
 
 
 DP2 = Layout(2)
+# (first layout, then layout, the change the log names: None = the same layout, DeepSpeed's own load)
 CASES = {
-    "dp2-to-dp1": (DP2, Layout(1)),
-    # DeepSpeed's own load (same layout), another micro-batch at the same global batch
-    "micro-batch-2-to-4-same-layout": pytest.param((DP2, Layout(2, micro_batch=4)), marks=pytest.mark.slow),
-    "zero3-to-zero1-and-micro-batch-4": pytest.param((DP2, Layout(2, zero_stage=1, micro_batch=4)),
+    "dp2-to-dp1": (DP2, Layout(1), "DP 2 -> 1, ZeRO 3 -> 1"),
+    # another micro-batch at the same global batch
+    "micro-batch-2-to-4-same-layout": pytest.param((DP2, Layout(2, micro_batch=4), None), marks=pytest.mark.slow),
+    "zero3-to-zero1-and-micro-batch-4": pytest.param((DP2, Layout(2, zero_stage=1, micro_batch=4), "ZeRO 3 -> 1"),
                                                      marks=pytest.mark.slow),
-    "zero1-to-zero3": pytest.param((Layout(2, zero_stage=1), DP2), marks=pytest.mark.slow),
-    "dp2-to-dp4": pytest.param((DP2, Layout(4)), marks=pytest.mark.slow),
-    "dp4-to-dp1": pytest.param((Layout(4), Layout(1)), marks=pytest.mark.slow),
-    "tp2dp2-to-tp1dp4": pytest.param((Layout(4, tp=2), Layout(4)), marks=pytest.mark.slow),
-    "tp1dp2-to-tp2dp2": pytest.param((DP2, Layout(4, tp=2)), marks=pytest.mark.slow),
-    "hpz-two-nodes-to-one-node": pytest.param((Layout(4, ranks_per_node=2, hpz=0), Layout(2)),
-                                              marks=pytest.mark.slow),
+    "zero1-to-zero3": pytest.param((Layout(2, zero_stage=1), DP2, "ZeRO 1 -> 3"), marks=pytest.mark.slow),
+    "dp2-to-dp4": pytest.param((DP2, Layout(4), "DP 2 -> 4"), marks=pytest.mark.slow),
+    "dp4-to-dp1": pytest.param((Layout(4), Layout(1), "DP 4 -> 1, ZeRO 3 -> 1"), marks=pytest.mark.slow),
+    "tp2dp2-to-tp1dp4": pytest.param((Layout(4, tp=2), Layout(4), "DP 2 -> 4, TP 2 -> 1"), marks=pytest.mark.slow),
+    "tp1dp2-to-tp2dp2": pytest.param((DP2, Layout(4, tp=2), "TP 1 -> 2"), marks=pytest.mark.slow),
+    "hpz-two-nodes-to-one-node": pytest.param((Layout(4, ranks_per_node=2, hpz=0), Layout(2),
+                                               "DP 4 -> 2, node-local sharding 2 -> off"), marks=pytest.mark.slow),
 }
 
 
-@pytest.mark.parametrize("layouts", CASES.values(), ids=CASES.keys())
-def test_resume_on_another_layout_matches_the_reference(source, layouts):
-    first, then = layouts
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_resume_on_another_layout_matches_the_reference(source, case):
+    first, then, change = case
     save_dir = _resume(source, first, then, f"{first}-to-{then}")
     loss_gap, norm_gap = _gaps(save_dir, source["reference"])
     assert loss_gap <= 1e-5 and norm_gap <= 1e-5, (loss_gap, norm_gap)
     assert_weights_match_reference(save_dir, source["reference"], source["tmp"])
+    log = _log(save_dir)
+    if change is None:
+        assert "on a new layout" not in log
+    else:
+        assert f"resuming step 3 on a new layout: {change} (optimizer state resharded)" in log
     state = json.loads((save_dir / "global_step000006" / "trainer_state.json").read_text())
     assert state["consumed_tokens"] == STEPS * STEP_TOKENS and state["layout"]["tensor_parallel_size"] == then.tp
     assert state["layout"]["data_parallel_size"] == then.ranks // then.tp
