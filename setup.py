@@ -66,6 +66,7 @@ setup(
         "zstandard>=0.22",
         "pyarrow>=14",
         "tqdm>=4.62",
+        "psutil>=5.9",  # the launcher watch (train/watchdog.py); deepspeed needs it too
     ],
     extras_require={
         # lm-evaluation-harness for tinyllama-eval (tested with 0.4.13); the test extra carries it

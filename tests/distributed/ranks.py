@@ -40,7 +40,7 @@ START_METHOD = os.environ.get("TINYLLAMA_TEST_START_METHOD", "forkserver")
 _PRELOAD = ["tests.distributed.rank_preload"]
 
 
-def _context():
+def process_context():
     """The multiprocessing context ranks start from (the forkserver preloads on its first use)."""
     context = multiprocessing.get_context(START_METHOD)
     if START_METHOD == "forkserver":
@@ -91,7 +91,7 @@ def run_on_ranks(fn, world_size: int, *args, ranks_per_node: int = 0) -> None:
     them); 0 puts every rank on one node.
     """
     per_node = ranks_per_node or world_size
-    _context()
+    process_context()
     mp.start_processes(_entry, args=(world_size, free_port(), per_node, fn, args, dict(os.environ), _streams()),
                        nprocs=world_size, join=True, start_method=START_METHOD)
 
@@ -99,7 +99,7 @@ def run_on_ranks(fn, world_size: int, *args, ranks_per_node: int = 0) -> None:
 def start_ranks(fn, world_size: int, *args) -> list:
     """Start ``fn`` on ``world_size`` gloo ranks as :func:`run_on_ranks` does, without waiting:
     for tests that watch the processes themselves (exit codes, a stopped rank)."""
-    context = _context()
+    context = process_context()
     port = free_port()
     procs = [context.Process(target=_entry, args=(rank, world_size, port, world_size, fn, args, dict(os.environ),
                                                          _streams()))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 
 import numpy as np
 import pytest
@@ -68,7 +67,9 @@ def test_gloo_ranks_build_the_cache_once_and_read_disjoint_slices(tmp_path):
 
 def test_independent_processes_share_one_cache_safely(tmp_path):
     blend = _corpus(tmp_path)
-    context = multiprocessing.get_context("spawn")
+    from tests.distributed.ranks import process_context
+
+    context = process_context()  # fresh processes (forked from the preloaded forkserver), no shared group
     procs = [context.Process(target=_process_main, args=(i, tmp_path, blend)) for i in range(2)]
     for proc in procs:
         proc.start()

@@ -1,7 +1,8 @@
 """End to end through the real ``deepspeed`` launcher and a hostfile, on CPU ranks over gloo.
 
 DP=2 ZeRO-3 (loss falls on real text, validation, exact resume, HF export with logits parity),
-TP=2, and ZeRO++ node-local sharding on two simulated nodes of two ranks.
+TP=2, ZeRO++ node-local sharding on two simulated nodes of two ranks, and a scheduler's
+SIGTERM to the launcher.
 """
 
 from __future__ import annotations
@@ -110,20 +111,21 @@ def test_tp2_trains_and_converts_with_parity(tmp_path, small_corpus, mcore_cpu):
     _assert_hf_parity(save_dir, tmp_path)
 
 
-def test_node_local_sharding_on_two_simulated_nodes_matches_plain_zero3(tmp_path, small_corpus):
-    common = dict(data={"valid_blend": ""}, logging={"eval_interval_steps": 100})
-    hpz = _recipe(tmp_path, small_corpus, "hpz", 4, parallel={"hpz_partition_size": 0}, **common)
+def test_node_local_sharding_takes_its_group_from_the_launcher_on_two_simulated_nodes(tmp_path, small_corpus):
+    """What only the launcher can show: with ``hpz_partition_size: 0`` the node-local group is the
+    launcher's local world size on each of two nodes (``--no_ssh``, one launcher per node). That
+    such a run trains exactly as the reference trainer is shown on gloo ranks, at TP=2 on two
+    simulated nodes of four (tests/distributed/test_reference_equivalence.py); a second launch of
+    plain ZeRO-3 to compare with cost a minute and showed nothing more."""
+    hpz = _recipe(tmp_path, small_corpus, "hpz", 4, parallel={"hpz_partition_size": 0},
+                  data={"valid_blend": ""}, logging={"eval_interval_steps": 100})
     log = tmp_path / "hpz_launch"
     launch_local(hpz, nodes=2, ranks_per_node=2, work_dir=tmp_path / "hpz_launcher", timeout_s=600,
                  log_path=log)
     text = Path(str(log) + ".node0.log").read_text()
     assert "DP=4" in text and "hpZ 2" in text  # group = the launcher's local world size
-    plain = _recipe(tmp_path, small_corpus, "plain", 4, **common)
-    launch_local(plain, nodes=1, ranks_per_node=4, work_dir=tmp_path / "plain_launcher", timeout_s=600)
-    hpz_losses, plain_losses = _train_losses(_metrics(tmp_path / "hpz")), _train_losses(_metrics(tmp_path / "plain"))
-    assert len(hpz_losses) == 4
-    for step in hpz_losses:
-        assert abs(hpz_losses[step] - plain_losses[step]) <= 1e-5
+    losses = _train_losses(_metrics(tmp_path / "hpz"))
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
 
 
 def test_sigterm_to_the_launcher_and_a_time_limit_stop_the_job_with_a_checkpoint(tmp_path, small_corpus):
