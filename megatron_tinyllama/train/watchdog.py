@@ -207,10 +207,17 @@ class StallWatchdog:
             logger.warning("stall watchdog: no heartbeats, the rendezvous store is not reachable: %s", err)
             return
         self._store = store
-        while not self._done.wait(self.interval_s):
+        # A beat every interval, and at once on new progress: a rank stopped right after its
+        # first steps (or a fast run) still leaves a heartbeat naming where it was.
+        published, next_beat = None, 0.0
+        while not self._done.wait(min(0.1, self.interval_s)):
             last = self._snapshot()
             if last is None or store is None:
                 continue
+            now = time.monotonic()
+            if last is published and now < next_beat:
+                continue
+            published, next_beat = last, now + self.interval_s
             self._beat += 1
             try:
                 store.set(self._KEY.format(self.rank), json.dumps(
@@ -247,7 +254,7 @@ class StallWatchdog:
                 continue
             before, after = first.get(peer), second.get(peer)
             if after is None:
-                lines.append(f"rank {peer}: no heartbeat at all (it never reached its first step)")
+                lines.append(f"rank {peer}: no heartbeat at all (it stopped before its first step began)")
             elif before is not None and after["beat"] == before["beat"]:
                 lines.append(f"rank {peer}: NOT RESPONDING (stopped, hung in the kernel or gone); "
                              f"its last heartbeat: {_where(after['step'], after['what'])}, begun "
