@@ -49,7 +49,13 @@ _RANK_LINE = re.compile(r"^\[rank(?P<rank>\d+)\] [\d:]+ (?P<level>\w+) [\w.]+: (
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16), where bf16 training is faster
-    than fp32; elsewhere bf16 is emulated and slower."""
+    than fp32; elsewhere bf16 is emulated and slower.
+
+    The units only help when torch's kernels may use them: ``ATEN_CPU_CAPABILITY=avx2`` (how a
+    machine without them is reproduced on one that has them) caps torch below AVX512.
+    """
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        return False
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 

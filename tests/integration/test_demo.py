@@ -64,3 +64,21 @@ def test_demo_end_to_end_prints_progress_loss_outputs_and_next_commands(tmp_path
     assert "tensorboard --logdir demo/run/tb" in out and "tinyllama-generate demo/run" in out
     assert "tinyllama-convert-to-hf --input demo/run" in out and "train.train_tokens=65536" in out
     assert (work / "hf" / "model.safetensors").is_file()
+
+
+def test_bf16_is_chosen_only_where_torch_may_use_the_bf16_units(monkeypatch):
+    """An AVX512-BF16 CPU with torch capped at AVX2 (ATEN_CPU_CAPABILITY=avx2, how an AVX2-only
+    machine is reproduced) emulates bf16: the demo must train in fp32 there."""
+    import torch
+
+    from megatron_tinyllama.demo import cpu_has_fast_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert cpu_has_fast_bf16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not cpu_has_fast_bf16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not cpu_has_fast_bf16()
