@@ -422,9 +422,8 @@ def forecast_history(
                     curve_index=cidx, band=band, areas=areas)
 
 
-def forecast_run(run_dir: Union[str, Path], recipes: Sequence[Union[str, Path]] = (),
-                 **kwargs) -> Forecast:
-    """:func:`forecast_history` of a run folder, with next stages given as recipe files."""
+def load_recipes(recipes: Sequence[Union[str, Path]]) -> list:
+    """The recipe files of planned stages, each error naming its file (:class:`RunFileError`)."""
     from megatron_tinyllama.config import ConfigError, load_config
 
     stages = []
@@ -435,7 +434,13 @@ def forecast_run(run_dir: Union[str, Path], recipes: Sequence[Union[str, Path]] 
             raise RunFileError(f"{recipe}: not a valid recipe: {err}") from None
         except OSError as err:
             raise RunFileError(f"{recipe}: cannot read ({err.strerror})") from None
-    return forecast_history(load_history(run_dir), stages, **kwargs)
+    return stages
+
+
+def forecast_run(run_dir: Union[str, Path], recipes: Sequence[Union[str, Path]] = (),
+                 **kwargs) -> Forecast:
+    """:func:`forecast_history` of a run folder, with next stages given as recipe files."""
+    return forecast_history(load_history(run_dir), load_recipes(recipes), **kwargs)
 
 
 def relative_errors(forecast: Forecast, tokens: Sequence[float], loss: Sequence[float],

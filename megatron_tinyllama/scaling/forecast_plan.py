@@ -22,9 +22,9 @@ from megatron_tinyllama.scaling.forecast import (
     curve_indices,
     forecast_history,
     load_history,
+    load_recipes,
     segment_of,
 )
-from megatron_tinyllama.scaling.runs import RunFileError
 
 
 
@@ -89,7 +89,6 @@ def forecast_plan(run_dirs: Sequence[Union[str, Path]], recipes: Sequence[Union[
     Raises:
         RunFileError, FitError: unreadable runs or recipes, too few runs, failed fits.
     """
-    from megatron_tinyllama.config import ConfigError, load_config
     from megatron_tinyllama.scaling.protocol import bootstrap_law, fit_laws
     from megatron_tinyllama.scaling.runs import STACK_EVAL, load_runs
 
@@ -97,12 +96,7 @@ def forecast_plan(run_dirs: Sequence[Union[str, Path]], recipes: Sequence[Union[
         raise FitError("forecast --plan: give the planned run's recipe(s) with --recipe")
     runs = load_runs(run_dirs)
     law_fit = fit_laws(runs, STACK_EVAL, description=f"{len(runs)} small runs")
-    cfgs = []
-    for recipe in recipes:
-        try:
-            cfgs.append(load_config(recipe))
-        except ConfigError as err:
-            raise RunFileError(f"{recipe}: not a valid recipe: {err}") from None
+    cfgs = load_recipes(recipes)
     segments = [segment_of(cfgs[0])]
     for cfg in cfgs[1:]:
         segments.append(segment_of(cfg, segments[-1].end_tokens))
