@@ -4,6 +4,7 @@
 #   1. install the wheels the GPU machine lacks                              (timeout INSTALL_S=90)
 #   2. stack-auto vs hf-compile: TinyLlama 1.1B, bf16, micro-batch 8         (timeout HEAD_S=240)
 #   3. the gpu-marked tests (kernels against the plain path on CUDA)        (timeout TESTS_S=100)
+#   3b. the demo (tinyllama-demo) on one GPU                              (timeout DEMO_S=150)
 #   4. the other levers (benchmarks/bench_throughput.py's REST_PLAN), appended to the same
 #      results.json, with what is left; no configuration starts in the last minute
 #   5. the summary (also from a results.json cut short by a time limit)
@@ -21,11 +22,12 @@
 # compile; tests/unit/test_bench_throughput.py runs it):
 #   bash benchmarks/gpu_session.sh --dry-run
 #
-# Writes (7 files; the device tool brings back 8): $OUT/session.json, $OUT/env.txt,
-# $OUT/gpu_tests.log, $OUT/gpu_tests.xml, $OUT/bench.log, $OUT/bench/results.json,
+# Writes (8 files, what the device tool brings back): $OUT/session.json, $OUT/env.txt,
+# $OUT/gpu_tests.log, $OUT/gpu_tests.xml, $OUT/demo.log, $OUT/bench.log, $OUT/bench/results.json,
 # $OUT/bench/summary.txt. Without $OUT they go to ./gpu_session_out.
-# Options (environment): TOTAL_S, INSTALL_S, HEAD_S, TESTS_S; SKIP_INSTALL=1 (packages already
-# there), SKIP_TESTS=1; HEAD_PLAN / REST_PLAN (bench_throughput.py --plan values); BENCH_ARGS
+# Options (environment): TOTAL_S, INSTALL_S, HEAD_S, TESTS_S, DEMO_S; SKIP_INSTALL=1 (packages
+# already there), SKIP_TESTS=1, SKIP_DEMO=1, SKIP_BENCH=1 (phases 2 and 4); HEAD_PLAN / REST_PLAN
+# (bench_throughput.py --plan values); BENCH_ARGS
 # (more bench_throughput.py arguments for both parts).
 set -uo pipefail
 if [ "${1:-}" = "--dry-run" ]; then
@@ -37,6 +39,7 @@ TOTAL_S=${TOTAL_S:-470}
 INSTALL_S=${INSTALL_S:-90}
 HEAD_S=${HEAD_S:-240}
 TESTS_S=${TESTS_S:-100}
+DEMO_S=${DEMO_S:-150}
 OUT=${OUT:-$PWD/gpu_session_out}
 if [ "$DRY_RUN" = 1 ]; then
   SKIP_INSTALL=1
@@ -126,9 +129,14 @@ bench() {  # bench PLAN TIME_LIMIT_S EXTRA_ARGS...
 # 2. The head-to-head that matters most.
 : > "$OUT/bench.log"
 t0=$(date +%s)
-bench "$HEAD_PLAN" "$(limit "$HEAD_S")"
-HEAD_RC=$?
-record "bench: $HEAD_PLAN" "$HEAD_RC" $(( $(date +%s) - t0 ))
+if [ "${SKIP_BENCH:-0}" = 1 ]; then
+  HEAD_RC=0
+  record "bench: $HEAD_PLAN" 0 0 "skipped"
+else
+  bench "$HEAD_PLAN" "$(limit "$HEAD_S")"
+  HEAD_RC=$?
+  record "bench: $HEAD_PLAN" "$HEAD_RC" $(( $(date +%s) - t0 ))
+fi
 echo "head-to-head: exit $HEAD_RC at $(elapsed) s"
 
 # 3. The gpu-marked tests (interrupted by their time limit, pytest still writes its report).
@@ -146,10 +154,29 @@ fi
 tail -n 25 "$OUT/gpu_tests.log"
 echo "gpu tests: exit $TESTS_RC at $(elapsed) s"
 
+# 3b. The demo on one GPU, as a user first meets the stack (its own data, tokenizer, launcher,
+# conversion and generation); skipped in a dry run (tests/integration runs it on CPU).
+t0=$(date +%s)
+if [ "$DRY_RUN" != 1 ] && [ "${SKIP_DEMO:-0}" != 1 ] && [ "$(left)" -gt 60 ]; then
+  DEMO_DIR=$(mktemp -d)
+  PATH=/tmp/site/bin:$PATH timeout -k 10 "$(limit "$DEMO_S")" python3 -m megatron_tinyllama.demo \
+    --work-dir "$DEMO_DIR/demo" > "$OUT/demo.log" 2>&1
+  DEMO_RC=$?
+  record demo "$DEMO_RC" $(( $(date +%s) - t0 ))
+  tail -n 15 "$OUT/demo.log"
+else
+  DEMO_RC=0
+  record demo 0 0 "skipped"
+fi
+echo "demo: exit $DEMO_RC at $(elapsed) s"
+
 # 4. The other levers with what is left, appended to the same results.json.
 t0=$(date +%s)
 LEFT=$(left)
-if [ "$LEFT" -gt 90 ]; then
+if [ "${SKIP_BENCH:-0}" = 1 ]; then
+  REST_RC=0
+  record "bench: $REST_PLAN" 0 0 "skipped"
+elif [ "$LEFT" -gt 90 ]; then
   bench "$REST_PLAN" "$LEFT" --append --time-budget-s $(( LEFT - 60 ))
   REST_RC=$?
   record "bench: $REST_PLAN" "$REST_RC" $(( $(date +%s) - t0 ))
@@ -160,8 +187,12 @@ fi
 
 # 5. The summary of everything measured (made from results.json: a part may have been cut short).
 t0=$(date +%s)
-python3 benchmarks/bench_throughput.py --summarise "$OUT/bench/results.json" >> "$OUT/bench.log" 2>&1
-record summary $? $(( $(date +%s) - t0 ))
+if [ -f "$OUT/bench/results.json" ]; then
+  python3 benchmarks/bench_throughput.py --summarise "$OUT/bench/results.json" >> "$OUT/bench.log" 2>&1
+  record summary $? $(( $(date +%s) - t0 ))
+else
+  record summary 0 0 "nothing measured"
+fi
 cat "$OUT/bench/summary.txt" 2>/dev/null || tail -n 30 "$OUT/bench.log"
-echo "session: $(elapsed) s of $TOTAL_S; head-to-head exit $HEAD_RC, gpu tests exit $TESTS_RC, other levers exit $REST_RC"
-[ "$HEAD_RC" -eq 0 ] && [ "$TESTS_RC" -eq 0 ]
+echo "session: $(elapsed) s of $TOTAL_S; head-to-head exit $HEAD_RC, gpu tests exit $TESTS_RC, demo exit $DEMO_RC, other levers exit $REST_RC"
+[ "$HEAD_RC" -eq 0 ] && [ "$TESTS_RC" -eq 0 ] && [ "$DEMO_RC" -eq 0 ]

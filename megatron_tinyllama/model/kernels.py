@@ -10,9 +10,15 @@ only when they could be used, so a CPU machine without them never touches them.
 
 * Without CUDA everything stays on the plain path: CPU runs are for correctness, and tests pin
   each backend explicitly.
-* ``torch_compile``: ``layers`` on CUDA, at every ZeRO stage. Under ZeRO-3 DeepSpeed's parameter
-  hooks (compiler-disabled) split each compiled layer at its submodules, and each stretch between
-  them is fused (see :func:`megatron_tinyllama.model.build.compile_layers`).
+* ``torch_compile``: ``layers`` on CUDA at ZeRO 0-2; none under ZeRO-3, where the single-op kernels
+  below run instead. Compiled layers work under ZeRO-3 (DeepSpeed's parameter hooks split each
+  layer at its submodules, :func:`megatron_tinyllama.model.build.compile_layers`, and
+  tests/distributed/test_compile_zero3.py checks them against eager layers), but on the first GPU
+  run they were the slower choice: TinyLlama 1.1B, bf16, micro-batch 8 on one H200, ZeRO-3 compiled
+  43.1k tokens/s against 57.7k eager with the kernels (1.34x), while at ZeRO-1 compiled layers were
+  the faster (70.3k against 68.5k; benchmarks/results/throughput_h200.json). That run's log shows
+  dynamo reaching its recompile limit on DeepSpeed's hooks (``_pre_backward_module_hook``, once per
+  submodule type), the likely cost. ``torch_compile: layers`` still compiles under ZeRO-3 when asked.
 * With compiled layers, norm, SwiGLU and RoPE stay plain torch inside the layer: inductor fuses
   them with their neighbours (residual adds included), better than any one-op kernel.
 * Otherwise on CUDA: norm Transformer Engine > apex > liger > compiled; SwiGLU megatron-core's
@@ -148,11 +154,13 @@ def resolve_kernels(model_cfg: ModelConfig, *, precision: str = "fp32", tensor_p
         precision: the engine's precision; megatron-core's fused cross-entropy returns bf16
             gradients, so it is refused (falls back to chunked) outside bf16.
         tensor_parallel_size: liger's cross-entropy sees one vocabulary slice only: TP=1.
-        zero_stage: the ZeRO stage (compiled layers work at every stage; kept for callers).
+        zero_stage: the ZeRO stage: ``auto`` compiles layers below ZeRO-3 only.
         cuda: override device detection (tests).
     """
     on_cuda = torch.cuda.is_available() if cuda is None else cuda
-    compile_layers = model_cfg.torch_compile == "layers" or (model_cfg.torch_compile == "auto" and on_cuda)
+    # auto: compiled layers except under ZeRO-3, where they measured slower (module docstring).
+    compile_layers = model_cfg.torch_compile == "layers" or (
+        model_cfg.torch_compile == "auto" and on_cuda and zero_stage < 3)
     if on_cuda and not compile_layers:
         norm_order, swiglu_order, rope_order = ["te", "apex", "liger", "compiled"], ["fused"], ["liger", "compiled"]
     else:  # inside a compiled layer, plain torch ops fuse with their neighbours

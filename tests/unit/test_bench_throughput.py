@@ -31,7 +31,8 @@ def test_gpu_session_dry_run_runs_its_phases_in_order_and_records_each(tmp_path)
     session = json.loads((out / "session.json").read_text())
     assert session["device"] == "cpu" and session["dry_run"] and session["budget_s"] <= 480
     assert [p["phase"] for p in session["phases"]] == [
-        "install", f"bench: {head}", "gpu tests", f"bench: {rest}", "summary"]
+        "install", f"bench: {head}", "gpu tests", "demo", f"bench: {rest}", "summary"]
+    assert [p.get("note") for p in session["phases"]][3] == "skipped"  # the demo: not in a dry run
     assert all(p["status"] == "ok" for p in session["phases"]), session
     results = json.loads((out / "bench" / "results.json").read_text())
     assert results["device"] == "cpu"
