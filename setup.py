@@ -5,7 +5,6 @@ torch must be installed first (a CPU or CUDA build of your choice), and deepspee
 """
 
 import shutil
-import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -24,8 +23,17 @@ class BuildPyWithResources(build_py):
             shutil.copytree(Path(__file__).resolve().parent / name, target,
                             ignore=shutil.ignore_patterns("__pycache__"))
 
-# megatron-core 0.17+ requires Python 3.12; on 3.11 the newest is 0.16.x.
-MCORE = "megatron-core>=0.16,<0.20" if sys.version_info >= (3, 12) else "megatron-core>=0.16,<0.17"
+# megatron-core 0.17+ requires Python 3.12; on 3.11 the newest is 0.16.x. From 0.18 on,
+# `import megatron.core` imports triton (megatron/core/transformer/moe/ops/paged_stash.py, seen on
+# 0.18.0 and 0.19.2), which a CPU build of torch does not bring: where triton has wheels (Linux) it
+# is required, elsewhere megatron-core stays below 0.18. Markers, not sys.version_info, so the
+# choice is the installing machine's (tests/unit/test_requirements.py reads this list).
+MCORE_REQUIREMENTS = [
+    "megatron-core>=0.16,<0.17; python_version < '3.12'",
+    "megatron-core>=0.16,<0.20; python_version >= '3.12' and sys_platform == 'linux'",
+    "triton; python_version >= '3.12' and sys_platform == 'linux'",
+    "megatron-core>=0.16,<0.18; python_version >= '3.12' and sys_platform != 'linux'",
+]
 LM_EVAL = "lm-eval[hf]>=0.4.8,<0.5"
 
 setup(
@@ -53,7 +61,7 @@ setup(
     },
     install_requires=[
         "torch>=2.4",
-        MCORE,
+        *MCORE_REQUIREMENTS,
         "deepspeed>=0.16,<0.20",
         "sentencepiece>=0.2",
         "safetensors>=0.4",
