@@ -69,8 +69,8 @@ from megatron_tinyllama.checkpoint.compat import (
 from megatron_tinyllama.checkpoint.hf import ConversionError
 from megatron_tinyllama.checkpoint.native import (
     MODEL_INDEX,
+    SharedFileFiller,
     create_shared_model_file,
-    fill_shared_model_file,
     read_model_index,
     save_torch_file,
     shard_filename,
@@ -87,10 +87,10 @@ from megatron_tinyllama.checkpoint.reshard import (
 )
 from megatron_tinyllama.checkpoint.weights import (
     check_tp_replicas,
-    gather_full_weights,
     load_weights_into_engine,
     param_shape,
     read_shard_for_rank,
+    write_master_weights,
 )
 from megatron_tinyllama.config import ConfigError, JobConfig
 
@@ -401,13 +401,12 @@ def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Pat
     engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
     (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
     save_torch_file(_rng_state(), tag_dir / "rng" / f"rank{rank:05d}.pt")
-    # Every data-parallel rank of a TP rank writes its share of that TP rank's weights file, in
-    # place: no rank waits for one writer of the whole model.
+    # Every data-parallel rank of a TP rank streams its part of that TP rank's weights file into
+    # place, one parameter at a time (under ZeRO-3 its own partition of every tensor, gathering
+    # nothing): no rank waits for one writer of the whole model, none holds the whole model.
     shapes = {name: param_shape(p) for name, p in engine.module.named_parameters()}
     mine = owned_names(shapes, parallel_state.get_data_parallel_rank(),
                        parallel_state.get_data_parallel_world_size())
-    weights = gather_full_weights(engine, mine)
-    check_tp_replicas(engine, weights, cfg.checkpoint.tp_replica_tolerance)
     tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     model_file = tag_dir / "model" / shard_filename(tp_rank, tp_size)
     if parallel_state.get_data_parallel_rank() == 0:
@@ -416,8 +415,13 @@ def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Pat
         if tp_rank == 0:
             write_model_index(tag_dir / "model", cfg.model, tp_size)
     dist.barrier()
-    fill_shared_model_file(model_file, shapes, {name: weights[name] for name in mine})
-    del weights
+    filler = SharedFileFiller(model_file, shapes)
+    try:
+        replicated = write_master_weights(engine, filler.write, mine)
+    finally:
+        filler.close()
+    check_tp_replicas(engine, replicated, cfg.checkpoint.tp_replica_tolerance)
+    del replicated
     if cfg.checkpoint.reshardable:
         save_optimizer_state(engine, tag_dir)
     dist.barrier()
