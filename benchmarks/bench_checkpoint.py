@@ -1,6 +1,6 @@
 """Cost of a training checkpoint on CPU: DeepSpeed's plain save against ours, and the resharding load.
 
-Spawns ``--ranks`` gloo processes (one simulated node, TP 1, ZeRO-3, fp32) that build the engine
+Spawns ``--ranks`` gloo processes (one simulated node, TP 1, ZeRO-3, fp32 or ``--precision bf16``) that build the engine
 for the TinyLlama 1.1B width (hidden 2048, FFN 5632, 32 heads in 4 KV groups, vocabulary 32000)
 with ``--layers`` layers (22 is the full 1.1B; fewer when the memory does not hold it). AdamW's
 state is created (zeros: the bytes and the time do not depend on the values), then each rank times:
@@ -11,9 +11,12 @@ state is created (zeros: the bytes and the time do not depend on the values), th
   export + the layout-free AdamW moments + the manifest), and ``optim_save``: the layout-free
   moments alone (checkpoint.reshard.save_optimizer_state),
 
-and a second set of processes, at ZeRO-1 (another layout), times ``reshard_load``: the start plan's
-load of that checkpoint (checkpoint.reshard.load_resharded). Bytes are counted per part of the
-checkpoint directory. The numbers go to ``--out`` (JSON) and are printed. Not a test; run once:
+and a second set of processes, at ZeRO-1 (another layout; ``--load-zero-stage``, ``--load-tp``), times
+``reshard_load``: the start plan's load of that checkpoint (checkpoint.reshard.load_resharded).
+For each of these, every rank's anonymous resident memory (RssAnon: tensors, not the page cache)
+is recorded before it and at its peak (sampled every 5 ms), as ``<name>_rss_before`` and
+``<name>_rss_peak``, one value per rank. Bytes are counted per part of the checkpoint directory.
+The numbers go to ``--out`` (JSON) and are printed. Not a test; run once:
 
     python benchmarks/bench_checkpoint.py --ranks 2 --layers 4 --out results/checkpoint.json
 """
@@ -23,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,29 +39,68 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 
 
-def _tree(save_dir: Path, ranks: int, layers: int, zero_stage: int, preset: str) -> dict:
+def _tree(save_dir: Path, ranks: int, layers: int, zero_stage: int, preset: str, precision: str,
+          tp: int = 1) -> dict:
     seq = 256
     return {
         "model": {"preset": preset, "num_layers": layers, "seq_length": seq},
-        "parallel": {"tensor_parallel_size": 1, "zero_stage": zero_stage, "hpz_partition_size": 1},
+        "parallel": {"tensor_parallel_size": tp, "zero_stage": zero_stage, "hpz_partition_size": 1},
         "train": {"train_tokens": 10 * seq * ranks, "global_batch_tokens": seq * ranks, "micro_batch_size": 1,
-                  "precision": "fp32"},
+                  "precision": precision},
         "checkpoint": {"save_dir": str(save_dir), "keep_last": 0},
     }
 
 
-def _timed(fn) -> float:
+def _rss_anon() -> int:
+    """This process's anonymous resident memory in bytes (heap: tensors; not the page cache of
+    files it has mapped, which the kernel reclaims)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class _PeakRss:
+    """Samples RssAnon every few milliseconds on a thread; ``peak`` is the largest seen."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = _rss_anon(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_anon())
+
+    def __enter__(self) -> "_PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_anon())
+
+
+def _timed(fn, results: dict, name: str) -> None:
+    """Time ``fn`` between barriers into ``results[name]``, and this rank's anonymous memory before
+    it and at its peak into ``results[name + "_rss_before"]`` / ``[name + "_rss_peak"]``."""
+    import gc
+
     import torch.distributed as dist
 
+    gc.collect()
     dist.barrier()
-    start = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - start
+    before = _rss_anon()
+    with _PeakRss() as rss:
+        start = time.perf_counter()
+        fn()
+        dist.barrier()
+        results[name] = time.perf_counter() - start
+    results[f"{name}_rss_before"], results[f"{name}_rss_peak"] = before, rss.peak
 
 
 def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, preset: str, phase: str,
-               out: str) -> None:
+               out: str, load_stage: int, ds_load: bool, precision: str, load_tp: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(ranks))
     import torch
@@ -73,24 +117,31 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
     results: dict = {}
     with cpu_shim():
         env = initialize_distributed()  # DeepSpeed's comm adopts the gloo group
-        cfg = config_from_dict(_tree(Path(save_dir), ranks, layers, 3 if phase == "save" else 1, preset))
-        initialize_model_parallel(1, 7)
+        cfg = config_from_dict(_tree(Path(save_dir), ranks, layers, 3 if phase == "save" else load_stage, preset,
+                                      precision, 1 if phase == "save" else load_tp))
+        initialize_model_parallel(cfg.parallel.tensor_parallel_size, 7)
         te = build_engine(cfg, env)
-        results["parameters"] = sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel())
-                                    for p in te.model.parameters())
         if phase == "save":
+            results["parameters"] = sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel())
+                                        for p in te.model.parameters())
             reshard.prepare_adam_state(te.engine, 1)
             state = training.TrainerState(step=1, consumed_samples=ranks, consumed_tokens=256 * ranks)
             plain = Path(save_dir) / "plain"
-            results["ds_save"] = _timed(lambda: te.engine.save_checkpoint(str(plain), tag="global_step000001"))
-            results["ds_load"] = _timed(lambda: te.engine.load_checkpoint(str(plain), tag="global_step000001"))
-            results["optim_save"] = _timed(lambda: reshard.save_optimizer_state(te.engine, Path(save_dir) / "optim_only"))
-            results["ours_save"] = _timed(lambda: training.save_training_checkpoint(te.engine, cfg, state))
+            _timed(lambda: te.engine.save_checkpoint(str(plain), tag="global_step000001"), results, "ds_save")
+            if ds_load:  # DeepSpeed reads each rank's whole file into memory first (12P/N bytes)
+                _timed(lambda: te.engine.load_checkpoint(str(plain), tag="global_step000001"), results, "ds_load")
+            _timed(lambda: reshard.save_optimizer_state(te.engine, Path(save_dir) / "optim_only"), results,
+                   "optim_save")
+            _timed(lambda: training.save_training_checkpoint(te.engine, cfg, state), results, "ours_save")
         else:
             plan = training.plan_start(cfg, ranks)
-            results["reshard_load"] = _timed(lambda: training.start_state(te.engine, cfg, plan))
-    if rank == 0:
-        Path(out).write_text(json.dumps(results))
+            _timed(lambda: training.start_state(te.engine, cfg, plan), results, "reshard_load")
+    everyone = [None] * ranks
+    dist.all_gather_object(everyone, results)
+    if rank == 0:  # times are the same on every rank (barriers); memory is per rank
+        merged = {k: v for k, v in everyone[0].items() if "_rss_" not in k}
+        merged.update({k: [r[k] for r in everyone] for k in everyone[0] if "_rss_" in k})
+        Path(out).write_text(json.dumps(merged))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -111,22 +162,42 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--layers", type=int, default=22, help="22 = TinyLlama 1.1B")
     parser.add_argument("--preset", default="tinyllama-1.1b", help="tinyllama-debug for a smoke run")
+    parser.add_argument("--load-zero-stage", type=int, default=1,
+                        help="the ZeRO stage of the resharding load (the save is at ZeRO-3)")
+    parser.add_argument("--load-tp", type=int, default=1,
+                        help="the TP degree of the resharding load (the save is at TP 1)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16 holds 2 bytes less per parameter (what TinyLlama trains in); the "
+                             "checkpoint is the same (fp32 master weights and moments)")
+    parser.add_argument("--ds-load", action=argparse.BooleanOptionalAction, default=True,
+                        help="time DeepSpeed's load_checkpoint (--no-ds-load where its extra 12P/N bytes "
+                             "per rank do not fit)")
     parser.add_argument("--dir", help="where the checkpoints go (default: a temporary directory)")
     parser.add_argument("--out", default="checkpoint_bench.json")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        results = {"ranks": args.ranks, "layers": args.layers, "preset": args.preset}
+        results = {"ranks": args.ranks, "layers": args.layers, "preset": args.preset,
+                   "load_zero_stage": args.load_zero_stage, "load_tp": args.load_tp, "precision": args.precision}
         for phase in ("save", "load"):
             out = Path(tmp) / f"{phase}.json"
-            mp.spawn(_rank_main, args=(args.ranks, free_port(), tmp, args.layers, args.preset, phase, str(out)),
+            mp.spawn(_rank_main, args=(args.ranks, free_port(), tmp, args.layers, args.preset, phase, str(out),
+                                                   args.load_zero_stage, args.ds_load, args.precision,
+                                                   args.load_tp),
                      nprocs=args.ranks, join=True)
             results.update(json.loads(out.read_text()))
-        results.update(_bytes(Path(tmp)))
+            if phase == "save":  # counted; then only the checkpoint the load reads is kept (disk)
+                results.update(_bytes(Path(tmp)))
+                shutil.rmtree(Path(tmp) / "plain")
+                shutil.rmtree(Path(tmp) / "optim_only")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     for key, value in results.items():
-        shown = f"{value / 2**30:.2f} GiB" if key.startswith(("ours_", "ds_plain")) and isinstance(value, int) \
-            else (f"{value:.2f} s" if isinstance(value, float) else value)
+        if isinstance(value, list):  # per rank, bytes of memory
+            shown = ", ".join(f"{v / 2**30:.2f}" for v in value) + " GiB (per rank)"
+        elif key.startswith(("ours_", "ds_plain")) and isinstance(value, int):
+            shown = f"{value / 2**30:.2f} GiB"
+        else:
+            shown = f"{value:.2f} s" if isinstance(value, float) else value
         print(f"{key:28s} {shown}")
     return 0
 

@@ -184,24 +184,48 @@ def create_shared_model_file(path: Path, shapes: dict[str, tuple[int, ...]]) -> 
 
 def fill_shared_model_file(path: Path, shapes: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor]) -> None:
     """Write ``tensors`` (a subset of ``shapes``) into their byte ranges of a created file."""
-    head, spans = _layout(shapes)
-    with writing(path):
-        _fill(path, head, spans, tensors)
+    filler = SharedFileFiller(path, shapes)
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(shapes[name]):
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, its place {tuple(shapes[name])}")
+        filler.write(name, tensor)
+    filler.close()
 
 
-def _fill(path: Path, head: bytes, spans: dict, tensors: dict[str, torch.Tensor]) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        for name, tensor in tensors.items():
-            data = memoryview(tensor.detach().to(torch.float32).contiguous().numpy()).cast("B")
-            if len(data) != spans[name][1] - spans[name][0]:
-                raise ValueError(f"{path}: {name} holds {len(data)} bytes, its place {spans[name]}")
-            done, where = 0, len(head) + spans[name][0]
+class SharedFileFiller:
+    """Writes tensors, or pieces of their flattened data, into their byte ranges of a file made by
+    :func:`create_shared_model_file`, each as soon as it is handed over: a writer keeps nothing,
+    so several processes can stream their parts of the same tensors into one file."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.path = Path(path)
+        head, self.spans = _layout(shapes)
+        self.data_start = len(head)
+        self.fd: Optional[int] = None
+
+    def write(self, name: str, values: torch.Tensor, first: int = 0) -> None:
+        """Write ``values`` (any shape) as elements ``first...`` of tensor ``name`` flattened."""
+        data = memoryview(values.detach().to(torch.float32).contiguous().numpy()).cast("B")
+        begin, end = self.spans[name]
+        if 4 * first + len(data) > end - begin:
+            raise ValueError(f"{self.path}: {name} elements {first}+{len(data) // 4} overrun its place "
+                             f"({(end - begin) // 4} elements)")
+        with writing(self.path):
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_WRONLY)
+            done, where = 0, self.data_start + begin + 4 * first
             while done < len(data):  # pwrite may write less than asked (large tensors)
-                done += os.pwrite(fd, data[done:], where + done)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+                done += os.pwrite(self.fd, data[done:], where + done)
+
+    def close(self) -> None:
+        """Flush what this process wrote to the disk."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            with writing(self.path):
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
 
 def write_model_index(directory: Path, model_cfg: ModelConfig, tp_size: int) -> None:

@@ -23,10 +23,12 @@ DeepSpeed's own accessors (``safe_set_*``: ZeRO-1/2 fragments, ZeRO-3 partitions
 without node-local sharding) place each rank's part. Same layout: DeepSpeed's own files load
 as before (faster, and bit-exact including RNG).
 
-**Written in parallel.** Parameters are dealt to the data-parallel ranks of each TP rank by size;
-every rank takes part in each parameter's gather (a ZeRO collective) but only its owner keeps and
-writes it, in parts of at most 1 GiB, so each rank writes about 1/DP of its TP rank's moments and
-no rank holds more than a part in memory.
+**Written in parallel, streamed.** Parameters are dealt to the data-parallel ranks of each TP rank
+by size, and each rank creates the files of its parameters (parts of about 1 GiB) at full size.
+Then every rank writes into them, one parameter at a time, what it holds: under ZeRO-3 its own
+partition of every moment, in place and without any gather, so each rank writes 1/DP of the
+bytes and holds nothing extra; under ZeRO-1/2 each parameter is gathered (DeepSpeed's accessor)
+and its owner writes it whole. No rank holds more than one parameter's tensor beyond its shard.
 """
 
 from __future__ import annotations
@@ -38,11 +40,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from megatron_tinyllama.checkpoint.hf import merge_tp_shards, repad_vocab, shard_for_tp
-from megatron_tinyllama.checkpoint.native import read_model_index, shard_filename
-from megatron_tinyllama.checkpoint.weights import get_optimizer_state, param_shape, set_optimizer_state, set_weight
+from megatron_tinyllama.checkpoint.native import (
+    SharedFileFiller,
+    create_shared_model_file,
+    read_model_index,
+    shard_filename,
+)
+from megatron_tinyllama.checkpoint.weights import (
+    write_pieces,
+    fp32_pieces,
+    inner_optimizer,
+    param_shape,
+    set_optimizer_state,
+    set_weight,
+)
 from megatron_tinyllama.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -73,14 +86,9 @@ def engine_layout(engine) -> dict[str, int]:
             "node_local_ranks": int(engine.zero_hpz_partition_size()) if stage == 3 else 1}
 
 
-def _inner_optimizer(engine):
-    # DeepSpeed's ZeRO optimizers wrap torch's AdamW (over flat fp32 partitions) as .optimizer.
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
 def adam_step(engine) -> int:
     """AdamW's step count (updates applied; it sets the bias correction)."""
-    steps = [state["step"] for state in _inner_optimizer(engine).state.values() if "step" in state]
+    steps = [state["step"] for state in inner_optimizer(engine).state.values() if "step" in state]
     return int(max(steps)) if steps else 0
 
 
@@ -99,33 +107,30 @@ def owned_names(shapes: dict[str, tuple[int, ...]], dp_rank: int, dp_size: int) 
     return {name for name, owner in zip(shapes, owners) if owner == dp_rank}
 
 
-class _PartWriter:
-    """Collects tensors and writes them in safetensors parts of at most ``PART_BYTES``."""
-
-    def __init__(self, directory: Path, stem: str) -> None:
-        self.directory, self.stem = directory, stem
-        self.pending: dict[str, torch.Tensor] = {}
-        self.files: dict[str, list[str]] = {}
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        self.pending[key] = tensor
-        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= PART_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        name = f"{self.stem}.part{len(self.files):03d}.safetensors"
-        save_file(self.pending, str(self.directory / name), metadata={"format": "pt"})
-        self.files[name] = sorted(self.pending)
-        self.pending = {}
+def _parts(items: list[tuple[str, tuple[int, ...]]], stem: str) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
+    """Deal one owner's tensors (key, shape), in order, into safetensors parts: a part is closed
+    once it holds ``PART_BYTES`` or more. Every rank computes the same from the shapes alone."""
+    parts: list[dict[str, tuple[int, ...]]] = []
+    current: dict[str, tuple[int, ...]] = {}
+    size = 0
+    for key, shape in items:
+        current[key] = shape
+        size += 4 * int(torch.Size(shape).numel())
+        if size >= PART_BYTES:
+            parts.append(current)
+            current, size = {}, 0
+    if current:
+        parts.append(current)
+    return [(f"{stem}.part{i:03d}.safetensors", shapes) for i, shapes in enumerate(parts)]
 
 
 def save_optimizer_state(engine, tag_dir: Path) -> None:
     """Write this rank's share of the layout-free AdamW moments and, from rank 0, the index.
 
-    Collective over all ranks (each parameter's moments are gathered over its data-parallel
-    group; every group member calls in the same order).
+    Each data-parallel rank of a TP rank creates its files (the tensors it is dealt, in parts);
+    then every rank streams what it holds into them, one parameter at a time (under ZeRO-3 its
+    own partition of every tensor, without gathering; see checkpoint.weights.fp32_pieces).
+    Collective over all ranks (every group member calls in the same order).
     """
     from megatron.core import parallel_state
 
@@ -133,29 +138,39 @@ def save_optimizer_state(engine, tag_dir: Path) -> None:
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    optimizer = _inner_optimizer(engine)
+    optimizer = inner_optimizer(engine)
     step = adam_step(engine)
     params = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
     owners = _owners([int(torch.Size(param_shape(p)).numel()) for _, p in params], dp_size)
     directory = Path(tag_dir) / OPTIM_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    writer = _PartWriter(directory, f"tp{tp_rank:02d}-of-{tp_size:02d}.dp{dp_rank:03d}")
-    if step:
-        _link_fragments(engine)
-    for (name, param), owner in zip(params, owners):
-        for key in MOMENTS:
-            # Before the first update AdamW has no state yet: its moments are zeros.
-            value = get_optimizer_state(param, key, optimizer) if step else torch.zeros(param_shape(param))
-            if owner == dp_rank:
-                writer.add(f"{key}/{name}", value)
-            del value
-    writer.flush()
+    plans = {rank: _parts([(f"{key}/{name}", param_shape(p)) for (name, p), owner in zip(params, owners)
+                           if owner == rank for key in MOMENTS], f"tp{tp_rank:02d}-of-{tp_size:02d}.dp{rank:03d}")
+             for rank in range(dp_size)}
+    for file, shapes in plans[dp_rank]:
+        create_shared_model_file(directory / file, shapes)
+    dist.barrier()  # every file exists at full size before anyone writes into it
+    files = {file: SharedFileFiller(directory / file, shapes) for plan in plans.values() for file, shapes in plan}
+    fillers = {key: files[file] for plan in plans.values() for file, shapes in plan for key in shapes}
+    # Before the first update AdamW has no state: its moments are zeros, which the files already
+    # hold (created at full size, zero-filled).
+    try:
+        if step:
+            _link_fragments(engine)
+            for (name, param), owner in zip(params, owners):
+                for key in MOMENTS:
+                    write_pieces(fillers[f"{key}/{name}"].write, f"{key}/{name}",
+                                 fp32_pieces(param, key, optimizer, owner == dp_rank))
+    finally:
+        for filler in files.values():
+            filler.close()
+    written = {file: sorted(shapes) for file, shapes in plans[dp_rank]}
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (tp_rank, writer.files))
+    dist.all_gather_object(everyone, (tp_rank, written))
     if dist.get_rank() == 0:
         tensors: dict[str, dict[str, str]] = {str(r): {} for r in range(tp_size)}
-        for rank, files in everyone:
-            for file, keys in files.items():
+        for rank, rank_files in everyone:
+            for file, keys in rank_files.items():
                 tensors[str(rank)].update({key: file for key in keys})
         index = {"format_version": FORMAT_VERSION, "tensor_parallel_size": tp_size, "adam_step": step,
                  "tensors": tensors}
@@ -217,7 +232,7 @@ def prepare_adam_state(engine, step: int) -> None:
     torch's AdamW creates its state at the first step, and a freshly built engine has not
     stepped; DeepSpeed's ZeRO-1/2 fragments then link to the state's tensors.
     """
-    optimizer = _inner_optimizer(engine)
+    optimizer = inner_optimizer(engine)
     zero = engine.optimizer
     # The tensors AdamW steps: ZeRO-3's and ZeRO-1/2's flat fp32 partitions (ZeRO-3 hands them to
     # AdamW's param_groups only during its step), else the parameters themselves.
@@ -258,7 +273,7 @@ def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
     reader = _Reader(tag_dir)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    optimizer = _inner_optimizer(engine)
+    optimizer = inner_optimizer(engine)
     prepare_adam_state(engine, reader.step)
     for name, param in engine.module.named_parameters():
         for kind in ("fp32",) + (MOMENTS if param.requires_grad else ()):

@@ -1,8 +1,8 @@
 """Training checkpoints: what a run saves, and what it starts from.
 
-This module owns the layout of ``checkpoint.save_dir``, the save, the integrity check, the retention
-of old checkpoints, and the decision of where a run starts (resume, a previous stage, weights only,
-or nothing)::
+This module owns the layout of ``checkpoint.save_dir``, the save, the retention of old checkpoints,
+and the decision of where a run starts (resume, a previous stage, weights only, or nothing); the
+integrity check (manifest, completion marker) is checkpoint.manifest's::
 
     latest                      tag of the checkpoint to resume from (written last, atomically)
     config.yaml                 the resolved recipe of the run
@@ -38,7 +38,6 @@ and only those carrying this run's id): a run never deletes checkpoints it did n
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -67,15 +66,22 @@ from megatron_tinyllama.checkpoint.compat import (
     tokenizer_differences,
 )
 from megatron_tinyllama.checkpoint.hf import ConversionError
+from megatron_tinyllama.checkpoint.manifest import (
+    TRAINER_STATE,
+    checkpoint_problems,
+    rank_world,
+    read_trainer_state,
+    write_atomic,
+    write_manifest,
+)
 from megatron_tinyllama.checkpoint.native import (
     MODEL_INDEX,
+    SharedFileFiller,
     create_shared_model_file,
-    fill_shared_model_file,
     read_model_index,
     save_torch_file,
     shard_filename,
     write_model_index,
-    writing,
 )
 from megatron_tinyllama.checkpoint.reshard import (
     ReshardError,
@@ -87,17 +93,15 @@ from megatron_tinyllama.checkpoint.reshard import (
 )
 from megatron_tinyllama.checkpoint.weights import (
     check_tp_replicas,
-    gather_full_weights,
     load_weights_into_engine,
     param_shape,
     read_shard_for_rank,
+    write_master_weights,
 )
 from megatron_tinyllama.config import ConfigError, JobConfig
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.json"
-MANIFEST = "manifest.json"
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -135,24 +139,6 @@ def tag_step(name: str) -> Optional[int]:
     """The step of a checkpoint directory name, None for anything else (``*.corrupt`` too)."""
     match = _TAG.match(name)
     return int(match.group(1)) if match else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with writing(path), open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def read_trainer_state(tag_dir: Path) -> Optional[dict]:
-    """The trainer_state.json payload of a checkpoint directory, None if absent or unreadable."""
-    try:
-        payload = json.loads((Path(tag_dir) / TRAINER_STATE).read_text())
-    except (OSError, ValueError):
-        return None
-    return payload if isinstance(payload, dict) and "consumed_tokens" in payload else None
 
 
 def read_latest(save_dir: Path) -> Optional[str]:
@@ -196,87 +182,6 @@ def resume_candidates(save_dir: Path) -> list[Path]:
         logger.warning("%s: no 'latest' file; using the newest complete checkpoint %s", save_dir,
                        complete[0].name)
     return complete
-
-
-# ---------------------------------------------------------------------------------------------
-# Integrity: a manifest of sizes and hashes, checked in parallel by all ranks.
-
-
-def _digest(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _checkpoint_files(tag_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
-                  if p.is_file() and p.name not in (MANIFEST, TRAINER_STATE))
-
-
-def _share(items: list, rank: int, world: int) -> list:
-    return items[rank::world]
-
-
-def _gather_objects(obj) -> list:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def write_manifest(tag_dir: Path) -> None:
-    """Hash the checkpoint's files (each rank a share) and write ``manifest.json`` from rank 0."""
-    rank, world = _rank_world()
-    files = _checkpoint_files(tag_dir)
-    mine = {name: {"bytes": (tag_dir / name).stat().st_size, "blake2b": _digest(tag_dir / name)}
-            for name in _share(files, rank, world)}
-    merged: dict = {}
-    for part in _gather_objects(mine):
-        merged.update(part)
-    if rank == 0:
-        _write_atomic(tag_dir / MANIFEST, json.dumps({"files": merged}, indent=1, sort_keys=True))
-
-
-def checkpoint_problems(tag_dir: Path, only: Optional[str] = None) -> list[str]:
-    """Files of a checkpoint that are missing, truncated or corrupt, each named; [] when sound.
-
-    Collective under torch.distributed (every rank checks a share; all get the full list).
-    ``only`` restricts the check to one sub-directory (``"model"`` for the weights export).
-    A checkpoint without a manifest is only checked for an unreadable trainer state.
-    """
-    rank, world = _rank_world()
-    problems: list[str] = []
-    if read_trainer_state(tag_dir) is None:
-        problems.append(f"{tag_dir / TRAINER_STATE}: missing or unreadable")
-    try:
-        manifest = json.loads((tag_dir / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        manifest = None
-        if (tag_dir / MANIFEST).exists():
-            problems.append(f"{tag_dir / MANIFEST}: unreadable")
-    mine = []
-    if manifest is not None:
-        names = sorted(n for n in manifest if only is None or n.startswith(f"{only}/"))
-        for name in _share(names, rank, world):
-            path, want = tag_dir / name, manifest[name]
-            if not path.is_file():
-                mine.append(f"{path}: missing")
-            elif path.stat().st_size != want["bytes"]:
-                mine.append(f"{path}: {path.stat().st_size} bytes, {want['bytes']} when written (truncated)")
-            elif _digest(path) != want["blake2b"]:
-                mine.append(f"{path}: contents differ from when it was written (corrupt)")
-    for part in _gather_objects(mine):
-        problems.extend(part)
-    return problems
 
 
 def resolve_model_dir(source: Union[str, Path]) -> Path:
@@ -401,13 +306,12 @@ def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Pat
     engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
     (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
     save_torch_file(_rng_state(), tag_dir / "rng" / f"rank{rank:05d}.pt")
-    # Every data-parallel rank of a TP rank writes its share of that TP rank's weights file, in
-    # place: no rank waits for one writer of the whole model.
+    # Every data-parallel rank of a TP rank streams its part of that TP rank's weights file into
+    # place, one parameter at a time (under ZeRO-3 its own partition of every tensor, gathering
+    # nothing): no rank waits for one writer of the whole model, none holds the whole model.
     shapes = {name: param_shape(p) for name, p in engine.module.named_parameters()}
     mine = owned_names(shapes, parallel_state.get_data_parallel_rank(),
                        parallel_state.get_data_parallel_world_size())
-    weights = gather_full_weights(engine, mine)
-    check_tp_replicas(engine, weights, cfg.checkpoint.tp_replica_tolerance)
     tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     model_file = tag_dir / "model" / shard_filename(tp_rank, tp_size)
     if parallel_state.get_data_parallel_rank() == 0:
@@ -416,8 +320,13 @@ def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Pat
         if tp_rank == 0:
             write_model_index(tag_dir / "model", cfg.model, tp_size)
     dist.barrier()
-    fill_shared_model_file(model_file, shapes, {name: weights[name] for name in mine})
-    del weights
+    filler = SharedFileFiller(model_file, shapes)
+    try:
+        replicated = write_master_weights(engine, filler.write, mine)
+    finally:
+        filler.close()
+    check_tp_replicas(engine, replicated, cfg.checkpoint.tp_replica_tolerance)
+    del replicated
     if cfg.checkpoint.reshardable:
         save_optimizer_state(engine, tag_dir)
     dist.barrier()
@@ -426,8 +335,8 @@ def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Pat
         payload = {**asdict(state), "config": cfg.to_dict(), "world_size": dist.get_world_size(),
                    "layout": engine_layout(engine),
                    "tokenizer_fingerprint": file_fingerprint(cfg.data.tokenizer_model)}
-        _write_atomic(tag_dir / TRAINER_STATE, json.dumps(payload, indent=2))
-        _write_atomic(save_dir / "latest", tag)
+        write_atomic(tag_dir / TRAINER_STATE, json.dumps(payload, indent=2))
+        write_atomic(save_dir / "latest", tag)
         prune_checkpoints(save_dir, keep=cfg.checkpoint.keep_last, run_id=state.run_id, current=tag)
     dist.barrier()
     logger.info("saved checkpoint %s", tag_dir)
@@ -486,7 +395,7 @@ def _check_checkpoint_fits(tag_dir: Path, cfg: JobConfig, world_size: int, *, re
     # A new stage (continue_from) may change its data; a resume of the same run that does reads
     # other samples than the run had planned from here on, so it is a warning.
     reorder = data_order_differences(saved_cfg, cfg) if resume else []
-    if reorder and _rank_world()[0] == 0:
+    if reorder and rank_world()[0] == 0:
         logger.warning("resuming from %s with recipe changes that alter the data order (the samples "
                        "from here on are not the ones this run had planned): %s", tag_dir,
                        "; ".join(reorder))

@@ -8,8 +8,9 @@ This module owns the places where full tensors meet the engine's shards:
   matters: ZeRO builds it from the parameters at ``deepspeed.initialize`` and copies it back into
   the parameters after every step, so weights written only into the parameters are lost at the
   first step. Writing it from the fp32 source also keeps bf16 runs' master weights exact.
-* :func:`gather_full_weights`: this TP rank's full fp32 weights (the master copy, not the bf16
-  parameters) for the model export written beside each training checkpoint.
+* :func:`write_master_weights` / :func:`fp32_pieces`: this TP rank's fp32 weights (the master
+  copy, not the bf16 parameters) and AdamW moments streamed to the checkpoint's files one
+  parameter at a time; under ZeRO-3 each rank writes its own partition, gathering nothing.
 * :func:`check_tp_replicas`: parameters that every TP rank holds whole (norm gains) must stay
   identical across the TP group; a drift would silently fork the model.
 * :func:`get_optimizer_state` / :func:`set_optimizer_state`: one parameter's AdamW moments as
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Collection, Union
+from typing import Callable, Collection, Optional
 
 import torch
 import torch.distributed as dist
@@ -146,35 +147,90 @@ def _is_tp_replicated(param: torch.nn.Parameter) -> bool:
     return not getattr(param, "tensor_model_parallel", False)
 
 
-def gather_full_weights(engine, keep_all: Union[bool, Collection[str]]) -> dict[str, torch.Tensor]:
-    """This TP rank's full fp32 weights, from the optimizer's master copy where there is one.
+def _zero3_own_piece(param: torch.nn.Parameter, key: Optional[str]) -> tuple[int, torch.Tensor]:
+    """This rank's ZeRO-3 partition of a parameter's fp32 master weights (``key`` None) or of its
+    optimizer state ``key``, without ZeRO's padding: (its first element in the flattened tensor,
+    a view of the values). No communication."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-    Collective over the data-parallel group (each parameter is all-gathered on every rank).
-    Returns (on CPU) every tensor when ``keep_all`` is True, the named ones when it is a
-    collection of names (the share this rank writes), and always the TP-replicated ones (small,
-    for :func:`check_tp_replicas`), so no rank holds more than it writes.
+    rank = dist.get_rank(group=param.ds_process_group)  # the group ZeRO-3 partitions over
+    size = param.ds_tensor.ds_numel
+    first = rank * size
+    local = safe_get_local_fp32_param(param) if key is None else safe_get_local_optimizer_state(param, key)
+    count = max(0, min(size, int(torch.Size(param_shape(param)).numel()) - first))
+    return first, local.reshape(-1)[:count].detach().cpu()
+
+
+def fp32_pieces(param: torch.nn.Parameter, key: Optional[str], optimizer,
+                owner: bool) -> list[tuple[int, torch.Tensor]]:
+    """The parts of one parameter's fp32 master weights (``key`` None) or AdamW state ``key`` that
+    this rank writes, each as (first element in the flattened tensor, values).
+
+    Under ZeRO-3 (with or without node-local sharding) every rank returns its own partition, read
+    in place: no gather, and each rank writes 1/DP of every tensor. Otherwise (ZeRO-1/2, DeepSpeed's
+    bf16 optimizer, no ZeRO) the full tensor is gathered on every rank by DeepSpeed's accessor
+    (collective over the data-parallel group: all ranks call in the same order) and only the
+    ``owner`` keeps it, so a rank holds one parameter's tensor at a time.
     """
     import deepspeed
+
+    if hasattr(param, "ds_id") and param.requires_grad:
+        return [_zero3_own_piece(param, key)]
+    if key is not None:
+        value = get_optimizer_state(param, key, optimizer)
+    elif param.requires_grad and (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(param).detach().float().cpu()
+    else:  # frozen, or its own master copy: the parameter itself (gathered under ZeRO-3)
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None, enabled=hasattr(param, "ds_id")):
+            value = param.data.detach().float().cpu().clone() if owner else None
+    return [(0, value)] if owner else []
+
+
+def write_master_weights(engine, write: Callable[[str, torch.Tensor, int], None],
+                         owned: Collection[str]) -> dict[str, torch.Tensor]:
+    """Stream this TP rank's fp32 weights (the optimizer's master copy, not the bf16 parameters) to
+    ``write(name, values, first_element)``, one parameter at a time, as :func:`fp32_pieces` deals
+    them (``owned``: the names this rank writes whole when a tensor is gathered).
+
+    Collective over the data-parallel group. Returns the TP-replicated tensors in full (small:
+    the norm gains, for :func:`check_tp_replicas`); nothing else is kept.
+    """
     from deepspeed.utils import safe_get_full_fp32_param
 
-    state: dict[str, torch.Tensor] = {}
+    replicated: dict[str, torch.Tensor] = {}
     for name, param in engine.module.named_parameters():
-        keep = (keep_all is True or (not isinstance(keep_all, bool) and name in keep_all)
-                or _is_tp_replicated(param))
-        master = safe_get_full_fp32_param(param) if param.requires_grad else None
-        if master is None:
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None,
-                                                   enabled=hasattr(param, "ds_id")):
-                master = param.data.detach().float().clone() if keep else None
-        if keep:
-            state[name] = master.detach().float().cpu().reshape(param_shape(param)).clone()
-    return state
+        write_pieces(write, name, fp32_pieces(param, None, inner_optimizer(engine), name in owned))
+        if _is_tp_replicated(param):
+            full = safe_get_full_fp32_param(param) if param.requires_grad and (
+                hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")) else None
+            if full is None:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None,
+                                                       enabled=hasattr(param, "ds_id")):
+                    full = param.data.detach().float().clone()
+            replicated[name] = full.detach().float().cpu().reshape(param_shape(param)).clone()
+    return replicated
+
+
+def write_pieces(write: Callable[[str, torch.Tensor, int], None], name: str,
+                  pieces: list[tuple[int, torch.Tensor]]) -> None:
+    # A function of its own so that the pieces are freed on return, before the next gather.
+    for first, values in pieces:
+        write(name, values, first)
+
+
+def inner_optimizer(engine):
+    # DeepSpeed's ZeRO optimizers wrap torch's AdamW (over flat fp32 partitions) as .optimizer.
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
 def check_tp_replicas(engine, state: dict[str, torch.Tensor], tolerance: float) -> float:
     """Compare TP-replicated parameters (norm gains) with TP rank 0's copy; collective.
 
-    ``state`` holds at least this rank's replicated parameters (:func:`gather_full_weights`).
+    ``state`` holds at least this rank's replicated parameters (:func:`write_master_weights`).
 
     Returns:
         The largest absolute difference found (0.0 when the TP degree is 1).

@@ -111,16 +111,16 @@ def _drift_worker(rank, world_size, tree, log_path, out):
     from tests.distributed.synthetic import synthetic_batches
 
     _log_to(Path(f"{log_path}.rank{rank}"))
-    original = training.gather_full_weights
+    original = training.write_master_weights
 
-    def drifted(engine, keep_all):
-        state = original(engine, keep_all)
+    def drifted(engine, write, owned):
+        state = original(engine, write, owned)
         if parallel_state.get_tensor_model_parallel_rank() == 1:
             state["decoder.final_layernorm.weight"] = state["decoder.final_layernorm.weight"] + torch.full_like(
                 state["decoder.final_layernorm.weight"], 1e-3)
         return state
 
-    training.gather_full_weights = drifted
+    training.write_master_weights = drifted
     try:
         train(config_from_dict(tree), batch_source=synthetic_batches)
         error = None

@@ -88,7 +88,7 @@ def _kill_during_second_save_worker(rank, world_size, save_dir):
     from tests.distributed.synthetic import synthetic_batches
 
     os.environ["DS_ACCELERATOR"] = "cpu"
-    original = training.gather_full_weights
+    original = training.write_master_weights
     saves = {"n": 0}
 
     def export_then_die(*args, **kwargs):
@@ -97,7 +97,7 @@ def _kill_during_second_save_worker(rank, world_size, save_dir):
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
 
-    training.gather_full_weights = export_then_die
+    training.write_master_weights = export_then_die
     train(_config(save_dir), batch_source=synthetic_batches)
 
 
