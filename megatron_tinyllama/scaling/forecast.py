@@ -35,10 +35,13 @@ from megatron_tinyllama.scaling.runs import RunFileError
 
 MAX_CHAIN = 32
 """Earlier stages followed through ``checkpoint.continue_from`` before giving up (a loop)."""
-BURN_IN = 0.5
-"""Fraction of the measured tokens, from the start, whose points are not fitted: a small model's
-first steps go through plateaus and bumps the law does not describe (measured on the CPU
-benchmark: fitted from its first steps, the law bends to them and forecasts nonsense)."""
+BURN_IN_WARMUPS = 5.0
+"""Points before step ``BURN_IN_WARMUPS x warm-up steps`` are not fitted: a small model's first
+steps after the warm-up go through plateaus and bumps the law does not describe (the CPU
+benchmark's tiny Llamas: a plateau and two bumps up to ~4-5 warm-ups, 4 steps each). Tied to the
+schedule, known before training, so it does not grow with what has been measured: a rule of
+"half the measured tokens" left 5 points, all inside that transient, to a fit on the first 30%
+of a 64-step run. For a TinyLlama-sized run (2,000 warm-up steps) it is 10,000 steps."""
 MAX_CURVE_POINTS = 400
 """Points of the forecast curve written to JSON and plotted (a 1M-step run is subsampled)."""
 
@@ -348,20 +351,24 @@ def curve_indices(schedule: Schedule, measured_tokens: Sequence[float] = (),
     return np.asarray(sorted(idx))
 
 
+def burn_in_steps(areas: Areas, burn_in_warmups: float = BURN_IN_WARMUPS) -> int:
+    """The first step (1-based) fitted: past the warm-up and ``burn_in_warmups`` warm-ups."""
+    return max(areas.warmup_steps + 1, math.ceil(burn_in_warmups * areas.warmup_steps))
+
+
 def fit_points(schedule: Schedule, points: Points, decay: float = DEFAULT_DECAY,
                *, max_points: Optional[int] = None, areas: Optional[Areas] = None,
-               burn_in: float = BURN_IN):
-    """(areas, step indices, losses) of the points past warm-up and past the first ``burn_in``
-    of the measured tokens, at most ``max_points`` of them (evenly thinned, the latest kept) so a
-    live refit costs the same at step 1M as at step 1k. ``areas`` of the schedule may be given
-    when already computed (a loop over every step)."""
+               burn_in_warmups: float = BURN_IN_WARMUPS):
+    """(areas, step indices, losses) of the points from :func:`burn_in_steps` on, at most
+    ``max_points`` of them (evenly thinned, the latest kept) so a live refit costs the same at
+    step 1M as at step 1k. ``areas`` of the schedule may be given when already computed (a loop
+    over every step)."""
     if areas is None:
         areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay)
     idx = schedule.index_of(points.tokens)
     y = np.asarray(points.loss, dtype=float)
     tokens = np.asarray(points.tokens, dtype=float)
-    first = burn_in * tokens.max() if tokens.size else 0.0
-    keep = (idx >= areas.warmup_steps) & (tokens >= first) & (tokens <= schedule.tokens[-1])
+    keep = (idx + 1 >= burn_in_steps(areas, burn_in_warmups)) & (tokens <= schedule.tokens[-1])
     idx, y = idx[keep], y[keep]
     if max_points is not None and idx.size > max_points:
         pick = np.unique(np.linspace(0, idx.size - 1, max_points).round().astype(int))
@@ -375,7 +382,7 @@ def forecast_history(
     *,
     fit_until_step: Optional[int] = None,
     decay: float = DEFAULT_DECAY,
-    burn_in: float = BURN_IN,
+    burn_in_warmups: float = BURN_IN_WARMUPS,
     replicates: int = 200,
     confidence: float = 0.95,
     seed: int = 0,
@@ -389,7 +396,8 @@ def forecast_history(
         fit_until_step: fit only the records up to this step (to check a forecast against what
             came after).
         decay: lambda of the annealing area.
-        burn_in: fraction of the fitted records' tokens, from the start, left out of the fit.
+        burn_in_warmups: points before this many warm-ups (in steps) are not fitted
+            (:data:`BURN_IN_WARMUPS`; 0 fits from the end of the warm-up, the paper's rule).
         replicates, confidence, seed: the bootstrap band.
 
     Raises:
@@ -405,11 +413,11 @@ def forecast_history(
         keep = [i for i, s in enumerate(points.steps) if s <= fit_until_step]
         fitted = Points([points.tokens[i] for i in keep], [points.steps[i] for i in keep],
                         [points.loss[i] for i in keep])
-    areas, idx, y = fit_points(schedule, fitted, decay, burn_in=burn_in)
+    areas, idx, y = fit_points(schedule, fitted, decay, burn_in_warmups=burn_in_warmups)
     if idx.size < 5:
         until = f" up to step {fit_until_step}" if fit_until_step is not None else ""
-        raise FitError(f"{history.run_dir}: {idx.size} {kind} record(s) past warm-up and the "
-                       f"first {100 * burn_in:g}% of the tokens{until}; the "
+        raise FitError(f"{history.run_dir}: {idx.size} {kind} record(s) past warm-up and its "
+                       f"burn-in (from step {burn_in_steps(areas, burn_in_warmups)}){until}; the "
                        "curve law needs at least 5 (evaluate more often: logging.eval_interval_steps)")
     fit = fit_curve(areas.s1[idx], areas.s2[idx], y)
     cidx = curve_indices(schedule, points.tokens)

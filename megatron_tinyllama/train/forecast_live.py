@@ -25,7 +25,7 @@ from typing import Optional
 from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, bootstrap_band, fit_curve, lr_areas
 from megatron_tinyllama.scaling.fit import ScalingError
 from megatron_tinyllama.scaling.forecast import (
-    BURN_IN,
+    BURN_IN_WARMUPS,
     Points,
     Schedule,
     build_schedule,
@@ -75,17 +75,19 @@ class LiveForecast:
         min_points: measured points past warm-up needed before the first check.
         tolerance: relative margin added to each side of the band before a loss is outside.
         decay: lambda of the annealing area.
+        burn_in_warmups: points before this many warm-ups are not fitted (see
+            :data:`~megatron_tinyllama.scaling.forecast.BURN_IN_WARMUPS`).
     """
 
     def __init__(self, schedule: Schedule, points: Optional[Points] = None, *, min_points: int = 8,
                  tolerance: float = 0.02, decay: float = DEFAULT_DECAY,
-                 burn_in: float = BURN_IN) -> None:
+                 burn_in_warmups: float = BURN_IN_WARMUPS) -> None:
         self.schedule = schedule
         self.points = points if points is not None else Points()
         self.min_points = min_points
         self.tolerance = tolerance
         self.decay = decay
-        self.burn_in = burn_in
+        self.burn_in_warmups = burn_in_warmups
         self.disabled = False
         self._outside = False
         # The areas of the whole planned schedule, once: a loop over every step (1M for v1.1).
@@ -132,7 +134,7 @@ class LiveForecast:
             return None
         areas, idx, y = fit_points(self.schedule, self.points, self.decay,
                                    max_points=MAX_FIT_POINTS, areas=self.areas,
-                                   burn_in=self.burn_in)
+                                   burn_in_warmups=self.burn_in_warmups)
         if idx.size < self.min_points:
             return None
         s1, s2 = areas.s1[idx], areas.s2[idx]

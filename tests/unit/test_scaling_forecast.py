@@ -16,6 +16,7 @@ from megatron_tinyllama.config import config_from_dict, load_config, save_config
 from megatron_tinyllama.scaling.cli import main
 from megatron_tinyllama.scaling.curve import CurveLaw, lr_areas
 from megatron_tinyllama.scaling.forecast import (
+    BURN_IN_WARMUPS,
     build_schedule,
     forecast_history,
     load_history,
@@ -240,14 +241,14 @@ MEASURED_COSINE = [
 ]
 
 
-@pytest.mark.parametrize("burn_in", [0.0, 0.5])
+@pytest.mark.parametrize("burn_in", [0.0, BURN_IN_WARMUPS])
 def test_live_forecast_of_a_real_tiny_run_needs_the_burn_in(burn_in, caplog):
     """A real CPU run's first steps (a plateau at 5.0, a bump at step 10) are not the law's: fitted
     from them, the live forecast of the final loss is negative for a while and a clean run warns;
     past the burn-in (the default) it never warns and ends within 0.5% of the measured end."""
     cfg = config_from_dict({**recipe(64 * 4096), "optimizer": {
         "lr": 8e-3, "min_lr": 8e-4, "warmup_tokens": 4 * 4096}})
-    live = LiveForecast(build_schedule([segment_of(cfg)]), burn_in=burn_in)
+    live = LiveForecast(build_schedule([segment_of(cfg)]), burn_in_warmups=burn_in)
     with caplog.at_level(logging.WARNING, logger="megatron_tinyllama.train.forecast_live"):
         checks = [live.observe(s, t, l) for s, t, l in MEASURED_COSINE]
     done = [c for c in checks if c is not None]
@@ -259,6 +260,27 @@ def test_live_forecast_of_a_real_tiny_run_needs_the_burn_in(burn_in, caplog):
     else:
         assert len(caplog.records) >= 1
         assert min(c.final_loss for c in done) < 0
+
+
+def test_burn_in_follows_the_warm_up_not_the_measured_share(tmp_path):
+    """The tiny CPU runs' plateau lasts ~4-5 warm-ups. A fit on the first 30% of a run must leave
+    it out whatever share of the run is measured: "half the measured tokens" (the old rule) still
+    fitted two plateau points of a 30-step prefix and missed the end by far; 5 warm-ups (20 steps)
+    leaves them out and the 6 points after them recover the law."""
+    total, warmup, plateau_end = 100 * BATCH, 4 * BATCH, 18
+    cfg = {**recipe(total, save_dir=str(tmp_path / "run")),
+           "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_tokens": warmup}}
+    tokens, loss = true_losses([(0, total, BATCH)], config_from_dict(cfg))
+    measured = loss.copy()
+    measured[:plateau_end] = loss[plateau_end] + 0.3  # stuck above the law, then on it
+    write_run(tmp_path / "run", cfg, eval_records(tokens, measured, every=2))
+    history = load_history(tmp_path / "run")
+    early = forecast_history(history, fit_until_step=30, replicates=20)
+    assert early.fitted_tokens.min() == 20 * BATCH and early.fit.num_points == 6
+    assert early.final_loss == pytest.approx(loss[-1], rel=0.002)
+    # Fitted from the end of the warm-up (the paper's rule), the plateau bends the law.
+    paper = forecast_history(history, fit_until_step=30, burn_in_warmups=0, replicates=20)
+    assert abs(paper.final_loss - loss[-1]) > 0.05 * loss[-1]
 
 
 def test_live_forecast_never_stops_training(tmp_path, caplog):
