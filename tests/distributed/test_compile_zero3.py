@@ -1,6 +1,8 @@
 """Compiled layers under ZeRO-3 compute what eager layers compute: loss and every gradient.
 
-``auto`` compiles the layers at every ZeRO stage. Under ZeRO-3 DeepSpeed gathers and releases
+``auto`` compiles the layers below ZeRO-3 (at ZeRO-3 they measured slower on an H200:
+model/kernels.py); asked for with ``model.torch_compile: layers`` they run under ZeRO-3 too,
+and TP=2 here is also the compiled path ``auto`` takes at ZeRO-1. Under ZeRO-3 DeepSpeed gathers and releases
 each submodule's parameters in (compiler-disabled) hooks, so a compiled layer runs as several
 graphs between them, and its backward must read parameters that were released after forward and
 gathered again. The real engine (``build_engine``: ``zero.Init``, ``deepspeed.initialize``) is

@@ -22,7 +22,7 @@ def test_gpu_session_dry_run_runs_its_phases_in_order_and_records_each(tmp_path)
     keeps bench_throughput.py working end to end; hf-compile is left to the GPU (compiling it on
     CPU cost half a minute of the suite's ten)."""
     out = tmp_path / "out"
-    head, rest = "hf-eager@2,stack-auto@2", "stack-plain@2,stack-auto-ce-chunked@2"
+    head, rest = "hf-eager@2,stack-auto@2", "stack-plain@2"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "2", "MASTER_PORT": str(free_port()),
            "OUT": str(out), "HEAD_PLAN": head, "REST_PLAN": rest}
     proc = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_session.sh"), "--dry-run"], cwd=REPO_ROOT,
@@ -48,7 +48,7 @@ def test_gpu_session_dry_run_runs_its_phases_in_order_and_records_each(tmp_path)
     assert max(first) - min(first) < 0.02, first
     log = (out / "bench.log").read_text()
     assert "MFU = tokens/s x" in log and "flops_per_token" in log and "peak GB:" in log
-    assert "cross-entropy backend: chunked (requested)" in log  # the log names each backend
+    assert "cross-entropy backend: plain (requested)" in log  # the log names each backend
     summary = (out / "bench" / "summary.txt").read_text()
     assert "stack-plain" in summary and "hf-eager" in summary
     assert (out / "gpu_tests.xml").is_file() and "skipped" in (out / "gpu_tests.log").read_text()
