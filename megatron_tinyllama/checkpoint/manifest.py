@@ -8,8 +8,13 @@ owns the rest of the layout)::
         trainer_state.json      counters, recipe, layout: written last, so its presence = complete
 
 and the atomic write (temporary file, fsync, rename) that such small files go through. The
-manifest is written, and checked before a load, by all ranks together: each hashes a share of the
-files, so a check reads every byte once across the job, not once per rank.
+manifest is written, and checked before a load, by all ranks together: files are cut into pieces
+of at most ``HASH_CHUNK_BYTES`` and each rank hashes a share of the pieces, dealt by size, so a
+check reads every byte once across the job and no rank waits on another's large file (a TP rank's
+``model/`` file is 4.4 GB at 1.1B: hashed whole, by one rank, it held every other rank at the
+barrier for seconds). A manifest entry is ``{"bytes": n, "blake2b": h}`` for a file of one piece
+and ``{"bytes": n, "chunk_bytes": c, "blake2b_chunks": [h0, h1, ...]}`` for a larger one;
+manifests written before pieces existed (whole-file ``blake2b`` of a large file) still verify.
 """
 
 from __future__ import annotations
@@ -47,21 +52,45 @@ def read_trainer_state(tag_dir: Path) -> Optional[dict]:
     return payload if isinstance(payload, dict) and "consumed_tokens" in payload else None
 
 
-def _digest(path: Path) -> str:
+# 256 MiB: large enough that the per-piece overhead (a seek, a digest, a few bytes of JSON) is
+# nothing, small enough that a 1.1B checkpoint (~24 GiB) is ~100 pieces to balance over the ranks.
+HASH_CHUNK_BYTES = 256 << 20
+
+
+def _digest(path: Path, start: int = 0, length: Optional[int] = None) -> str:
+    """blake2b of ``length`` bytes of ``path`` from ``start`` (to the end when None)."""
     digest = hashlib.blake2b(digest_size=16)
+    remaining = float("inf") if length is None else length
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
+        handle.seek(start)
+        while remaining > 0:
+            block = handle.read(int(min(1 << 22, remaining)))
+            if not block:
+                break
             digest.update(block)
+            remaining -= len(block)
     return digest.hexdigest()
+
+
+def _pieces(name: str, size: int, chunk: int) -> list[tuple[str, int, int, int]]:
+    """(file, piece index, start, length) of a file of ``size`` bytes cut every ``chunk`` bytes."""
+    count = max(1, -(-size // chunk))
+    return [(name, i, i * chunk, min(chunk, size - i * chunk)) for i in range(count)]
+
+
+def _deal_by_size(pieces: list[tuple[str, int, int, int]], world: int) -> list[list]:
+    """Pieces per rank, largest first to the least-loaded rank: every rank computes the same deal."""
+    loads, shares = [0] * world, [[] for _ in range(world)]
+    for piece in sorted(pieces, key=lambda p: (-p[3], p[0], p[1])):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        shares[rank].append(piece)
+        loads[rank] += piece[3]
+    return shares
 
 
 def _checkpoint_files(tag_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
                   if p.is_file() and p.name not in (MANIFEST, TRAINER_STATE))
-
-
-def _share(items: list, rank: int, world: int) -> list:
-    return items[rank::world]
 
 
 def _gather_objects(obj) -> list:
@@ -78,17 +107,28 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def write_manifest(tag_dir: Path) -> None:
-    """Hash the checkpoint's files (each rank a share) and write ``manifest.json`` from rank 0."""
+def write_manifest(tag_dir: Path, chunk_bytes: int = HASH_CHUNK_BYTES) -> None:
+    """Hash the checkpoint's files (each rank a share of their pieces) and write ``manifest.json``
+    from rank 0."""
     rank, world = rank_world()
-    files = _checkpoint_files(tag_dir)
-    mine = {name: {"bytes": (tag_dir / name).stat().st_size, "blake2b": _digest(tag_dir / name)}
-            for name in _share(files, rank, world)}
-    merged: dict = {}
+    sizes = {name: (tag_dir / name).stat().st_size for name in _checkpoint_files(tag_dir)}
+    pieces = [p for name, size in sizes.items() for p in _pieces(name, size, chunk_bytes)]
+    mine = {(name, index): _digest(tag_dir / name, start, length)
+            for name, index, start, length in _deal_by_size(pieces, world)[rank]}
+    digests: dict = {}
     for part in _gather_objects(mine):
-        merged.update(part)
-    if rank == 0:
-        write_atomic(tag_dir / MANIFEST, json.dumps({"files": merged}, indent=1, sort_keys=True))
+        digests.update(part)
+    if rank != 0:
+        return
+    files = {}
+    for name, size in sizes.items():
+        count = len(_pieces(name, size, chunk_bytes))
+        if count == 1:
+            files[name] = {"bytes": size, "blake2b": digests[(name, 0)]}
+        else:
+            files[name] = {"bytes": size, "chunk_bytes": chunk_bytes,
+                           "blake2b_chunks": [digests[(name, i)] for i in range(count)]}
+    write_atomic(tag_dir / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
 def checkpoint_problems(tag_dir: Path, only: Optional[str] = None) -> list[str]:
@@ -111,14 +151,29 @@ def checkpoint_problems(tag_dir: Path, only: Optional[str] = None) -> list[str]:
     mine = []
     if manifest is not None:
         names = sorted(n for n in manifest if only is None or n.startswith(f"{only}/"))
-        for name in _share(names, rank, world):
+        # Sizes first (cheap, every rank all files): a missing or truncated file is named once and
+        # not hashed; the intact ones are cut into the pieces the manifest recorded and dealt.
+        pieces = []
+        for name in names:
             path, want = tag_dir / name, manifest[name]
             if not path.is_file():
-                mine.append(f"{path}: missing")
+                if rank == 0:
+                    mine.append(f"{path}: missing")
             elif path.stat().st_size != want["bytes"]:
-                mine.append(f"{path}: {path.stat().st_size} bytes, {want['bytes']} when written (truncated)")
-            elif _digest(path) != want["blake2b"]:
-                mine.append(f"{path}: contents differ from when it was written (corrupt)")
+                if rank == 0:
+                    mine.append(f"{path}: {path.stat().st_size} bytes, {want['bytes']} when "
+                                "written (truncated)")
+            else:
+                chunk = want.get("chunk_bytes") or max(1, want["bytes"])
+                pieces.extend(_pieces(name, want["bytes"], chunk))
+        corrupt = set()
+        for name, index, start, length in _deal_by_size(pieces, world)[rank]:
+            want = manifest[name]
+            expected = want["blake2b_chunks"][index] if "blake2b_chunks" in want else want["blake2b"]
+            if _digest(tag_dir / name, start, length) != expected:
+                corrupt.add(name)
+        mine.extend(f"{tag_dir / name}: contents differ from when it was written (corrupt)"
+                    for name in sorted(corrupt))
     for part in _gather_objects(mine):
-        problems.extend(part)
+        problems.extend(p for p in part if p not in problems)
     return problems

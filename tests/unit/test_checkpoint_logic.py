@@ -155,6 +155,57 @@ def test_manifest_names_truncated_and_corrupt_files(tmp_path):
     assert checkpoint_problems(tag_dir, only="model") == [p for p in problems if "model/" in p]
 
 
+def test_manifest_hashes_large_files_in_pieces_shared_across_ranks(tmp_path):
+    import megatron_tinyllama.checkpoint.manifest as manifest_module
+
+    tag_dir = fake_checkpoint(tmp_path, 2, complete=False)
+    big = tag_dir / "model" / "model-tp00-of-01.safetensors"
+    big.write_bytes(bytes(range(256)) * 4000)  # 1,024,000 bytes: 16 pieces of 64 KiB
+    manifest_module.write_manifest(tag_dir, chunk_bytes=64 << 10)
+    (tag_dir / "trainer_state.json").write_text(json.dumps({"consumed_tokens": 0}))
+    entry = json.loads((tag_dir / "manifest.json").read_text())["files"]["model/model-tp00-of-01.safetensors"]
+    assert entry["bytes"] == 1_024_000 and len(entry["blake2b_chunks"]) == 16
+    assert checkpoint_problems(tag_dir) == []
+
+    # Two ranks' shares: every piece once, the loads within one piece of each other although
+    # one file holds nearly all the bytes (hashed whole, one rank would read 97% of them).
+    pieces = [p for name, size in (("model/big", 1_024_000), ("a", 10_240), ("b", 100))
+              for p in manifest_module._pieces(name, size, 64 << 10)]
+    shares = manifest_module._deal_by_size(pieces, 2)
+    assert sorted(p for share in shares for p in share) == sorted(pieces)
+    loads = [sum(p[3] for p in share) for share in shares]
+    assert abs(loads[0] - loads[1]) <= 64 << 10, loads
+
+    # One flipped byte in the 10th piece: the file is named corrupt, once.
+    data = bytearray(big.read_bytes())
+    data[9 * (64 << 10) + 7] ^= 1
+    big.write_bytes(bytes(data))
+    problems = checkpoint_problems(tag_dir)
+    assert problems == [f"{big}: contents differ from when it was written (corrupt)"], problems
+
+
+def test_manifest_written_before_pieces_still_verifies(tmp_path):
+    """A manifest of whole-file digests (checkpoints saved before pieces existed) is checked as
+    written: sound passes, a flipped byte in a file larger than a piece is found."""
+    import hashlib
+
+    import megatron_tinyllama.checkpoint.manifest as manifest_module
+
+    tag_dir = fake_checkpoint(tmp_path, 2, complete=False)
+    big = tag_dir / "model" / "model-tp00-of-01.safetensors"
+    big.write_bytes(bytes(range(256)) * 4000)
+    files = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size,
+                                           "blake2b": hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()}
+             for p in tag_dir.rglob("*") if p.is_file()}
+    (tag_dir / "manifest.json").write_text(json.dumps({"files": files}))
+    (tag_dir / "trainer_state.json").write_text(json.dumps({"consumed_tokens": 0}))
+    assert checkpoint_problems(tag_dir) == []
+    data = bytearray(big.read_bytes())
+    data[-1] ^= 1
+    big.write_bytes(bytes(data))
+    assert checkpoint_problems(tag_dir) == [f"{big}: contents differ from when it was written (corrupt)"]
+
+
 def test_stage_sizes_its_data_from_where_it_started():
     cfg = job(None)
     state = TrainerState(stage_start_samples=80, stage_start_tokens=80 * 64, consumed_samples=80)
