@@ -1,6 +1,6 @@
 """Cost of a training checkpoint on CPU: DeepSpeed's plain save against ours, and the resharding load.
 
-Spawns ``--ranks`` gloo processes (one simulated node, TP 1, ZeRO-3, fp32 or ``--precision bf16``) that build the engine
+Spawns ``--ranks`` gloo processes (one simulated node, TP 1, ZeRO-3 or ``--save-zero-stage``, fp32 or ``--precision bf16``) that build the engine
 for the TinyLlama 1.1B width (hidden 2048, FFN 5632, 32 heads in 4 KV groups, vocabulary 32000)
 with ``--layers`` layers (22 is the full 1.1B; fewer when the memory does not hold it). AdamW's
 state is created (zeros: the bytes and the time do not depend on the values), then each rank times:
@@ -100,7 +100,7 @@ def _timed(fn, results: dict, name: str) -> None:
 
 
 def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, preset: str, phase: str,
-               out: str, load_stage: int, ds_load: bool, precision: str, load_tp: int) -> None:
+               out: str, load_stage: int, ds_load: bool, precision: str, load_tp: int, save_stage: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(ranks))
     import torch
@@ -117,7 +117,7 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
     results: dict = {}
     with cpu_shim():
         env = initialize_distributed()  # DeepSpeed's comm adopts the gloo group
-        cfg = config_from_dict(_tree(Path(save_dir), ranks, layers, 3 if phase == "save" else load_stage, preset,
+        cfg = config_from_dict(_tree(Path(save_dir), ranks, layers, save_stage if phase == "save" else load_stage, preset,
                                       precision, 1 if phase == "save" else load_tp))
         initialize_model_parallel(cfg.parallel.tensor_parallel_size, 7)
         te = build_engine(cfg, env)
@@ -162,8 +162,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--layers", type=int, default=22, help="22 = TinyLlama 1.1B")
     parser.add_argument("--preset", default="tinyllama-1.1b", help="tinyllama-debug for a smoke run")
+    parser.add_argument("--save-zero-stage", type=int, default=3, help="the ZeRO stage of the saves")
     parser.add_argument("--load-zero-stage", type=int, default=1,
-                        help="the ZeRO stage of the resharding load (the save is at ZeRO-3)")
+                        help="the ZeRO stage of the resharding load (another than --save-zero-stage); "
+                             "a load at ZeRO-3 and the TP degree of the save reads each rank's 1/N only")
     parser.add_argument("--load-tp", type=int, default=1,
                         help="the TP degree of the resharding load (the save is at TP 1)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
@@ -177,12 +179,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         results = {"ranks": args.ranks, "layers": args.layers, "preset": args.preset,
-                   "load_zero_stage": args.load_zero_stage, "load_tp": args.load_tp, "precision": args.precision}
+                   "save_zero_stage": args.save_zero_stage, "load_zero_stage": args.load_zero_stage, "load_tp": args.load_tp, "precision": args.precision}
         for phase in ("save", "load"):
             out = Path(tmp) / f"{phase}.json"
             mp.spawn(_rank_main, args=(args.ranks, free_port(), tmp, args.layers, args.preset, phase, str(out),
                                                    args.load_zero_stage, args.ds_load, args.precision,
-                                                   args.load_tp),
+                                                   args.load_tp, args.save_zero_stage),
                      nprocs=args.ranks, join=True)
             results.update(json.loads(out.read_text()))
             if phase == "save":  # counted; then only the checkpoint the load reads is kept (disk)

@@ -55,6 +55,9 @@ from megatron_tinyllama.checkpoint.weights import (
     param_shape,
     set_optimizer_state,
     set_weight,
+    set_zero3_partition,
+    zero3_partition_range,
+    zero3_reads_own_partition,
 )
 from megatron_tinyllama.config import ModelConfig
 
@@ -199,8 +202,8 @@ class _Reader:
             self.handles[path] = safe_open(str(path), framework="pt")
         return self.handles[path]
 
-    def get(self, tp_rank: int, kind: str, name: str) -> torch.Tensor:
-        """One saved tensor: ``kind`` is ``fp32`` (from model/) or a moment (from optim/)."""
+    def _locate(self, tp_rank: int, kind: str, name: str):
+        """(file, key) of a saved tensor, the file opened; the key checked to be in it."""
         if kind == "fp32":
             path, key = self.tag_dir / "model" / shard_filename(tp_rank, self.tp_size), name
         else:
@@ -212,7 +215,27 @@ class _Reader:
         handle = self._open(path)
         if key not in handle.keys():
             raise ReshardError(f"{path}: no tensor {key!r}")
+        return path, handle, key
+
+    def get(self, tp_rank: int, kind: str, name: str) -> torch.Tensor:
+        """One saved tensor: ``kind`` is ``fp32`` (from model/) or a moment (from optim/)."""
+        _, handle, key = self._locate(tp_rank, kind, name)
         return handle.get_tensor(key)
+
+    def get_flat_range(self, tp_rank: int, kind: str, name: str, first: int,
+                       count: int) -> tuple[tuple[int, ...], torch.Tensor]:
+        """(saved shape, ``count`` elements of the flattened tensor from ``first``), reading only
+        the rows that hold them: a ZeRO-3 rank reads its 1/N of the checkpoint, not all of it."""
+        _, handle, key = self._locate(tp_rank, kind, name)
+        view = handle.get_slice(key)
+        shape = tuple(view.get_shape())
+        if count <= 0:
+            return shape, torch.empty(0, dtype=torch.float32)
+        row = max(1, int(torch.Size(shape[1:]).numel())) if len(shape) > 1 else 1
+        start_row, end_row = first // row, -(-(first + count) // row)
+        rows = view[start_row:end_row].reshape(-1)
+        offset = first - start_row * row
+        return shape, rows[offset:offset + count]
 
     def for_rank(self, kind: str, name: str, model_cfg: ModelConfig, tp_rank: int, tp_size: int) -> torch.Tensor:
         """The tensor as TP rank ``tp_rank`` of ``tp_size`` holds it (merged and re-split when the
@@ -275,15 +298,33 @@ def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     optimizer = inner_optimizer(engine)
     prepare_adam_state(engine, reader.step)
+    same_tp = tp_size == reader.tp_size
+    partitions_written = False
     for name, param in engine.module.named_parameters():
-        for kind in ("fp32",) + (MOMENTS if param.requires_grad else ()):
+        kinds = ("fp32",) + (MOMENTS if param.requires_grad else ())
+        if same_tp and zero3_reads_own_partition(param):
+            # This rank's range of each tensor, read and written in place: 1/N of the bytes.
+            first, count = zero3_partition_range(param)
+            for kind in kinds:
+                shape, values = reader.get_flat_range(tp_rank, kind, name, first, count)
+                _check_shape(tag_dir, kind, name, shape, param)
+                set_zero3_partition(param, None if kind == "fp32" else kind, values)
+            partitions_written = True
+            continue
+        for kind in kinds:
             value = reader.for_rank(kind, name, model_cfg, tp_rank, tp_size)
-            if tuple(value.shape) != param_shape(param):
-                raise ReshardError(f"{tag_dir}: {kind} of {name!r} has shape {tuple(value.shape)}, the "
-                                   f"model expects {param_shape(param)}")
+            _check_shape(tag_dir, kind, name, tuple(value.shape), param)
             if kind == "fp32":
                 set_weight(param, value)
             else:
                 set_optimizer_state(param, kind, value, optimizer)
+    if partitions_written and hasattr(engine.optimizer, "invalidate_secondary_tensor"):
+        # Node-local sharding's in-node copies were made from the old values: gather anew.
+        engine.optimizer.invalidate_secondary_tensor()
     return reader.step
 
+
+def _check_shape(tag_dir: Path, kind: str, name: str, shape: tuple, param) -> None:
+    if tuple(shape) != param_shape(param):
+        raise ReshardError(f"{tag_dir}: {kind} of {name!r} has shape {tuple(shape)}, the "
+                           f"model expects {param_shape(param)}")

@@ -147,17 +147,46 @@ def _is_tp_replicated(param: torch.nn.Parameter) -> bool:
     return not getattr(param, "tensor_model_parallel", False)
 
 
+def zero3_partition_range(param: torch.nn.Parameter) -> tuple[int, int]:
+    """(first element, element count) of this rank's ZeRO-3 partition of a parameter's flattened
+    tensor, ZeRO's padding left out (the last ranks' partitions may hold fewer or none)."""
+    rank = dist.get_rank(group=param.ds_process_group)  # the group ZeRO-3 partitions over
+    size = param.ds_tensor.ds_numel
+    first = rank * size
+    return first, max(0, min(size, int(torch.Size(param_shape(param)).numel()) - first))
+
+
+def zero3_reads_own_partition(param: torch.nn.Parameter) -> bool:
+    """Whether a load can fill this parameter from its own partition alone: a trained ZeRO-3
+    parameter that is not persistent (a persistent one, small, is also held whole on every rank)."""
+    return hasattr(param, "ds_id") and param.requires_grad and not getattr(param, "ds_persist", False)
+
+
+def set_zero3_partition(param: torch.nn.Parameter, key: Optional[str], values: torch.Tensor) -> None:
+    """Write this rank's ZeRO-3 partition (``values``: the unpadded elements from its first, as
+    :func:`zero3_partition_range` gives) of the fp32 master weights and the bf16 parameter (``key``
+    None), or of AdamW state ``key``. No communication; with node-local sharding the caller then
+    drops the secondary copies (DeepSpeed's ``invalidate_secondary_tensor``)."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    padded = torch.zeros(param.ds_tensor.ds_numel, dtype=torch.float32)
+    padded[: values.numel()] = values.reshape(-1).to(torch.float32)
+    padded = padded.to(param.ds_tensor.device)
+    if key is None:
+        safe_set_local_fp32_param(param, padded)
+        param.ds_tensor.data.copy_(padded.to(param.ds_tensor.dtype))  # the bf16 partition forward gathers
+    else:
+        safe_set_local_optimizer_state(param, padded, key)
+
+
 def _zero3_own_piece(param: torch.nn.Parameter, key: Optional[str]) -> tuple[int, torch.Tensor]:
     """This rank's ZeRO-3 partition of a parameter's fp32 master weights (``key`` None) or of its
     optimizer state ``key``, without ZeRO's padding: (its first element in the flattened tensor,
     a view of the values). No communication."""
     from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-    rank = dist.get_rank(group=param.ds_process_group)  # the group ZeRO-3 partitions over
-    size = param.ds_tensor.ds_numel
-    first = rank * size
+    first, count = zero3_partition_range(param)
     local = safe_get_local_fp32_param(param) if key is None else safe_get_local_optimizer_state(param, key)
-    count = max(0, min(size, int(torch.Size(param_shape(param)).numel()) - first))
     return first, local.reshape(-1)[:count].detach().cpu()
 
 

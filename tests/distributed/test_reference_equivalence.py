@@ -35,6 +35,21 @@ SETTINGS = ReferenceSettings(lr=1e-3, min_lr=1e-4, warmup_tokens=STEP_TOKENS, de
                              weight_decay=0.1, grad_clip=0.3)
 
 
+def _partitioned_ds_config(directory: Path) -> Path:
+    """ds_configs/zero3.json with no persistent parameters: the test model's tensors are all under
+    DeepSpeed's default threshold (100,000 elements), so without this ZeRO-3 would keep each of
+    them whole on every rank and never partition one, where a 1.1B run partitions 99.9% of its
+    parameters (and a resharding load reads only its own partition of them)."""
+    from megatron_tinyllama.engine.ds_config import REPO_DS_CONFIGS
+
+    path = directory / "zero3_partitioned.json"
+    if not path.is_file():
+        config = json.loads((REPO_DS_CONFIGS / "zero3.json").read_text())
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        path.write_text(json.dumps(config))
+    return path
+
+
 def recipe(save_dir: Path, *, tp: int = 1, precision: str = "fp32", steps: int = STEPS,
            init_from=None, continue_from=None, save_interval: int = 100, hpz: int = 1,
            lr: float = SETTINGS.lr) -> dict:
@@ -46,7 +61,8 @@ def recipe(save_dir: Path, *, tp: int = 1, precision: str = "fp32", steps: int =
         checkpoint["continue_from"] = str(continue_from)
     return {
         "model": model,
-        "parallel": {"tensor_parallel_size": tp, "hpz_partition_size": hpz, "seed": 7},
+        "parallel": {"tensor_parallel_size": tp, "hpz_partition_size": hpz, "seed": 7,
+                     "ds_config": str(_partitioned_ds_config(Path(save_dir).parent))},
         "optimizer": {"lr": lr, "min_lr": min(lr, SETTINGS.min_lr), "warmup_tokens": SETTINGS.warmup_tokens,
                       "decay_tokens": SETTINGS.decay_tokens, "weight_decay": SETTINGS.weight_decay,
                       "grad_clip": SETTINGS.grad_clip, "beta1": SETTINGS.beta1, "beta2": SETTINGS.beta2,

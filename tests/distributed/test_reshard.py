@@ -69,8 +69,10 @@ def _worker(rank, world_size, tree, zero_moments):
     if zero_moments:  # the fault the comparison must catch: moments lost on the way
         from megatron_tinyllama.checkpoint import reshard
 
-        original = reshard.set_optimizer_state
-        reshard.set_optimizer_state = lambda param, key, value, opt: original(param, key, value * 0, opt)
+        full, partition = reshard.set_optimizer_state, reshard.set_zero3_partition
+        reshard.set_optimizer_state = lambda param, key, value, opt: full(param, key, value * 0, opt)
+        reshard.set_zero3_partition = lambda param, key, values: partition(
+            param, key, values if key is None else values * 0)
     train(config_from_dict(tree), batch_source=synthetic_batches)
 
 
