@@ -4,7 +4,7 @@ This module owns the two files that make a checkpoint directory trustworthy (che
 owns the rest of the layout)::
 
     global_step000100/
-        manifest.json           size and blake2b hash of every other file, as written
+        manifest.json           size and sha256 of every other file (in pieces), as written
         trainer_state.json      counters, recipe, layout: written last, so its presence = complete
 
 and the atomic write (temporary file, fsync, rename) that such small files go through. The
@@ -12,9 +12,11 @@ manifest is written, and checked before a load, by all ranks together: files are
 of at most ``HASH_CHUNK_BYTES`` and each rank hashes a share of the pieces, dealt by size, so a
 check reads every byte once across the job and no rank waits on another's large file (a TP rank's
 ``model/`` file is 4.4 GB at 1.1B: hashed whole, by one rank, it held every other rank at the
-barrier for seconds). A manifest entry is ``{"bytes": n, "blake2b": h}`` for a file of one piece
-and ``{"bytes": n, "chunk_bytes": c, "blake2b_chunks": [h0, h1, ...]}`` for a larger one;
-manifests written before pieces existed (whole-file ``blake2b`` of a large file) still verify.
+barrier for seconds). A manifest entry is ``{"bytes": n, "sha256": h}`` for a file of one piece
+and ``{"bytes": n, "chunk_bytes": c, "sha256_chunks": [h0, h1, ...]}`` for a larger one.
+sha256, not blake2b (what manifests held before, still verified): with the SHA extensions of
+current x86 and Arm CPUs it hashed 1.56 GB/s on one core here against blake2b's 0.81, and the
+manifest was the largest part of a save on few ranks.
 """
 
 from __future__ import annotations
@@ -57,9 +59,13 @@ def read_trainer_state(tag_dir: Path) -> Optional[dict]:
 HASH_CHUNK_BYTES = 256 << 20
 
 
-def _digest(path: Path, start: int = 0, length: Optional[int] = None) -> str:
-    """blake2b of ``length`` bytes of ``path`` from ``start`` (to the end when None)."""
-    digest = hashlib.blake2b(digest_size=16)
+# The digests a manifest may hold: sha256 since pieces, blake2b (16 bytes) before.
+_ALGORITHMS = {"sha256": hashlib.sha256, "blake2b": lambda: hashlib.blake2b(digest_size=16)}
+
+
+def _digest(path: Path, start: int = 0, length: Optional[int] = None, algorithm: str = "sha256") -> str:
+    """Hex digest of ``length`` bytes of ``path`` from ``start`` (to the end when None)."""
+    digest = _ALGORITHMS[algorithm]()
     remaining = float("inf") if length is None else length
     with open(path, "rb") as handle:
         handle.seek(start)
@@ -70,6 +76,16 @@ def _digest(path: Path, start: int = 0, length: Optional[int] = None) -> str:
             digest.update(block)
             remaining -= len(block)
     return digest.hexdigest()
+
+
+def _expected_digest(entry: dict, index: int) -> tuple[str, str]:
+    """(algorithm, hex digest) a manifest entry records for piece ``index``."""
+    for algorithm in _ALGORITHMS:
+        if f"{algorithm}_chunks" in entry:
+            return algorithm, entry[f"{algorithm}_chunks"][index]
+        if algorithm in entry:
+            return algorithm, entry[algorithm]
+    raise KeyError("no digest")
 
 
 def _pieces(name: str, size: int, chunk: int) -> list[tuple[str, int, int, int]]:
@@ -124,10 +140,10 @@ def write_manifest(tag_dir: Path, chunk_bytes: int = HASH_CHUNK_BYTES) -> None:
     for name, size in sizes.items():
         count = len(_pieces(name, size, chunk_bytes))
         if count == 1:
-            files[name] = {"bytes": size, "blake2b": digests[(name, 0)]}
+            files[name] = {"bytes": size, "sha256": digests[(name, 0)]}
         else:
             files[name] = {"bytes": size, "chunk_bytes": chunk_bytes,
-                           "blake2b_chunks": [digests[(name, i)] for i in range(count)]}
+                           "sha256_chunks": [digests[(name, i)] for i in range(count)]}
     write_atomic(tag_dir / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
@@ -164,13 +180,18 @@ def checkpoint_problems(tag_dir: Path, only: Optional[str] = None) -> list[str]:
                     mine.append(f"{path}: {path.stat().st_size} bytes, {want['bytes']} when "
                                 "written (truncated)")
             else:
+                try:
+                    _expected_digest(want, 0)
+                except (KeyError, IndexError, TypeError):
+                    if rank == 0:
+                        mine.append(f"{tag_dir / MANIFEST}: the entry of {name} holds no digest")
+                    continue
                 chunk = want.get("chunk_bytes") or max(1, want["bytes"])
                 pieces.extend(_pieces(name, want["bytes"], chunk))
         corrupt = set()
         for name, index, start, length in _deal_by_size(pieces, world)[rank]:
-            want = manifest[name]
-            expected = want["blake2b_chunks"][index] if "blake2b_chunks" in want else want["blake2b"]
-            if _digest(tag_dir / name, start, length) != expected:
+            algorithm, expected = _expected_digest(manifest[name], index)
+            if _digest(tag_dir / name, start, length, algorithm) != expected:
                 corrupt.add(name)
         mine.extend(f"{tag_dir / name}: contents differ from when it was written (corrupt)"
                     for name in sorted(corrupt))

@@ -45,6 +45,7 @@ import os
 import random
 import re
 import shutil
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -303,7 +304,10 @@ def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Pat
         _clear_tag_dir(tag_dir)
     dist.barrier()
     _name_write_errors(engine)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
     engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
+    seconds["DeepSpeed's files"], clock = time.perf_counter() - clock, time.perf_counter()
     (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
     save_torch_file(_rng_state(), tag_dir / "rng" / f"rank{rank:05d}.pt")
     # Every data-parallel rank of a TP rank streams its part of that TP rank's weights file into
@@ -327,10 +331,13 @@ def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Pat
         filler.close()
     check_tp_replicas(engine, replicated, cfg.checkpoint.tp_replica_tolerance)
     del replicated
+    seconds["weights"], clock = time.perf_counter() - clock, time.perf_counter()
     if cfg.checkpoint.reshardable:
         save_optimizer_state(engine, tag_dir)
     dist.barrier()
+    seconds["moments"], clock = time.perf_counter() - clock, time.perf_counter()
     write_manifest(tag_dir)
+    seconds["manifest"] = time.perf_counter() - clock
     if rank == 0:
         payload = {**asdict(state), "config": cfg.to_dict(), "world_size": dist.get_world_size(),
                    "layout": engine_layout(engine),
@@ -339,7 +346,9 @@ def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Pat
         write_atomic(save_dir / "latest", tag)
         prune_checkpoints(save_dir, keep=cfg.checkpoint.keep_last, run_id=state.run_id, current=tag)
     dist.barrier()
-    logger.info("saved checkpoint %s", tag_dir)
+    # Where a save's time goes (rank 0's clock; the barriers make it every rank's).
+    logger.info("saved checkpoint %s in %.1f s (%s)", tag_dir, sum(seconds.values()),
+                ", ".join(f"{part} {value:.1f} s" for part, value in seconds.items()))
     return tag_dir
 
 

@@ -164,7 +164,7 @@ def test_manifest_hashes_large_files_in_pieces_shared_across_ranks(tmp_path):
     manifest_module.write_manifest(tag_dir, chunk_bytes=64 << 10)
     (tag_dir / "trainer_state.json").write_text(json.dumps({"consumed_tokens": 0}))
     entry = json.loads((tag_dir / "manifest.json").read_text())["files"]["model/model-tp00-of-01.safetensors"]
-    assert entry["bytes"] == 1_024_000 and len(entry["blake2b_chunks"]) == 16
+    assert entry["bytes"] == 1_024_000 and len(entry["sha256_chunks"]) == 16
     assert checkpoint_problems(tag_dir) == []
 
     # Two ranks' shares: every piece once, the loads within one piece of each other although
@@ -185,8 +185,8 @@ def test_manifest_hashes_large_files_in_pieces_shared_across_ranks(tmp_path):
 
 
 def test_manifest_written_before_pieces_still_verifies(tmp_path):
-    """A manifest of whole-file digests (checkpoints saved before pieces existed) is checked as
-    written: sound passes, a flipped byte in a file larger than a piece is found."""
+    """A manifest of whole-file blake2b digests (checkpoints saved before pieces and sha256) is
+    checked as written: sound passes, a flipped byte is found."""
     import hashlib
 
     import megatron_tinyllama.checkpoint.manifest as manifest_module
