@@ -1,18 +1,19 @@
 """Compiled layers under ZeRO-3 compute what eager layers compute: loss and every gradient.
 
 ``auto`` compiles the layers below ZeRO-3 (at ZeRO-3 they measured slower on an H200:
-model/kernels.py); asked for with ``model.torch_compile: layers`` they run under ZeRO-3 too,
-and TP=2 here is also the compiled path ``auto`` takes at ZeRO-1. Under ZeRO-3 DeepSpeed gathers and releases
-each submodule's parameters in (compiler-disabled) hooks, so a compiled layer runs as several
-graphs between them, and its backward must read parameters that were released after forward and
-gathered again. The real engine (``build_engine``: ``zero.Init``, ``deepspeed.initialize``) is
-built on 2 gloo ranks at ZeRO-3 with TP=1 (parameters sharded over 2 data-parallel ranks) and
-TP=2 (tensor-parallel collectives inside the compiled graphs), with ``model.torch_compile``
-``none`` and ``layers``; the first micro-batch's loss and the full gradients (gathered by
-DeepSpeed's ``safe_get_full_grad``) must agree to fp32 rounding, and so must the loss after an
-optimizer step.
+model/kernels.py); asked for with ``model.torch_compile: layers`` they run under ZeRO-3 too.
+Under ZeRO-3 DeepSpeed gathers and releases each submodule's parameters in (compiler-disabled)
+hooks, so a compiled layer runs as several graphs between them, and its backward must read
+parameters that were released after forward and gathered again. The real engine
+(``build_engine``: ``zero.Init``, ``deepspeed.initialize``) is built on 2 gloo ranks at ZeRO-3,
+TP=1, every parameter partitioned over the 2 data-parallel ranks (no persistent parameters: the
+debug model's tensors are all under DeepSpeed's default threshold, which would keep them whole
+and never release one), and at TP=2 with ``auto`` (one data-parallel rank: ZeRO-1, the compiled
+path ``auto`` takes, with tensor-parallel collectives inside the compiled graphs), each with
+``model.torch_compile`` ``none`` and ``layers``; the first micro-batch's loss and the full
+gradients (gathered by DeepSpeed's ``safe_get_full_grad``) must agree to fp32 rounding, and so
+must the loss after an optimizer step.
 """
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,14 +26,18 @@ from tests.distributed.ranks import run_on_ranks
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _tree(tp: int, compile_mode: str) -> dict:
+ZERO_STAGE = {1: 3, 2: "auto"}  # by TP degree, on 2 ranks
+
+
+def _tree(tp: int, compile_mode: str, ds_config: str) -> dict:
     return {"model": {"preset": "tinyllama-debug", "vocab_size": 500, "seq_length": 32,
                       "torch_compile": compile_mode, "cross_entropy_backend": "chunked"},
-            "parallel": {"tensor_parallel_size": tp, "zero_stage": 3, "seed": 1234},
+            "parallel": {"tensor_parallel_size": tp, "zero_stage": ZERO_STAGE[tp], "seed": 1234,
+                         "ds_config": ds_config},
             "train": {"precision": "fp32", "global_batch_tokens": 64 // tp, "micro_batch_size": 1}}
 
 
-def _worker(rank, world_size, out_dir):
+def _worker(rank, world_size, out_dir, ds_config):
     from deepspeed.utils import safe_get_full_grad
 
     from megatron_tinyllama.config import config_from_dict
@@ -44,11 +49,13 @@ def _worker(rank, world_size, out_dir):
     results = {}
     for tp in (1, 2):
         for compile_mode in ("none", "layers"):
-            cfg = config_from_dict(_tree(tp, compile_mode))
+            cfg = config_from_dict(_tree(tp, compile_mode, ds_config))
             initialize_model_parallel(tp, cfg.parallel.seed)
             te = build_engine(cfg, env)
             assert te.kernels.compile_layers == (compile_mode == "layers")
-            assert te.engine.zero_optimization_stage() == 3
+            assert te.engine.zero_optimization_stage() == (3 if tp == 1 else 1)
+            if tp == 1:  # every tensor partitioned, released after use and gathered again
+                assert not any(getattr(p, "ds_persist", True) for p in te.model.parameters())
             data_rank = rank if tp == 1 else 0
             tokens = torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(3 + data_rank))
             losses, grads = [], {}
@@ -67,8 +74,10 @@ def _worker(rank, world_size, out_dir):
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
-def test_compiled_layers_under_zero3_give_the_eager_loss_and_gradients_at_tp1_and_tp2(tmp_path):
-    run_on_ranks(_worker, 2, str(tmp_path))
+def test_compiled_layers_give_the_eager_loss_and_gradients_under_zero3_and_at_tp2(tmp_path):
+    from tests.distributed.test_reference_equivalence import _partitioned_ds_config
+
+    run_on_ranks(_worker, 2, str(tmp_path), str(_partitioned_ds_config(tmp_path)))
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         for tp in (1, 2):
