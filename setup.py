@@ -80,7 +80,7 @@ setup(
         # lm-evaluation-harness for tinyllama-eval (tested with 0.4.13); the test extra carries it
         # because the evaluation tests run in CI.
         "eval": [LM_EVAL],
-        "test": ["pytest>=8", LM_EVAL],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", LM_EVAL],
         # Optional accelerator, used only when importable (the log says "attention backend: ...").
         "flash": ["flash-attn>=2.5"],
     },

@@ -132,6 +132,15 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
                 _timed(lambda: te.engine.load_checkpoint(str(plain), tag="global_step000001"), results, "ds_load")
             _timed(lambda: reshard.save_optimizer_state(te.engine, Path(save_dir) / "optim_only"), results,
                    "optim_save")
+            import logging
+
+            class _Breakdown(logging.Handler):  # the save's own line: where its time went
+                def emit(self, record):
+                    if record.getMessage().startswith("saved checkpoint"):
+                        results["ours_save_breakdown"] = record.getMessage().split(" in ", 1)[1]
+
+            logging.getLogger(training.__name__).addHandler(_Breakdown())
+            logging.getLogger(training.__name__).setLevel(logging.INFO)
             _timed(lambda: training.save_training_checkpoint(te.engine, cfg, state), results, "ours_save")
         else:
             plan = training.plan_start(cfg, ranks)
