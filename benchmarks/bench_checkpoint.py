@@ -137,7 +137,7 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
             class _Breakdown(logging.Handler):  # the save's own line: where its time went
                 def emit(self, record):
                     if record.getMessage().startswith("saved checkpoint"):
-                        results["ours_save_breakdown"] = record.getMessage().split(" in ", 1)[1]
+                        results["ours_save_breakdown"] = record.getMessage().partition(" in ")[2] or "-"
 
             logging.getLogger(training.__name__).addHandler(_Breakdown())
             logging.getLogger(training.__name__).setLevel(logging.INFO)
