@@ -196,6 +196,7 @@ class _Reader:
         if model_tp != self.tp_size:
             raise ReshardError(f"{self.tag_dir}: model/ written at TP={model_tp}, optim/ at TP={self.tp_size}")
         self.handles: dict[Path, object] = {}
+        self.bytes_read = 0  # of tensor data, what this rank asked the files for
 
     def _open(self, path: Path):
         if path not in self.handles:
@@ -220,7 +221,9 @@ class _Reader:
     def get(self, tp_rank: int, kind: str, name: str) -> torch.Tensor:
         """One saved tensor: ``kind`` is ``fp32`` (from model/) or a moment (from optim/)."""
         _, handle, key = self._locate(tp_rank, kind, name)
-        return handle.get_tensor(key)
+        tensor = handle.get_tensor(key)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
     def get_flat_range(self, tp_rank: int, kind: str, name: str, first: int,
                        count: int) -> tuple[tuple[int, ...], torch.Tensor]:
@@ -234,6 +237,7 @@ class _Reader:
         row = max(1, int(torch.Size(shape[1:]).numel())) if len(shape) > 1 else 1
         start_row, end_row = first // row, -(-(first + count) // row)
         rows = view[start_row:end_row].reshape(-1)
+        self.bytes_read += rows.numel() * rows.element_size()
         offset = first - start_row * row
         return shape, rows[offset:offset + count]
 
@@ -321,6 +325,7 @@ def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
     if partitions_written and hasattr(engine.optimizer, "invalidate_secondary_tensor"):
         # Node-local sharding's in-node copies were made from the old values: gather anew.
         engine.optimizer.invalidate_secondary_tensor()
+    logger.info("resharding load: this rank read %s bytes of tensors from %s", f"{reader.bytes_read:,}", tag_dir)
     return reader.step
 
 

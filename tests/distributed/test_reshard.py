@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -158,6 +159,12 @@ def test_resume_on_another_layout_matches_the_reference(source, case):
         assert "on a new layout" not in log
     else:
         assert f"resuming step 3 on a new layout: {change} (optimizer state resharded)" in log
+    if change is not None and then.tp == first.tp and then.zero_stage != 1 and then.ranks > 1:
+        # Into ZeRO-3 at the same TP degree each rank reads only its range of every tensor.
+        read = int(re.search(r"this rank read ([\d,]+) bytes", log).group(1).replace(",", ""))
+        tensors = sum(f.stat().st_size for part in ("model", "optim")
+                      for f in (save_dir / "global_step000003" / part).glob("*.safetensors"))
+        assert read <= (1 / then.ranks + 0.05) * tensors, (read, tensors)
     state = json.loads((save_dir / "global_step000006" / "trainer_state.json").read_text())
     assert state["consumed_tokens"] == STEPS * STEP_TOKENS and state["layout"]["tensor_parallel_size"] == then.tp
     assert state["layout"]["data_parallel_size"] == then.ranks // then.tp
