@@ -204,7 +204,7 @@ class _Reader:
         return self.handles[path]
 
     def _locate(self, tp_rank: int, kind: str, name: str):
-        """(file, key) of a saved tensor, the file opened; the key checked to be in it."""
+        """(file, open handle, key) of a saved tensor; the key checked to be in the file."""
         if kind == "fp32":
             path, key = self.tag_dir / "model" / shard_filename(tp_rank, self.tp_size), name
         else:
