@@ -147,6 +147,12 @@ CASES = {
     "tp1dp2-to-tp2dp2": pytest.param((DP2, Layout(4, tp=2), "TP 1 -> 2"), marks=pytest.mark.slow),
     "hpz-two-nodes-to-one-node": pytest.param((Layout(4, ranks_per_node=2, hpz=0), Layout(2),
                                                "DP 4 -> 2, node-local sharding 2 -> off"), marks=pytest.mark.slow),
+    # Into ZeRO-3 at the same TP degree, where each rank reads only its ranges: with node-local
+    # sharding switched on (in-node copies made after the load), and at TP 2 (each TP rank its file).
+    "one-node-to-hpz-two-nodes": pytest.param((DP2, Layout(4, ranks_per_node=2, hpz=0),
+                                               "DP 2 -> 4, node-local sharding off -> 2"), marks=pytest.mark.slow),
+    "tp2dp1-to-tp2dp2": pytest.param((Layout(2, tp=2), Layout(4, tp=2), "DP 1 -> 2, ZeRO 1 -> 3"),
+                                      marks=pytest.mark.slow),
 }
 
 
