@@ -55,7 +55,9 @@ from megatron_tinyllama.checkpoint.weights import (
     param_shape,
     set_optimizer_state,
     set_weight,
+    set_zero12_fragment,
     set_zero3_partition,
+    zero12_fragment_range,
     zero3_partition_range,
     zero3_reads_own_partition,
 )
@@ -315,7 +317,15 @@ def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
                 set_zero3_partition(param, None if kind == "fp32" else kind, values)
             partitions_written = True
             continue
+        # ZeRO-1/2 ranks hold the bf16 weights whole (read whole) but only a fragment of the
+        # master weights and moments: the moments are read as that fragment.
+        fragment = zero12_fragment_range(param) if same_tp else None
         for kind in kinds:
+            if kind in MOMENTS and fragment is not None:
+                shape, values = reader.get_flat_range(tp_rank, kind, name, *fragment)
+                _check_shape(tag_dir, kind, name, shape, param)
+                set_zero12_fragment(param, kind, values)
+                continue
             value = reader.for_rank(kind, name, model_cfg, tp_rank, tp_size)
             _check_shape(tag_dir, kind, name, tuple(value.shape), param)
             if kind == "fp32":

@@ -179,6 +179,26 @@ def set_zero3_partition(param: torch.nn.Parameter, key: Optional[str], values: t
         safe_set_local_optimizer_state(param, padded, key)
 
 
+def zero12_fragment_range(param: torch.nn.Parameter) -> Optional[tuple[int, int]]:
+    """(first element, element count) of this rank's fragment of a parameter's flattened fp32
+    master weights and optimizer state under ZeRO-1/2 or DeepSpeed's bf16 optimizer (its ``hp``
+    mapping); (0, 0) where this rank holds none of it; None for a parameter not laid out so."""
+    if not hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+        return None
+    mapping = param._hp_mapping
+    if mapping is None:
+        return 0, 0
+    return int(mapping.lp_fragment_address.start), int(mapping.lp_fragment_address.numel)
+
+
+def set_zero12_fragment(param: torch.nn.Parameter, key: str, values: torch.Tensor) -> None:
+    """Write AdamW state ``key`` of this rank's ZeRO-1/2 fragment (``values``: the elements
+    :func:`zero12_fragment_range` names). No communication."""
+    if param._hp_mapping is not None and values.numel():
+        fragment = param._hp_mapping.get_hp_fragment(key)
+        fragment.data.copy_(values.to(device=fragment.device, dtype=torch.float32))
+
+
 def _zero3_own_piece(param: torch.nn.Parameter, key: Optional[str]) -> tuple[int, torch.Tensor]:
     """This rank's ZeRO-3 partition of a parameter's fp32 master weights (``key`` None) or of its
     optimizer state ``key``, without ZeRO's padding: (its first element in the flattened tensor,
