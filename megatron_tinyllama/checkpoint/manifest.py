@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megatron_tinyllama.checkpoint.native import writing
+from megatron_tinyllama.checkpoint.native import deal_largest_first, writing
 
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -95,12 +95,10 @@ def _pieces(name: str, size: int, chunk: int) -> list[tuple[str, int, int, int]]
 
 
 def _deal_by_size(pieces: list[tuple[str, int, int, int]], world: int) -> list[list]:
-    """Pieces per rank, largest first to the least-loaded rank: every rank computes the same deal."""
-    loads, shares = [0] * world, [[] for _ in range(world)]
-    for piece in sorted(pieces, key=lambda p: (-p[3], p[0], p[1])):
-        rank = min(range(world), key=lambda r: (loads[r], r))
-        shares[rank].append(piece)
-        loads[rank] += piece[3]
+    """Pieces per rank, dealt by length (checkpoint.native.deal_largest_first)."""
+    shares: list[list] = [[] for _ in range(world)]
+    for piece, owner in zip(pieces, deal_largest_first([p[3] for p in pieces], world)):
+        shares[owner].append(piece)
     return shares
 
 

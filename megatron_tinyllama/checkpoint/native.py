@@ -47,6 +47,17 @@ def shard_filename(tp_rank: int, tp_size: int) -> str:
     return f"model-tp{tp_rank:02d}-of-{tp_size:02d}.safetensors"
 
 
+def deal_largest_first(sizes: list[int], count: int) -> list[int]:
+    """The owner (0 .. count-1) of each item: largest first to the least loaded, ties by position.
+    Deterministic, so every rank computes the same deal from the same list (who writes which
+    tensor, who hashes which piece of a file)."""
+    load, owner = [0] * count, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owner[i] = min(range(count), key=lambda r: (load[r], r))
+        load[owner[i]] += sizes[i]
+    return owner
+
+
 class CheckpointWriteError(OSError):
     """Writing a checkpoint file failed (disk full, quota, I/O error): names the file and errno."""
 

@@ -45,6 +45,7 @@ from megatron_tinyllama.checkpoint.hf import merge_tp_shards, repad_vocab, shard
 from megatron_tinyllama.checkpoint.native import (
     SharedFileFiller,
     create_shared_model_file,
+    deal_largest_first,
     read_model_index,
     shard_filename,
 )
@@ -97,18 +98,9 @@ def adam_step(engine) -> int:
     return int(max(steps)) if steps else 0
 
 
-def _owners(sizes: list[int], count: int) -> list[int]:
-    """Deal items to ``count`` owners, largest first to the least loaded (deterministic)."""
-    load, owner = [0] * count, [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        owner[i] = min(range(count), key=lambda r: (load[r], r))
-        load[owner[i]] += sizes[i]
-    return owner
-
-
 def owned_names(shapes: dict[str, tuple[int, ...]], dp_rank: int, dp_size: int) -> set[str]:
     """The tensors (of ``shapes``, in order) that data-parallel rank ``dp_rank`` writes."""
-    owners = _owners([int(torch.Size(shape).numel()) for shape in shapes.values()], dp_size)
+    owners = deal_largest_first([int(torch.Size(shape).numel()) for shape in shapes.values()], dp_size)
     return {name for name, owner in zip(shapes, owners) if owner == dp_rank}
 
 
@@ -146,7 +138,7 @@ def save_optimizer_state(engine, tag_dir: Path) -> None:
     optimizer = inner_optimizer(engine)
     step = adam_step(engine)
     params = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
-    owners = _owners([int(torch.Size(param_shape(p)).numel()) for _, p in params], dp_size)
+    owners = deal_largest_first([int(torch.Size(param_shape(p)).numel()) for _, p in params], dp_size)
     directory = Path(tag_dir) / OPTIM_DIR
     directory.mkdir(parents=True, exist_ok=True)
     plans = {rank: _parts([(f"{key}/{name}", param_shape(p)) for (name, p), owner in zip(params, owners)
