@@ -14,6 +14,7 @@ path ``auto`` takes, with tensor-parallel collectives inside the compiled graphs
 gradients (gathered by DeepSpeed's ``safe_get_full_grad``) must agree to fp32 rounding, and so
 must the loss after an optimizer step.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
