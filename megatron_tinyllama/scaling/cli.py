@@ -396,6 +396,8 @@ def cmd_forecast(args) -> int:
     print(_forecast_table(data, table_measured))
     print(f"forecast final loss {data['final_loss']:.4f}, {100 * data['confidence']:g}% band "
           f"[{data['band'][0]:.4f}, {data['band'][1]:.4f}] at step {data['curve'][-1]['step']:,}")
+    for caveat in data.get("caveats", []):
+        print(f"caveat: {caveat}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")

@@ -42,6 +42,9 @@ benchmark's tiny Llamas: a plateau and two bumps up to ~4-5 warm-ups, 4 steps ea
 schedule, known before training, so it does not grow with what has been measured: a rule of
 "half the measured tokens" left 5 points, all inside that transient, to a fit on the first 30%
 of a 64-step run. For a TinyLlama-sized run (2,000 warm-up steps) it is 10,000 steps."""
+ANNEALING_SEEN_MIN = 0.5
+"""Below this share of the final annealing area seen, a fit with C = 0 gets a caveat: most of the
+LR decay is still to come and the law has not measured what it does."""
 MAX_CURVE_POINTS = 400
 """Points of the forecast curve written to JSON and plotted (a 1M-step run is subsampled)."""
 
@@ -314,6 +317,36 @@ class Forecast:
     def final_loss(self) -> float:
         return float(self.band.estimate[-1])
 
+    @property
+    def annealing_seen(self) -> float:
+        """Share of the schedule's final annealing area S2 reached by the last fitted point (1
+        when the schedule never decays): C is extrapolated by its inverse."""
+        total = float(self.areas.s2[-1])
+        last = int(self.schedule.index_of([self.fitted_tokens.max()])[0])
+        return float(self.areas.s2[last]) / total if total > 0 else 1.0
+
+    def caveats(self) -> list[str]:
+        """Why this forecast may miss, read off its own fit (empty when nothing stands out).
+
+        Each is a state of the fit a user can act on (wait for more points, or trust the band
+        rather than the centre), seen on the CPU benchmark's runs where the forecasts went wrong.
+        """
+        law, out = self.fit.law, []
+        if law.L0 <= 0.0:
+            out.append("the law's asymptote L0 sits at its bound 0: the fitted points do not show "
+                       "the curve flattening yet (an early or still learning-limited stretch, or "
+                       "a transient past the burn-in), so the forecast extends a curve that has "
+                       "not bent")
+        seen = self.annealing_seen
+        if law.C <= 0.0 and seen < ANNEALING_SEEN_MIN:
+            out.append(f"the fitted points reach {100 * seen:.0f}% of the schedule's annealing "
+                       "area and show none of its effect (C = 0): the forecast leaves out the loss "
+                       "the LR decay will still remove and should land above the end")
+        if self.final_loss <= 0.0:
+            out.append("the forecast final loss is not positive: the law is extrapolated far "
+                       "beyond the points it was fitted on")
+        return out
+
     def to_json(self) -> dict:
         """``{"final_loss", "band", "curve", "params", ...}`` (the CLI's ``--out``)."""
         s, idx = self.schedule, self.curve_index
@@ -332,7 +365,9 @@ class Forecast:
             "fit": {"points": self.fit.num_points, "loss": self.loss_kind,
                     "rms_residual": self.fit.rms_residual,
                     "until_tokens": int(self.fitted_tokens.max()),
+                    "annealing_area_seen": self.annealing_seen,
                     "bootstrap_replicates": self.band.replicates},
+            "caveats": self.caveats(),
             "stages": [{"name": seg.name, "first_step": first_step[k] + 1,
                         "start_tokens": seg.start_tokens, "end_tokens": seg.end_tokens,
                         "batch_tokens": seg.batch_tokens}
