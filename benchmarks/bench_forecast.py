@@ -263,6 +263,8 @@ def schedule_runs(work: Path, corpus: Path, seed: int) -> dict:
     v1 = go("v11_stage1", "v11_1", train_tokens=T // 2, decay_tokens=T)
     v2 = go("v11_stage2", "v11_2", train_tokens=3 * T // 4, decay_tokens=T, continue_from=v1)
     return {
+        "const_cooldown_stable": cc1,
+        "const_cooldown_recipe": work / "recipes" / f"const_cooldown_2{tag}.yaml",
         "cosine": go("cosine", "cosine", save_every=FAULT_STEP),
         "const_cooldown": go("const_cooldown_2", "cc2", schedule="linear",
                              warmup=int(0.8 * T) // BATCH * BATCH, decay_tokens=T,
@@ -294,6 +296,21 @@ def schedule_checks(runs: dict, replicates: int) -> tuple[dict, object]:
         k: v3_stage3[k] for k in ("points", "mean", "max", "last")}
     out["identifiability"] = identifiability(hist, load_history(runs["const_cooldown"]),
                                              load_history(runs["v11"]))
+    # A run in its stable phase forecasting its cooldown (the next stage's recipe): alone, where
+    # no annealing has been measured, and fitted together with the cosine run (--also-fit).
+    from megatron_tinyllama.config import load_config
+
+    stable = load_history(runs["const_cooldown_stable"])
+    cooldown = load_config(runs["const_cooldown_recipe"])
+    ctok, closs, _ = valid_points(runs["const_cooldown"])
+    out["cooldown_from_stable_phase"] = {}
+    for name, also in (("alone", ()), ("with_cosine_run", (hist,))):
+        f = forecast_history(stable, [cooldown], also_fit=also, replicates=replicates // 2)
+        inside = (closs >= np.interp(ctok, f.schedule.tokens[f.curve_index], f.band.low))
+        inside &= closs <= np.interp(ctok, f.schedule.tokens[f.curve_index], f.band.high)
+        out["cooldown_from_stable_phase"][name] = {
+            **errors(f.predict(ctok), closs), "inside_band": float(inside.mean()),
+            "C": f.fit.law.C, "caveats": f.caveats()}
     # First 30% -> last 70%.
     early = forecast_history(hist, fit_until_step=int(0.3 * STEPS), replicates=replicates)
     tok, loss, _ = valid_points(runs["cosine"])
@@ -332,6 +349,10 @@ def over_seeds(per_seed: dict) -> dict:
             "v11_mean_error": collect(("predict_v11_3stage_batch_x4", "mean")),
             "v11_max_error": collect(("predict_v11_3stage_batch_x4", "max")),
             "first30_end_error": collect(("first30_predicts_last70", "last")),
+            "cooldown_from_stable_phase_alone": collect(("cooldown_from_stable_phase", "alone",
+                                                         "mean")),
+            "cooldown_from_stable_phase_with_cosine": collect(("cooldown_from_stable_phase",
+                                                               "with_cosine_run", "mean")),
             "cosine_fit_rms": collect(("fit_cosine", "rms_residual"))}
 
 

@@ -378,11 +378,14 @@ def cmd_forecast(args) -> int:
     else:
         if not args.run_dir:
             raise RunFileError("forecast: give RUN_DIR (or --plan with --runs)")
-        fc = forecast_run(args.run_dir, args.recipe, fit_until_step=args.fit_until_step, **opts)
+        fc = forecast_run(args.run_dir, args.recipe, also_fit=args.also_fit,
+                          fit_until_step=args.fit_until_step, **opts)
         data = fc.to_json()
         law = fc.fit.law
+        others = "".join(f" + {n} of {run}" for run, n in fc.also_fit)
+        source = f" ({fc.fitted_tokens.size} of this run{others})" if others else ""
         print(f"curve law L = L0 + A*S1^-alpha - C*S2 on {fc.fit.num_points} {fc.loss_kind} "
-              f"points: L0={law.L0:.4f} A={law.A:.4g} alpha={law.alpha:.4f} C={law.C:.4g} "
+              f"points{source}: L0={law.L0:.4f} A={law.A:.4g} alpha={law.alpha:.4f} C={law.C:.4g} "
               f"(lambda={fc.decay}, rms residual {fc.fit.rms_residual:.4f})")
         measured = (fc.measured_tokens, fc.measured_loss)
         fitted_until = float(fc.fitted_tokens.max())
@@ -551,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recipes of the stages that follow, in order (with --plan: the planned "
                     "run's stages)")
     sp.add_argument("--fit-until-step", type=int, help="fit only the records up to this step")
+    sp.add_argument("--also-fit", nargs="*", default=[], type=Path, metavar="RUN_DIR",
+                    help="other runs fitted together with RUN_DIR, each over its own schedule (a "
+                    "second schedule pins the law better than one curve)")
     sp.add_argument("--out", type=Path, help="write the forecast as JSON")
     sp.add_argument("--png", type=Path, help="plot the forecast")
     sp.add_argument("--plan", action="store_true",

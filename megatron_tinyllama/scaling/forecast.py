@@ -307,6 +307,8 @@ class Forecast:
     band: CurveBand
     areas: Areas
     """S1, S2 after every step of ``schedule``."""
+    also_fit: tuple[tuple[str, int], ...] = ()
+    """(folder, points) of the other runs fitted with this one (``also_fit``)."""
 
     def predict(self, tokens: Sequence[float]) -> np.ndarray:
         """The law's loss after the steps ending at ``tokens``."""
@@ -366,6 +368,7 @@ class Forecast:
                     "rms_residual": self.fit.rms_residual,
                     "until_tokens": int(self.fitted_tokens.max()),
                     "annealing_area_seen": self.annealing_seen,
+                    "also_fit": [{"run": run, "points": n} for run, n in self.also_fit],
                     "bootstrap_replicates": self.band.replicates},
             "caveats": self.caveats(),
             "stages": [{"name": seg.name, "first_step": first_step[k] + 1,
@@ -415,6 +418,7 @@ def forecast_history(
     history: RunHistory,
     next_stages: Sequence[object] = (),
     *,
+    also_fit: Sequence[RunHistory] = (),
     fit_until_step: Optional[int] = None,
     decay: float = DEFAULT_DECAY,
     burn_in_warmups: float = BURN_IN_WARMUPS,
@@ -428,6 +432,10 @@ def forecast_history(
         history: the run (:func:`load_history`).
         next_stages: JobConfigs of the stages that follow, in order; each starts where the one
             before it ends.
+        also_fit: other runs whose points are fitted together with this run's, each over its
+            own schedule (areas in this run's reference steps): a second schedule pins the split
+            between the forward and the annealing terms that one curve leaves loose (an earlier
+            cosine run for the cooldown of a run still in its stable phase).
         fit_until_step: fit only the records up to this step (to check a forecast against what
             came after).
         decay: lambda of the annealing area.
@@ -454,15 +462,27 @@ def forecast_history(
         raise FitError(f"{history.run_dir}: {idx.size} {kind} record(s) past warm-up and its "
                        f"burn-in (from step {burn_in_steps(areas, burn_in_warmups)}){until}; the "
                        "curve law needs at least 5 (evaluate more often: logging.eval_interval_steps)")
-    fit = fit_curve(areas.s1[idx], areas.s2[idx], y)
+    s1, s2, loss, others = [areas.s1[idx]], [areas.s2[idx]], [y], []
+    for other in also_fit:
+        other_schedule = build_schedule(other.segments)
+        other_areas = lr_areas(other_schedule.lr, other_schedule.step_tokens,
+                               schedule.reference_tokens, decay)
+        _, other_idx, other_y = fit_points(other_schedule, other.points()[0], decay,
+                                           areas=other_areas, burn_in_warmups=burn_in_warmups)
+        s1.append(other_areas.s1[other_idx])
+        s2.append(other_areas.s2[other_idx])
+        loss.append(other_y)
+        others.append((str(other.run_dir), int(other_idx.size)))
+    s1, s2, loss = (np.concatenate(v) for v in (s1, s2, loss))
+    fit = fit_curve(s1, s2, loss)
     cidx = curve_indices(schedule, points.tokens)
-    band = bootstrap_band(areas.s1[idx], areas.s2[idx], y, areas.s1[cidx], areas.s2[cidx],
+    band = bootstrap_band(s1, s2, loss, areas.s1[cidx], areas.s2[cidx],
                           fit=fit, replicates=replicates, confidence=confidence, seed=seed)
     return Forecast(fit=fit, schedule=schedule, decay=decay, loss_kind=kind,
                     fitted_tokens=schedule.tokens[idx], fitted_loss=y,
                     measured_tokens=np.asarray(points.tokens, dtype=float),
                     measured_steps=np.asarray(points.steps), measured_loss=np.asarray(points.loss),
-                    curve_index=cidx, band=band, areas=areas)
+                    curve_index=cidx, band=band, areas=areas, also_fit=tuple(others))
 
 
 def load_recipes(recipes: Sequence[Union[str, Path]]) -> list:
@@ -481,9 +501,11 @@ def load_recipes(recipes: Sequence[Union[str, Path]]) -> list:
 
 
 def forecast_run(run_dir: Union[str, Path], recipes: Sequence[Union[str, Path]] = (),
-                 **kwargs) -> Forecast:
-    """:func:`forecast_history` of a run folder, with next stages given as recipe files."""
-    return forecast_history(load_history(run_dir), load_recipes(recipes), **kwargs)
+                 also_fit: Sequence[Union[str, Path]] = (), **kwargs) -> Forecast:
+    """:func:`forecast_history` of a run folder, with next stages given as recipe files and the
+    runs fitted with it as folders."""
+    return forecast_history(load_history(run_dir), load_recipes(recipes),
+                            also_fit=[load_history(other) for other in also_fit], **kwargs)
 
 
 def relative_errors(forecast: Forecast, tokens: Sequence[float], loss: Sequence[float],

@@ -323,34 +323,46 @@ def test_forecast_fields_reach_metrics_jsonl_and_tensorboard(tmp_path, caplog):
                                              "forecast/band_distance"}
 
 
+def _stable_phase_run(run: Path):
+    """A warm-up-stable-decay run measured up to the end of its stable phase (on the law), its
+    cooldown stage's config, and the law's loss over the whole planned schedule (the paper's
+    recursion, from the test of the areas)."""
+    total, stable = 200 * BATCH, 160 * BATCH
+    cfg = {**recipe(stable, save_dir=str(run)),
+           "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_tokens": 10 * BATCH,
+                         "schedule": "constant"}}
+    cooldown = {**recipe(total, name="cooldown"), "optimizer": {
+        "lr": 3e-3, "min_lr": 3e-4, "warmup_tokens": stable, "decay_tokens": total,
+        "schedule": "linear"}}
+    tokens = np.arange(1, total // BATCH + 1) * BATCH
+    lr = [learning_rate(int(t), config_from_dict(cfg).optimizer, stable) if t <= stable else
+          learning_rate(int(t), config_from_dict(cooldown).optimizer, total) for t in tokens]
+    s1, s2 = paper_areas(lr, warmup=10)
+    loss = TRUE(s1, s2)
+    n = stable // BATCH
+    write_run(run, cfg, eval_records(tokens[:n], loss[:n], every=5))
+    return cooldown, loss
+
+
 def test_caveats_name_the_fits_that_cannot_be_trusted(tmp_path, capsys):
     """Three states of a fit seen to miss on the CPU benchmark, each named in the forecast: the
     stable phase of a constant-then-cooldown run (no annealing measured, C = 0, the cooldown's
     gain left out), a curve that has not bent yet (L0 at its bound 0), and neither for a run the
     law describes."""
-    total, stable = 200 * BATCH, 160 * BATCH
-    cfg = {**recipe(stable, save_dir=str(tmp_path / "wsd")),
-           "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_tokens": 10 * BATCH,
-                         "schedule": "constant"}}
-    tokens = np.arange(1, stable // BATCH + 1) * BATCH
-    # On the law until the cooldown: a constant LR has S2 = 0, so the law is L0 + A*S1^-alpha.
-    s1 = np.cumsum([learning_rate(int(t), config_from_dict(cfg).optimizer, stable)
-                    for t in tokens])
-    loss = TRUE.L0 + TRUE.A * s1 ** -TRUE.alpha
-    write_run(tmp_path / "wsd", cfg, eval_records(tokens, loss, every=5))
-    cooldown = config_from_dict({**recipe(total, name="cooldown"), "optimizer": {
-        "lr": 3e-3, "min_lr": 3e-4, "warmup_tokens": stable, "decay_tokens": total,
-        "schedule": "linear"}})
-    fc = forecast_history(load_history(tmp_path / "wsd"), [cooldown], replicates=20)
+    cooldown, loss = _stable_phase_run(tmp_path / "wsd")
+    fc = forecast_history(load_history(tmp_path / "wsd"), [config_from_dict(cooldown)],
+                          replicates=20)
     assert fc.fit.law.C == 0 and fc.annealing_seen == 0
     assert len(fc.caveats()) == 1 and "show none of its effect (C = 0)" in fc.caveats()[0]
-    # The forecast end is the forward term alone: whatever the cooldown removes is not in it.
+    # The forecast end is the forward term alone: what the cooldown removes is not in it.
     assert fc.final_loss == pytest.approx(TRUE.L0 + TRUE.A * fc.areas.s1[-1] ** -TRUE.alpha,
                                           rel=1e-3)
+    assert fc.final_loss - loss[-1] > 0.012  # 0.016 above the end here
 
     # Losses falling on a straight line in steps: no flattening for L0 to sit above.
     run = tmp_path / "straight"
-    cfg2 = {**recipe(total, save_dir=str(run))}
+    total = 200 * BATCH
+    cfg2 = recipe(total, save_dir=str(run))
     tokens2 = np.arange(1, 81) * BATCH
     write_run(run, cfg2, eval_records(tokens2, 6.0 - 0.02 * np.arange(1, 81), every=2))
     code = main(["forecast", str(run), "--bootstrap", "20", "--out", str(tmp_path / "s.json")])
@@ -368,3 +380,26 @@ def test_caveats_name_the_fits_that_cannot_be_trusted(tmp_path, capsys):
     write_run(good, cfg3, eval_records(tokens3, loss3, every=5, noise=0.002))
     fc3 = forecast_history(load_history(good), replicates=20)
     assert fc3.caveats() == [] and fc3.annealing_seen == 1.0
+
+
+def test_also_fit_an_earlier_cosine_run_pins_the_cooldown(tmp_path, capsys):
+    """A run in its stable phase cannot know what its cooldown will remove (C = 0, above); fitted
+    together with an earlier cosine run (``--also-fit``, another schedule on the same law) the
+    law gets C back and forecasts the cooldown's end."""
+    cooldown, loss = _stable_phase_run(tmp_path / "wsd")
+    save_config(config_from_dict(cooldown), tmp_path / "cooldown.yaml")
+    cosine = tmp_path / "cosine"
+    cos_cfg = recipe(120 * BATCH, save_dir=str(cosine))
+    cos_tokens, cos_loss = true_losses([(0, 120 * BATCH, BATCH)], config_from_dict(cos_cfg))
+    write_run(cosine, cos_cfg, eval_records(cos_tokens, cos_loss, every=4))
+    out = tmp_path / "fc.json"
+    code = main(["forecast", str(tmp_path / "wsd"), "--recipe", str(tmp_path / "cooldown.yaml"),
+                 "--also-fit", str(cosine), "--bootstrap", "20", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    data = json.loads(out.read_text())
+    assert data["fit"]["also_fit"] == [{"run": str(cosine), "points": 18}]
+    assert data["fit"]["points"] == 23 + 18  # steps 50..160 every 5 here, 52..120 every 4 there
+    assert data["params"]["C"] == pytest.approx(TRUE.C, rel=0.02)
+    assert abs(data["final_loss"] - loss[-1]) < 0.002  # alone: 0.016 above (previous test)
+    assert data["caveats"] == [] and "(23 of this run + 18 of " in text
