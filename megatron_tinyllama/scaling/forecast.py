@@ -328,26 +328,9 @@ class Forecast:
         return float(self.areas.s2[last]) / total if total > 0 else 1.0
 
     def caveats(self) -> list[str]:
-        """Why this forecast may miss, read off its own fit (empty when nothing stands out).
-
-        Each is a state of the fit a user can act on (wait for more points, or trust the band
-        rather than the centre), seen on the CPU benchmark's runs where the forecasts went wrong.
-        """
-        law, out = self.fit.law, []
-        if law.L0 <= 0.0:
-            out.append("the law's asymptote L0 sits at its bound 0: the fitted points do not show "
-                       "the curve flattening yet (an early or still learning-limited stretch, or "
-                       "a transient past the burn-in), so the forecast extends a curve that has "
-                       "not bent")
-        seen = self.annealing_seen
-        if law.C <= 0.0 and seen < ANNEALING_SEEN_MIN:
-            out.append(f"the fitted points reach {100 * seen:.0f}% of the schedule's annealing "
-                       "area and show none of its effect (C = 0): the forecast leaves out the loss "
-                       "the LR decay will still remove and should land above the end")
-        if self.final_loss <= 0.0:
-            out.append("the forecast final loss is not positive: the law is extrapolated far "
-                       "beyond the points it was fitted on")
-        return out
+        """Why this forecast may miss, read off its own fit (:func:`fit_caveats`)."""
+        return list(fit_caveats(self.fit.law, self.annealing_seen, self.final_loss,
+                                float(self.band.low[-1])).values())
 
     def to_json(self) -> dict:
         """``{"final_loss", "band", "curve", "params", ...}`` (the CLI's ``--out``)."""
@@ -376,6 +359,34 @@ class Forecast:
                         "batch_tokens": seg.batch_tokens}
                        for k, seg in enumerate(s.segments)],
         }
+
+
+def fit_caveats(law, annealing_seen: float, final_loss: float,
+                final_low: float) -> dict[str, str]:
+    """Why a forecast may miss, read off its own fit: ``{key: explanation}``, empty when nothing
+    stands out.
+
+    Each is a state of the fit seen where the CPU benchmark's forecasts went wrong, and one a user
+    can act on (wait for more points, fit a second schedule with ``--also-fit``, or trust the band
+    rather than its centre). ``annealing_seen`` is the share of the schedule's final S2 reached by
+    the last fitted point; ``final_loss`` and ``final_low`` are the forecast end and its band's
+    lower end.
+    """
+    out = {}
+    if law.L0 <= 0.0:
+        out["L0_at_bound"] = (
+            "the law's asymptote L0 sits at its bound 0: the fitted points do not show the curve "
+            "flattening yet (an early or still learning-limited stretch, or a transient past the "
+            "burn-in), so the forecast extends a curve that has not bent")
+    if law.C <= 0.0 and annealing_seen < ANNEALING_SEEN_MIN:
+        out["no_annealing_seen"] = (
+            f"the fitted points reach {100 * annealing_seen:.0f}% of the schedule's annealing area "
+            "and show none of its effect (C = 0): the forecast leaves out the loss the LR decay "
+            "will still remove and should land above the end")
+    if min(final_loss, final_low) <= 0.0:
+        out["band_below_zero"] = ("the forecast of the final loss or its band reaches below 0: "
+                                  "the fitted points leave the law's extrapolation unpinned")
+    return out
 
 
 def curve_indices(schedule: Schedule, measured_tokens: Sequence[float] = (),

@@ -29,6 +29,7 @@ from megatron_tinyllama.scaling.forecast import (
     Points,
     Schedule,
     build_schedule,
+    fit_caveats,
     fit_points,
     load_history,
     segment_of,
@@ -57,13 +58,19 @@ class LiveCheck:
     distance: float
     """0 inside the band; else loss - high (above) or loss - low (below, negative)."""
     warned: bool
+    caveats: tuple[str, ...] = ()
+    """Keys of :func:`~megatron_tinyllama.scaling.forecast.fit_caveats`: why the forecast final
+    loss is not to be trusted yet (the log line and ``forecast_caveats`` say so)."""
 
     def record(self) -> dict:
         """The fields added to the evaluation's metrics record."""
-        return {"forecast_final_loss": self.final_loss, "forecast_final_low": self.final_low,
-                "forecast_final_high": self.final_high, "forecast_expected_loss": self.expected,
-                "forecast_band_low": self.low, "forecast_band_high": self.high,
-                "forecast_band_distance": self.distance}
+        out = {"forecast_final_loss": self.final_loss, "forecast_final_low": self.final_low,
+               "forecast_final_high": self.final_high, "forecast_expected_loss": self.expected,
+               "forecast_band_low": self.low, "forecast_band_high": self.high,
+               "forecast_band_distance": self.distance}
+        if self.caveats:
+            out["forecast_caveats"] = ",".join(self.caveats)
+        return out
 
 
 class LiveForecast:
@@ -155,6 +162,10 @@ class LiveForecast:
                 "%.4f from the %d evaluations before it): a loss spike, a data problem or a bad "
                 "restart? Forecast final loss was %.4f [%.4f, %.4f]", step, loss, low, high,
                 expected, idx.size, band.estimate[1], band.low[1], band.high[1])
+        total_s2 = float(areas.s2[last])
+        seen = float(areas.s2[idx[-1]]) / total_s2 if total_s2 > 0 else 1.0
+        caveats = tuple(fit_caveats(fit.law, seen, float(band.estimate[1]), float(band.low[1])))
         return LiveCheck(step=step, loss=loss, expected=expected, low=low, high=high,
                          final_loss=float(band.estimate[1]), final_low=float(band.low[1]),
-                         final_high=float(band.high[1]), distance=float(distance), warned=warned)
+                         final_high=float(band.high[1]), distance=float(distance), warned=warned,
+                         caveats=caveats)

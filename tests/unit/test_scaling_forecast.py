@@ -258,9 +258,14 @@ def test_live_forecast_of_a_real_tiny_run_needs_the_burn_in(burn_in, caplog):
         assert not caplog.records and len(done) >= 10
         assert all(c.final_loss > 3 for c in done)
         assert [c.final_loss for c in done][-4:] == pytest.approx([end] * 4, rel=0.005)
+        assert all(c.caveats == () for c in done[-4:])  # the forecasts that came true: no caveat
     else:
         assert len(caplog.records) >= 1
         assert min(c.final_loss for c in done) < 0
+        # Every negative forecast says it is not to be trusted, in the record too.
+        negative = [c for c in done if c.final_loss <= 0]
+        assert all("band_below_zero" in c.caveats for c in negative)
+        assert "band_below_zero" in negative[0].record()["forecast_caveats"]
 
 
 def test_burn_in_follows_the_warm_up_not_the_measured_share(tmp_path):
@@ -317,10 +322,19 @@ def test_forecast_fields_reach_metrics_jsonl_and_tensorboard(tmp_path, caplog):
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert record == {"step": 10, "tokens": 10 * BATCH, "valid_loss": 4.05, **extra}
     assert "forecast final loss 3.5000 [3.4000, 3.6000]" in caplog.text
+    assert "not to trust" not in caplog.text
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert set(events.Tags()["scalars"]) >= {"valid/loss", "forecast/final_loss",
                                              "forecast/band_distance"}
+    # A forecast with caveats says so on its line (the keys go to metrics.jsonl, not TensorBoard).
+    writer = MetricsWriter(cfg, rank=0, world_size=1)
+    with caplog.at_level(logging.INFO, logger="megatron_tinyllama.train.metrics"):
+        writer.log_eval(12, 12 * BATCH, 4.0, {**extra, "forecast_caveats": "L0_at_bound"})
+    writer.close()
+    assert "[3.4000, 3.6000] (not to trust yet: L0_at_bound)" in caplog.text
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["forecast_caveats"] == "L0_at_bound"
 
 
 def _stable_phase_run(run: Path):
