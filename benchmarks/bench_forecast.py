@@ -184,7 +184,8 @@ def errors(pred, meas) -> dict:
             "last": float(rel[-1])}
 
 
-def cross_schedule(fc, fit_pts, target_run: Path, ref_tokens: float, from_tokens: float) -> dict:
+def cross_schedule(fc, fit_pts, target_run: Path, ref_tokens: float, from_tokens: float,
+                   batch_exponent: float = 1.0) -> dict:
     """The law fitted on one run against another run's measured validation curve: errors over
     the points from ``from_tokens`` (the range the law was fitted on), and over all past warm-up."""
     from megatron_tinyllama.scaling.forecast import build_schedule, load_history, predict_schedule
@@ -196,7 +197,7 @@ def cross_schedule(fc, fit_pts, target_run: Path, ref_tokens: float, from_tokens
     loss = np.array(history.valid.loss)
     keep = schedule.index_of(tokens) >= areas_warm
     band = predict_schedule(fc.fit, fit_pts, schedule, tokens[keep], reference_tokens=ref_tokens,
-                            decay=fc.decay)
+                            decay=fc.decay, batch_exponent=batch_exponent)
     late = tokens[keep] >= from_tokens
     inside = (loss[keep] >= band.low) & (loss[keep] <= band.high)
     return {**errors(band.estimate[late], loss[keep][late]), "from_tokens": from_tokens,
@@ -294,6 +295,13 @@ def schedule_checks(runs: dict, replicates: int) -> tuple[dict, object]:
     v3_stage3 = cross_schedule(fc, fit_pts, runs["v11"], BATCH, float(3 * T // 4 + 1))
     out["predict_v11_3stage_batch_x4"]["stage3_only"] = {
         k: v3_stage3[k] for k in ("points", "mean", "max", "last")}
+    # The same, a 4x step counted as 2 reference steps (Adam's square-root rule) instead of 4.
+    sqrt = cross_schedule(fc, fit_pts, runs["v11"], BATCH, fitted_from, batch_exponent=0.5)
+    sqrt3 = cross_schedule(fc, fit_pts, runs["v11"], BATCH, float(3 * T // 4 + 1),
+                           batch_exponent=0.5)
+    out["predict_v11_batch_exponent_0.5"] = {
+        **{k: sqrt[k] for k in ("points", "mean", "max", "last", "inside_band")},
+        "stage3_only": {k: sqrt3[k] for k in ("points", "mean", "max", "last")}}
     out["identifiability"] = identifiability(hist, load_history(runs["const_cooldown"]),
                                              load_history(runs["v11"]))
     # A run in its stable phase forecasting its cooldown (the next stage's recipe): alone, where
@@ -348,6 +356,11 @@ def over_seeds(per_seed: dict) -> dict:
             "const_cooldown_max_error": collect(("predict_const_cooldown", "max")),
             "v11_mean_error": collect(("predict_v11_3stage_batch_x4", "mean")),
             "v11_max_error": collect(("predict_v11_3stage_batch_x4", "max")),
+            "v11_stage3_end_error": collect(("predict_v11_3stage_batch_x4", "stage3_only", "last")),
+            "v11_batch_exponent_0.5_mean_error": collect(("predict_v11_batch_exponent_0.5",
+                                                          "mean")),
+            "v11_batch_exponent_0.5_stage3_end_error": collect((
+                "predict_v11_batch_exponent_0.5", "stage3_only", "last")),
             "first30_end_error": collect(("first30_predicts_last70", "last")),
             "cooldown_from_stable_phase_alone": collect(("cooldown_from_stable_phase", "alone",
                                                          "mean")),

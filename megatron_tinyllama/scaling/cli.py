@@ -363,6 +363,10 @@ def cmd_forecast(args) -> int:
 
     opts = dict(decay=args.decay, replicates=args.bootstrap, confidence=args.confidence,
                 seed=args.seed)
+    if args.plan and args.batch_exponent != 1.0:
+        raise RunFileError("forecast --plan: --batch-exponent applies to a run's own forecast only")
+    if not args.plan:
+        opts["batch_exponent"] = args.batch_exponent
     measured, fitted_until = None, None
     if args.plan:
         if not args.runs:
@@ -564,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", nargs="*", default=[], help="with --plan: the small runs' folders")
     sp.add_argument("--decay", type=float, default=0.999,
                     help="lambda of the annealing area, per step of the first stage's batch")
+    sp.add_argument("--batch-exponent", type=float, default=1.0,
+                    help="a step of k times the first stage's batch counts as k^this steps: 1 per "
+                    "token (default), 0.5 Adam's square-root rule (docs/forecast.md)")
     sp.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the band")
     sp.add_argument("--confidence", type=float, default=0.95)
     sp.add_argument("--seed", type=int, default=0)

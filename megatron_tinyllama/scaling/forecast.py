@@ -432,6 +432,7 @@ def forecast_history(
     also_fit: Sequence[RunHistory] = (),
     fit_until_step: Optional[int] = None,
     decay: float = DEFAULT_DECAY,
+    batch_exponent: float = 1.0,
     burn_in_warmups: float = BURN_IN_WARMUPS,
     replicates: int = 200,
     confidence: float = 0.95,
@@ -450,6 +451,8 @@ def forecast_history(
         fit_until_step: fit only the records up to this step (to check a forecast against what
             came after).
         decay: lambda of the annealing area.
+        batch_exponent: how a step of another batch counts (:func:`~.curve.lr_areas`; 1 per
+            token, 0.5 Adam's square-root rule).
         burn_in_warmups: points before this many warm-ups (in steps) are not fitted
             (:data:`BURN_IN_WARMUPS`; 0 fits from the end of the warm-up, the paper's rule).
         replicates, confidence, seed: the bootstrap band.
@@ -467,7 +470,10 @@ def forecast_history(
         keep = [i for i, s in enumerate(points.steps) if s <= fit_until_step]
         fitted = Points([points.tokens[i] for i in keep], [points.steps[i] for i in keep],
                         [points.loss[i] for i in keep])
-    areas, idx, y = fit_points(schedule, fitted, decay, burn_in_warmups=burn_in_warmups)
+    areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay,
+                     batch_exponent)
+    areas, idx, y = fit_points(schedule, fitted, decay, areas=areas,
+                               burn_in_warmups=burn_in_warmups)
     if idx.size < 5:
         until = f" up to step {fit_until_step}" if fit_until_step is not None else ""
         raise FitError(f"{history.run_dir}: {idx.size} {kind} record(s) past warm-up and its "
@@ -477,7 +483,7 @@ def forecast_history(
     for other in also_fit:
         other_schedule = build_schedule(other.segments)
         other_areas = lr_areas(other_schedule.lr, other_schedule.step_tokens,
-                               schedule.reference_tokens, decay)
+                               schedule.reference_tokens, decay, batch_exponent)
         _, other_idx, other_y = fit_points(other_schedule, other.points()[0], decay,
                                            areas=other_areas, burn_in_warmups=burn_in_warmups)
         s1.append(other_areas.s1[other_idx])
@@ -533,8 +539,8 @@ def relative_errors(forecast: Forecast, tokens: Sequence[float], loss: Sequence[
 
 def predict_schedule(fit: CurveFit, fitted: tuple[np.ndarray, np.ndarray, np.ndarray],
                      schedule: Schedule, tokens: Sequence[float], *, reference_tokens: float,
-                     decay: float = DEFAULT_DECAY, replicates: int = 200,
-                     confidence: float = 0.95, seed: int = 0) -> CurveBand:
+                     decay: float = DEFAULT_DECAY, batch_exponent: float = 1.0,
+                     replicates: int = 200, confidence: float = 0.95, seed: int = 0) -> CurveBand:
     """A law fitted on one run, applied to another schedule (the paper's cross-schedule check).
 
     Args:
@@ -545,7 +551,7 @@ def predict_schedule(fit: CurveFit, fitted: tuple[np.ndarray, np.ndarray, np.nda
         reference_tokens: the fitted run's areas unit (its first batch), so both runs' areas
             are per token in the same unit.
     """
-    areas = lr_areas(schedule.lr, schedule.step_tokens, reference_tokens, decay)
+    areas = lr_areas(schedule.lr, schedule.step_tokens, reference_tokens, decay, batch_exponent)
     idx = schedule.index_of(tokens)
     s1, s2, y = fitted
     return bootstrap_band(s1, s2, y, areas.s1[idx], areas.s2[idx], fit=fit,

@@ -77,6 +77,27 @@ def test_batch_change_counts_the_per_token_curve():
     assert not np.allclose(naive.s1[-1], ref.s1[ends[-1]], rtol=1e-2)
 
 
+def test_batch_exponent_half_counts_a_4x_step_as_two_reference_steps():
+    """Adam's square-root rule (``batch_exponent=0.5``): a step at 4x the batch is two reference
+    steps at its LR, by the paper's recursion on that expanded curve; 1 is the per-token count."""
+    small = cosine(400)[:300]
+    big_lr = cosine(400)[300::4][:25]
+    lr = np.concatenate([small, big_lr])
+    tokens = np.concatenate([np.full(300, 1024.0), np.full(25, 4096.0)])
+    areas = lr_areas(lr, tokens, reference_tokens=1024, batch_exponent=0.5)
+    s1, s2 = paper_areas(list(np.concatenate([small, np.repeat(big_lr, 2)])),
+                         warmup=areas.warmup_steps)
+    ends = np.concatenate([np.arange(300), 300 + 2 * np.arange(1, 26) - 1])
+    np.testing.assert_allclose(areas.s1, s1[ends], rtol=1e-12)
+    np.testing.assert_allclose(areas.s2, s2[ends], rtol=1e-9, atol=1e-15)
+    per_token = lr_areas(lr, tokens, reference_tokens=1024, batch_exponent=1.0)
+    np.testing.assert_allclose(per_token.s1, lr_areas(lr, tokens, reference_tokens=1024).s1)
+    assert per_token.s1[-1] - per_token.s1[299] == pytest.approx(
+        2 * (areas.s1[-1] - areas.s1[299]), rel=1e-12)
+    with pytest.raises(FitError, match="batch exponent"):
+        lr_areas(lr, tokens, reference_tokens=1024, batch_exponent=1.5)
+
+
 def test_fit_recovers_known_parameters_and_predicts_another_schedule():
     lr = cosine(500)
     areas = lr_areas(lr, 2048, 2048)

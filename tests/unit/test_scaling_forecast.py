@@ -138,6 +138,17 @@ def test_forecast_follows_stages_and_a_batch_change(tmp_path, capsys):
     naive = lr_areas(fc.schedule.lr, BATCH, BATCH)
     miss = abs(fc.fit.law(naive.s1[-1], naive.s2[-1]) - loss[-1])
     assert miss > 20 * abs(data["final_loss"] - loss[-1]) and miss > 0.01
+    # Adam's square-root rule (--batch-exponent 0.5): a 4x step is two reference steps; the end
+    # is the law over that curve, by the paper's recursion (above the per-token end).
+    half = tmp_path / "half.json"
+    assert main(["forecast", str(second), "--recipe", str(third), "--out", str(half),
+                 "--bootstrap", "20", "--batch-exponent", "0.5"]) == 0
+    lr = fc.schedule.lr
+    s1, s2 = paper_areas(list(np.concatenate([lr[:180], np.repeat(lr[180:], 2)])),
+                         warmup=fc.areas.warmup_steps)
+    expected = fc.fit.law(s1[-1], s2[-1])
+    assert json.loads(half.read_text())["final_loss"] == pytest.approx(expected, rel=1e-6)
+    assert expected > loss[-1] + 0.01
     capsys.readouterr()
 
 
