@@ -423,10 +423,15 @@ class LoggingConfig:
     """Validation losses past warm-up needed before the first forecast."""
     forecast_tolerance: float = 0.02
     """Relative margin added to each side of the forecast band before a loss counts as outside."""
+    forecast_batch_exponent: float = 1.0
+    """How a stage at another batch counts in the forecast: a step of k times the first stage's
+    batch is k^this reference steps (1 per token; 0.5 Adam's square-root rule, docs/forecast.md)."""
 
     def __post_init__(self) -> None:
         _check_range("logging", "forecast_min_points", self.forecast_min_points, low=5)
         _check_range("logging", "forecast_tolerance", self.forecast_tolerance, low=0)
+        _check_range("logging", "forecast_batch_exponent", self.forecast_batch_exponent, low=0,
+                     high=1)
         _check_range("logging", "log_interval_steps", self.log_interval_steps, low=1)
         _check_range("logging", "eval_interval_steps", self.eval_interval_steps, low=1)
         _check_range("logging", "eval_tokens", self.eval_tokens, low=1)

@@ -82,30 +82,35 @@ class LiveForecast:
         min_points: measured points past warm-up needed before the first check.
         tolerance: relative margin added to each side of the band before a loss is outside.
         decay: lambda of the annealing area.
+        batch_exponent: how a step of another batch counts (``lr_areas``).
         burn_in_warmups: points before this many warm-ups are not fitted (see
             :data:`~megatron_tinyllama.scaling.forecast.BURN_IN_WARMUPS`).
     """
 
     def __init__(self, schedule: Schedule, points: Optional[Points] = None, *, min_points: int = 8,
                  tolerance: float = 0.02, decay: float = DEFAULT_DECAY,
+                 batch_exponent: float = 1.0,
                  burn_in_warmups: float = BURN_IN_WARMUPS) -> None:
         self.schedule = schedule
         self.points = points if points is not None else Points()
         self.min_points = min_points
         self.tolerance = tolerance
         self.decay = decay
+        self.batch_exponent = batch_exponent
         self.burn_in_warmups = burn_in_warmups
         self.disabled = False
         self._outside = False
         # The areas of the whole planned schedule, once: a loop over every step (1M for v1.1).
-        self.areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay)
+        self.areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay,
+                              batch_exponent)
 
     @classmethod
     def for_run(cls, cfg, start_tokens: int) -> "LiveForecast":
         """The monitor of a run starting (or resuming) at ``start_tokens``: its history is read
         from ``checkpoint.save_dir`` (config.yaml, metrics.jsonl) and the stages it continues."""
         opts = dict(min_points=cfg.logging.forecast_min_points,
-                    tolerance=cfg.logging.forecast_tolerance)
+                    tolerance=cfg.logging.forecast_tolerance,
+                    batch_exponent=cfg.logging.forecast_batch_exponent)
         save_dir = cfg.checkpoint.save_dir
         if save_dir and (Path(save_dir) / "config.yaml").is_file():
             try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_tinyllama.config import config_from_dict, load_config, save_config
+from megatron_tinyllama.config import ConfigError, config_from_dict, load_config, save_config
 from megatron_tinyllama.scaling.cli import main
 from megatron_tinyllama.scaling.curve import CurveLaw, lr_areas
 from megatron_tinyllama.scaling.forecast import (
@@ -428,3 +428,11 @@ def test_also_fit_an_earlier_cosine_run_pins_the_cooldown(tmp_path, capsys):
     assert data["params"]["C"] == pytest.approx(TRUE.C, rel=0.02)
     assert abs(data["final_loss"] - loss[-1]) < 0.002  # alone: 0.016 above (previous test)
     assert data["caveats"] == [] and "(23 of this run + 18 of " in text
+
+
+def test_live_forecast_takes_the_batch_exponent_from_the_recipe():
+    cfg = config_from_dict({**recipe(100 * BATCH), "logging": {"forecast_batch_exponent": 0.5}})
+    assert LiveForecast.for_run(cfg, 0).batch_exponent == 0.5
+    assert LiveForecast.for_run(config_from_dict(recipe(100 * BATCH)), 0).batch_exponent == 1.0
+    with pytest.raises(ConfigError, match=r"logging.forecast_batch_exponent=1.5: must be <= 1"):
+        config_from_dict({**recipe(100 * BATCH), "logging": {"forecast_batch_exponent": 1.5}})
