@@ -11,7 +11,8 @@ steps, ``logging.forecast`` on), at each of ``--seeds`` (model init and data ord
 
 * ``cosine``: warm-up + cosine over T tokens (checkpoint at half-way for the fault runs).
 * ``const_cooldown``: constant LR to 0.8 T, then a linear cooldown (a second stage).
-* ``v11``: TinyLlama v1.1's shape: one cosine over T across three stages, the last at 4x the batch.
+* ``v11``: TinyLlama v1.1's shape: one cosine over T across three stages, the last at 4x the batch
+  (and the same last stage at 2x, ``v11_2x``).
 
 and at the first seed only:
 
@@ -272,6 +273,9 @@ def schedule_runs(work: Path, corpus: Path, seed: int) -> dict:
                              continue_from=cc1),
         "v11": go("v11_stage3", "v11_3", train_tokens=T, batch=4 * BATCH, decay_tokens=T,
                   continue_from=v2, eval_every=1),
+        # The same third stage at 2x the batch: a second ratio for how a batch change counts.
+        "v11_2x": go("v11_stage3_2x", "v11_3_2x", train_tokens=T, batch=2 * BATCH,
+                     decay_tokens=T, continue_from=v2, eval_every=1),
     }
 
 
@@ -302,6 +306,11 @@ def schedule_checks(runs: dict, replicates: int) -> tuple[dict, object]:
     out["predict_v11_batch_exponent_0.5"] = {
         **{k: sqrt[k] for k in ("points", "mean", "max", "last", "inside_band")},
         "stage3_only": {k: sqrt3[k] for k in ("points", "mean", "max", "last")}}
+    out["predict_v11_stage3_at_2x_batch"] = {
+        f"batch_exponent_{p}": {k: r[k] for k in ("points", "mean", "max", "last")}
+        for p, r in ((p, cross_schedule(fc, fit_pts, runs["v11_2x"], BATCH,
+                                        float(3 * T // 4 + 1), batch_exponent=p))
+                     for p in (1.0, 0.5))}
     out["identifiability"] = identifiability(hist, load_history(runs["const_cooldown"]),
                                              load_history(runs["v11"]))
     # A run in its stable phase forecasting its cooldown (the next stage's recipe): alone, where
@@ -361,6 +370,10 @@ def over_seeds(per_seed: dict) -> dict:
                                                           "mean")),
             "v11_batch_exponent_0.5_stage3_end_error": collect((
                 "predict_v11_batch_exponent_0.5", "stage3_only", "last")),
+            "v11_2x_stage3_end_error": collect(("predict_v11_stage3_at_2x_batch",
+                                                "batch_exponent_1.0", "last")),
+            "v11_2x_batch_exponent_0.5_stage3_end_error": collect((
+                "predict_v11_stage3_at_2x_batch", "batch_exponent_0.5", "last")),
             "first30_end_error": collect(("first30_predicts_last70", "last")),
             "cooldown_from_stable_phase_alone": collect(("cooldown_from_stable_phase", "alone",
                                                          "mean")),
