@@ -321,11 +321,9 @@ class Forecast:
 
     @property
     def annealing_seen(self) -> float:
-        """Share of the schedule's final annealing area S2 reached by the last fitted point (1
-        when the schedule never decays): C is extrapolated by its inverse."""
-        total = float(self.areas.s2[-1])
+        """:func:`annealing_share` at the last fitted point."""
         last = int(self.schedule.index_of([self.fitted_tokens.max()])[0])
-        return float(self.areas.s2[last]) / total if total > 0 else 1.0
+        return annealing_share(self.areas, last)
 
     def caveats(self) -> list[str]:
         """Why this forecast may miss, read off its own fit (:func:`fit_caveats`)."""
@@ -359,6 +357,13 @@ class Forecast:
                         "batch_tokens": seg.batch_tokens}
                        for k, seg in enumerate(s.segments)],
         }
+
+
+def annealing_share(areas: Areas, step_index: int) -> float:
+    """Share of the schedule's final annealing area S2 reached after step ``step_index`` (1 when
+    the schedule never decays): a fit whose last point is there extrapolates C by its inverse."""
+    total = float(areas.s2[-1])
+    return float(areas.s2[step_index]) / total if total > 0 else 1.0
 
 
 def fit_caveats(law, annealing_seen: float, final_loss: float,

@@ -28,6 +28,7 @@ from megatron_tinyllama.scaling.forecast import (
     BURN_IN_WARMUPS,
     Points,
     Schedule,
+    annealing_share,
     build_schedule,
     fit_caveats,
     fit_points,
@@ -167,9 +168,8 @@ class LiveForecast:
                 "%.4f from the %d evaluations before it): a loss spike, a data problem or a bad "
                 "restart? Forecast final loss was %.4f [%.4f, %.4f]", step, loss, low, high,
                 expected, idx.size, band.estimate[1], band.low[1], band.high[1])
-        total_s2 = float(areas.s2[last])
-        seen = float(areas.s2[idx[-1]]) / total_s2 if total_s2 > 0 else 1.0
-        caveats = tuple(fit_caveats(fit.law, seen, float(band.estimate[1]), float(band.low[1])))
+        caveats = tuple(fit_caveats(fit.law, annealing_share(areas, int(idx[-1])),
+                                    float(band.estimate[1]), float(band.low[1])))
         return LiveCheck(step=step, loss=loss, expected=expected, low=low, high=high,
                          final_loss=float(band.estimate[1]), final_low=float(band.low[1]),
                          final_high=float(band.high[1]), distance=float(distance), warned=warned,
