@@ -306,11 +306,12 @@ def schedule_checks(runs: dict, replicates: int) -> tuple[dict, object]:
     out["predict_v11_batch_exponent_0.5"] = {
         **{k: sqrt[k] for k in ("points", "mean", "max", "last", "inside_band")},
         "stage3_only": {k: sqrt3[k] for k in ("points", "mean", "max", "last")}}
-    out["predict_v11_stage3_at_2x_batch"] = {
-        f"batch_exponent_{p}": {k: r[k] for k in ("points", "mean", "max", "last")}
-        for p, r in ((p, cross_schedule(fc, fit_pts, runs["v11_2x"], BATCH,
-                                        float(3 * T // 4 + 1), batch_exponent=p))
-                     for p in (1.0, 0.5))}
+    out["predict_v11_stage3_at_2x_batch"] = {}
+    for p in (1.0, 0.5):
+        r = cross_schedule(fc, fit_pts, runs["v11_2x"], BATCH, float(3 * T // 4 + 1),
+                           batch_exponent=p)
+        out["predict_v11_stage3_at_2x_batch"][f"batch_exponent_{p}"] = {
+            k: r[k] for k in ("points", "mean", "max", "last")}
     out["identifiability"] = identifiability(hist, load_history(runs["const_cooldown"]),
                                              load_history(runs["v11"]))
     # A run in its stable phase forecasting its cooldown (the next stage's recipe): alone, where

@@ -224,9 +224,10 @@ class MetricsWriter:
         if extra and "forecast_final_loss" in extra:
             # A forecast from a fit in a state known to miss says so on the same line.
             caveats = extra.get("forecast_caveats")
+            note = f" (not to trust yet: {caveats})" if caveats else ""
             logger.info("step %d | validation loss %.4f | forecast final loss %.4f [%.4f, %.4f]%s",
                         step, valid_loss, extra["forecast_final_loss"], extra["forecast_final_low"],
-                        extra["forecast_final_high"], f" (not to trust yet: {caveats})" if caveats else "")
+                        extra["forecast_final_high"], note)
         else:
             logger.info("step %d | validation loss %.4f", step, valid_loss)
         self._emit(step, {"tokens": tokens, "valid_loss": valid_loss, **(extra or {})})
