@@ -290,7 +290,7 @@ def schedule_checks(runs: dict, replicates: int) -> tuple[dict, object]:
     law = fc.fit.law
     out: dict = {"fit_cosine": {"L0": law.L0, "A": law.A, "alpha": law.alpha, "C": law.C,
                                 "points": fc.fit.num_points, "rms_residual": fc.fit.rms_residual,
-                                "caveats": fc.caveats()}}
+                                "burn_in_spread": fc.burn_in_spread, "caveats": fc.caveats()}}
     fitted_from = float(fc.fitted_tokens.min())
     out["predict_const_cooldown"] = cross_schedule(fc, fit_pts, runs["const_cooldown"], BATCH,
                                                    fitted_from)
@@ -340,7 +340,8 @@ def schedule_checks(runs: dict, replicates: int) -> tuple[dict, object]:
         "law": {"L0": early.fit.law.L0, "A": early.fit.law.A, "alpha": early.fit.law.alpha,
                 "C": early.fit.law.C},
         # How much of the run's annealing area the fitted points saw: C is extrapolated by 1/this.
-        "s2_share_seen": early.annealing_seen, "caveats": early.caveats()}
+        "s2_share_seen": early.annealing_seen, "burn_in_spread": early.burn_in_spread,
+        "caveats": early.caveats()}
     # How the end forecast improves with the share of the run fitted.
     out["final_forecast_by_fraction_fitted"] = {}
     for frac in (0.3, 0.4, 0.5, 0.6, 0.75, 0.9):
@@ -348,7 +349,8 @@ def schedule_checks(runs: dict, replicates: int) -> tuple[dict, object]:
         out["final_forecast_by_fraction_fitted"][str(frac)] = {
             "forecast": f.final_loss, "band": [float(f.band.low[-1]), float(f.band.high[-1])],
             "relative_error": abs(f.final_loss - float(loss[-1])) / float(loss[-1]),
-            "fitted_points": f.fit.num_points}
+            "fitted_points": f.fit.num_points, "burn_in_spread": f.burn_in_spread,
+            "caveats": list(f.caveats_by_key())}
     return out, early
 
 

@@ -45,6 +45,14 @@ of a 64-step run. For a TinyLlama-sized run (2,000 warm-up steps) it is 10,000 s
 ANNEALING_SEEN_MIN = 0.5
 """Below this share of the final annealing area seen, a fit with C = 0 gets a caveat: most of the
 LR decay is still to come and the law has not measured what it does."""
+BURN_IN_SPREAD_MAX = 0.02
+"""When refitting with the burn-in halved or raised by half moves the forecast final loss by more
+than this share, the forecast gets a caveat: which early points are fitted decides the end, so
+the points do not pin it. On the CPU benchmark every fit on the first 30% of a run moved its end
+by 54% or more this way (one at seed 1234 landed 0.3% from the measured end, by luck: halving its
+burn-in forecast -0.81, raising it 0.99); fits on 75% moved it 0.8-4.5%."""
+BURN_IN_FACTORS = (0.5, 1.5)
+"""The burn-ins tried, as multiples of the one used (:data:`BURN_IN_SPREAD_MAX`)."""
 MAX_CURVE_POINTS = 400
 """Points of the forecast curve written to JSON and plotted (a 1M-step run is subsampled)."""
 
@@ -309,6 +317,8 @@ class Forecast:
     """S1, S2 after every step of ``schedule``."""
     also_fit: tuple[tuple[str, int], ...] = ()
     """(folder, points) of the other runs fitted with this one (``also_fit``)."""
+    burn_in_spread: Optional[float] = None
+    """:func:`burn_in_spread` of the forecast final loss (None: no burn-in to vary)."""
 
     def predict(self, tokens: Sequence[float]) -> np.ndarray:
         """The law's loss after the steps ending at ``tokens``."""
@@ -325,10 +335,14 @@ class Forecast:
         last = int(self.schedule.index_of([self.fitted_tokens.max()])[0])
         return annealing_share(self.areas, last)
 
-    def caveats(self) -> list[str]:
+    def caveats_by_key(self) -> dict[str, str]:
         """Why this forecast may miss, read off its own fit (:func:`fit_caveats`)."""
-        return list(fit_caveats(self.fit.law, self.annealing_seen, self.final_loss,
-                                float(self.band.low[-1])).values())
+        return fit_caveats(self.fit.law, self.annealing_seen, self.final_loss,
+                           float(self.band.low[-1]), self.burn_in_spread)
+
+    def caveats(self) -> list[str]:
+        """The explanations of :meth:`caveats_by_key`."""
+        return list(self.caveats_by_key().values())
 
     def to_json(self) -> dict:
         """``{"final_loss", "band", "curve", "params", ...}`` (the CLI's ``--out``)."""
@@ -349,6 +363,7 @@ class Forecast:
                     "rms_residual": self.fit.rms_residual,
                     "until_tokens": int(self.fitted_tokens.max()),
                     "annealing_area_seen": self.annealing_seen,
+                    "burn_in_spread": self.burn_in_spread,
                     "also_fit": [{"run": run, "points": n} for run, n in self.also_fit],
                     "bootstrap_replicates": self.band.replicates},
             "caveats": self.caveats(),
@@ -366,8 +381,8 @@ def annealing_share(areas: Areas, step_index: int) -> float:
     return float(areas.s2[step_index]) / total if total > 0 else 1.0
 
 
-def fit_caveats(law, annealing_seen: float, final_loss: float,
-                final_low: float) -> dict[str, str]:
+def fit_caveats(law, annealing_seen: float, final_loss: float, final_low: float,
+                burn_in_spread: Optional[float] = None) -> dict[str, str]:
     """Why a forecast may miss, read off its own fit: ``{key: explanation}``, empty when nothing
     stands out.
 
@@ -375,7 +390,7 @@ def fit_caveats(law, annealing_seen: float, final_loss: float,
     can act on (wait for more points, fit a second schedule with ``--also-fit``, or trust the band
     rather than its centre). ``annealing_seen`` is the share of the schedule's final S2 reached by
     the last fitted point; ``final_loss`` and ``final_low`` are the forecast end and its band's
-    lower end.
+    lower end; ``burn_in_spread`` is :func:`burn_in_spread` (None: not measured).
     """
     out = {}
     if law.L0 <= 0.0:
@@ -391,7 +406,31 @@ def fit_caveats(law, annealing_seen: float, final_loss: float,
     if min(final_loss, final_low) <= 0.0:
         out["band_below_zero"] = ("the forecast of the final loss or its band reaches below 0: "
                                   "the fitted points leave the law's extrapolation unpinned")
+    if burn_in_spread is not None and burn_in_spread > BURN_IN_SPREAD_MAX:
+        out["burn_in_sensitive"] = (
+            f"refitted with the burn-in halved or raised by half, the forecast final loss moves "
+            f"by {100 * burn_in_spread:.1f}%: which early points are fitted decides the end, so "
+            "the points do not pin it (wait for more of the run, or fit a second run with "
+            "--also-fit)")
     return out
+
+
+def burn_in_spread(final_loss: float, refit_final, burn_in_warmups: float) -> Optional[float]:
+    """How much the forecast final loss depends on the burn-in: the largest relative change of
+    ``final_loss`` among the refits at :data:`BURN_IN_FACTORS` x ``burn_in_warmups``.
+
+    ``refit_final(burn)`` returns the final loss forecast with that burn-in (in warm-ups), or None
+    when too few points remain. None when there is no burn-in to vary or no refit was possible.
+    A degenerate fit (the law's L0, A and alpha traded against each other along a short stretch
+    of curve) shows here first: its in-sample residuals barely change, its extrapolation does.
+    """
+    if burn_in_warmups <= 0:
+        return None
+    finals = [refit_final(f * burn_in_warmups) for f in BURN_IN_FACTORS]
+    finals = [f for f in finals if f is not None and math.isfinite(f)]
+    if not finals:
+        return None
+    return max(abs(f - final_loss) for f in finals) / max(abs(final_loss), 1e-12)
 
 
 def curve_indices(schedule: Schedule, measured_tokens: Sequence[float] = (),
@@ -484,19 +523,37 @@ def forecast_history(
         raise FitError(f"{history.run_dir}: {idx.size} {kind} record(s) past warm-up and its "
                        f"burn-in (from step {burn_in_steps(areas, burn_in_warmups)}){until}; the "
                        "curve law needs at least 5 (evaluate more often: logging.eval_interval_steps)")
-    s1, s2, loss, others = [areas.s1[idx]], [areas.s2[idx]], [y], []
-    for other in also_fit:
-        other_schedule = build_schedule(other.segments)
-        other_areas = lr_areas(other_schedule.lr, other_schedule.step_tokens,
-                               schedule.reference_tokens, decay, batch_exponent)
-        _, other_idx, other_y = fit_points(other_schedule, other.points()[0], decay,
-                                           areas=other_areas, burn_in_warmups=burn_in_warmups)
-        s1.append(other_areas.s1[other_idx])
-        s2.append(other_areas.s2[other_idx])
-        loss.append(other_y)
-        others.append((str(other.run_dir), int(other_idx.size)))
-    s1, s2, loss = (np.concatenate(v) for v in (s1, s2, loss))
+    other_schedules = [build_schedule(other.segments) for other in also_fit]
+    other_areas = [lr_areas(o.lr, o.step_tokens, schedule.reference_tokens, decay, batch_exponent)
+                   for o in other_schedules]
+
+    def gather(burn: float):
+        """This run's points from the burn-in ``burn`` on, then each ``also_fit`` run's."""
+        _, own, own_y = fit_points(schedule, fitted, decay, areas=areas, burn_in_warmups=burn)
+        s1, s2, loss, counts = [areas.s1[own]], [areas.s2[own]], [own_y], []
+        for other, o_schedule, o_areas in zip(also_fit, other_schedules, other_areas):
+            _, o_idx, o_y = fit_points(o_schedule, other.points()[0], decay, areas=o_areas,
+                                       burn_in_warmups=burn)
+            s1.append(o_areas.s1[o_idx])
+            s2.append(o_areas.s2[o_idx])
+            loss.append(o_y)
+            counts.append((str(other.run_dir), int(o_idx.size)))
+        return (*(np.concatenate(v) for v in (s1, s2, loss)), own.size, counts)
+
+    s1, s2, loss, _, others = gather(burn_in_warmups)
     fit = fit_curve(s1, s2, loss)
+
+    def refit_final(burn: float) -> Optional[float]:
+        b1, b2, b_loss, own, _ = gather(burn)
+        if own < 5:
+            return None
+        try:
+            return float(fit_curve(b1, b2, b_loss).law(areas.s1[-1], areas.s2[-1]))
+        except FitError:
+            return None
+
+    spread = burn_in_spread(float(fit.law(areas.s1[-1], areas.s2[-1])), refit_final,
+                            burn_in_warmups)
     cidx = curve_indices(schedule, points.tokens)
     band = bootstrap_band(s1, s2, loss, areas.s1[cidx], areas.s2[cidx],
                           fit=fit, replicates=replicates, confidence=confidence, seed=seed)
@@ -504,7 +561,8 @@ def forecast_history(
                     fitted_tokens=schedule.tokens[idx], fitted_loss=y,
                     measured_tokens=np.asarray(points.tokens, dtype=float),
                     measured_steps=np.asarray(points.steps), measured_loss=np.asarray(points.loss),
-                    curve_index=cidx, band=band, areas=areas, also_fit=tuple(others))
+                    curve_index=cidx, band=band, areas=areas, also_fit=tuple(others),
+                    burn_in_spread=spread)
 
 
 def load_recipes(recipes: Sequence[Union[str, Path]]) -> list:

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, bootstrap_band, fit_curve, lr_areas
-from megatron_tinyllama.scaling.fit import ScalingError
+from megatron_tinyllama.scaling.fit import FitError, ScalingError
 from megatron_tinyllama.scaling.forecast import (
     BURN_IN_WARMUPS,
     Points,
     Schedule,
     annealing_share,
     build_schedule,
+    burn_in_spread,
     fit_caveats,
     fit_points,
     load_history,
@@ -168,9 +169,23 @@ class LiveForecast:
                 "%.4f from the %d evaluations before it): a loss spike, a data problem or a bad "
                 "restart? Forecast final loss was %.4f [%.4f, %.4f]", step, loss, low, high,
                 expected, idx.size, band.estimate[1], band.low[1], band.high[1])
+        spread = burn_in_spread(float(band.estimate[1]), self._refit_final, self.burn_in_warmups)
         caveats = tuple(fit_caveats(fit.law, annealing_share(areas, int(idx[-1])),
-                                    float(band.estimate[1]), float(band.low[1])))
+                                    float(band.estimate[1]), float(band.low[1]), spread))
         return LiveCheck(step=step, loss=loss, expected=expected, low=low, high=high,
                          final_loss=float(band.estimate[1]), final_low=float(band.low[1]),
                          final_high=float(band.high[1]), distance=float(distance), warned=warned,
                          caveats=caveats)
+
+    def _refit_final(self, burn_in_warmups: float) -> Optional[float]:
+        """The final loss forecast from the same points with another burn-in (None: < 5 left)."""
+        areas, idx, y = fit_points(self.schedule, self.points, self.decay,
+                                   max_points=MAX_FIT_POINTS, areas=self.areas,
+                                   burn_in_warmups=burn_in_warmups)
+        if idx.size < 5:
+            return None
+        try:
+            return float(fit_curve(areas.s1[idx], areas.s2[idx], y).law(areas.s1[-1],
+                                                                        areas.s2[-1]))
+        except FitError:
+            return None
