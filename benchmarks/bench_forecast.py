@@ -246,6 +246,36 @@ def identifiability(cos_hist, cc_hist, v11_hist) -> dict:
     return {"cosine_only": grid, "fit_on_cosine_and_const_cooldown": joint}
 
 
+def live_caveat_counts(run: Path, off: float = 0.02) -> dict:
+    """A run's validation losses replayed through the live check (the forecasts this code would
+    have logged at each evaluation): how many forecast the final loss off by more than ``off`` of
+    the measured end and how many of those carried no caveat; how many within ``off`` carried
+    one. ``*_without_burn_in`` leaves out ``burn_in_sensitive``."""
+    from megatron_tinyllama.config import load_config
+    from megatron_tinyllama.scaling.forecast import build_schedule, segment_of
+    from megatron_tinyllama.train.forecast_live import LiveForecast
+
+    tok, loss, steps = valid_points(run)
+    live = LiveForecast(build_schedule([segment_of(load_config(run / "config.yaml"))]))
+    out = dict.fromkeys(("checks", "off", "off_no_caveat", "off_no_caveat_without_burn_in",
+                         "within", "within_caveat", "within_caveat_without_burn_in"), 0)
+    for s, t, v in zip(steps, tok, loss):
+        check = live.observe(int(s), int(t), float(v))
+        if check is None:
+            continue
+        others = [k for k in check.caveats if k != "burn_in_sensitive"]
+        bad = abs(check.final_loss - loss[-1]) > off * loss[-1]
+        out["checks"] += 1
+        out["off" if bad else "within"] += 1
+        if bad:
+            out["off_no_caveat"] += not check.caveats
+            out["off_no_caveat_without_burn_in"] += not others
+        else:
+            out["within_caveat"] += bool(check.caveats)
+            out["within_caveat_without_burn_in"] += bool(others)
+    return out
+
+
 def corpus_tokens(corpus: Path, prefix: str) -> int:
     """Tokens in an indexed dataset (its .bin size over the token width its .idx names)."""
     widths = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 8: 2}
@@ -342,6 +372,8 @@ def schedule_checks(runs: dict, replicates: int) -> tuple[dict, object]:
         # How much of the run's annealing area the fitted points saw: C is extrapolated by 1/this.
         "s2_share_seen": early.annealing_seen, "burn_in_spread": early.burn_in_spread,
         "caveats": early.caveats()}
+    # The live check's forecasts of the end, replayed: which were off, which said not to trust them.
+    out["live_caveats"] = live_caveat_counts(runs["cosine"])
     # How the end forecast improves with the share of the run fitted.
     out["final_forecast_by_fraction_fitted"] = {}
     for frac in (0.3, 0.4, 0.5, 0.6, 0.75, 0.9):
@@ -382,7 +414,11 @@ def over_seeds(per_seed: dict) -> dict:
                                                          "mean")),
             "cooldown_from_stable_phase_with_cosine": collect(("cooldown_from_stable_phase",
                                                                "with_cosine_run", "mean")),
-            "cosine_fit_rms": collect(("fit_cosine", "rms_residual"))}
+            "cosine_fit_rms": collect(("fit_cosine", "rms_residual")),
+            "live_forecasts_off_by_2pct_count": collect(("live_caveats", "off")),
+            "live_off_without_caveat_count": collect(("live_caveats", "off_no_caveat")),
+            "live_off_without_caveat_before_burn_in_check_count": collect((
+                "live_caveats", "off_no_caveat_without_burn_in"))}
 
 
 def main(argv=None) -> int:
@@ -501,7 +537,8 @@ def main(argv=None) -> int:
     print(json.dumps({k: v for k, v in results.items() if k != "per_seed"}, indent=1,
                      default=str)[:6000])
     for name, r in results["over_seeds"].items():
-        scale, unit = (1, "") if name.endswith("_rms") else (100, "%")  # rms: in loss units
+        # rms: in loss units; counts: as they are
+        scale, unit = (1, "") if name.endswith(("_rms", "_count")) else (100, "%")
         print(f"{name}: " + ", ".join(f"{scale * v:.4g}{unit}" for v in r["per_seed"])
               + f" (mean {scale * r['mean']:.4g}{unit}, worst {scale * r['worst']:.4g}{unit})")
     plot(per_seed[str(args.seeds[0])], early, cos, work, args.png)

@@ -14,7 +14,9 @@ Seeds 11 and 12, none of ``bench_forecast.py``'s, so nothing here was chosen on 
 the law fitted on the cosine run (burn-in 5 warm-ups, lambda 0.999) against the constant +
 cooldown run (mean error, and the signed error at its end), the law fitted on both runs at once
 (can it describe them?), and the first 30% of the cosine run forecasting its end, with the
-forecast's burn-in spread (how far the end moves with the burn-in halved or raised by half).
+forecast's burn-in spread (how far the end moves with the burn-in halved or raised by half); and
+the cosine run's evaluations replayed through the live check (forecasts of the end off by more
+than 2%, and which carried a caveat).
 
     python benchmarks/bench_forecast_regimes.py --work-dir /tmp/bench_forecast_regimes
 
@@ -110,6 +112,7 @@ def checks(runs: dict, steps: int) -> dict:
         "first30_end_error": abs(early.final_loss - end) / end,
         "first30_burn_in_spread": early.burn_in_spread,
         "first30_caveats": list(early.caveats_by_key()),
+        "live_caveats": bench.live_caveat_counts(runs["cosine"]),
         "final_loss": end,
     }
 
@@ -162,6 +165,16 @@ def main(argv=None) -> int:
                   f"{100 * j['const_cooldown_mean_error']:.2f}%/"
                   f"{100 * j['cosine_mean_error']:.2f}%, {j['L0']:.2f} | {f['L0']:.2f}, {f['alpha']:.2f}, {f['rms_residual']:.4f} | "
                   f"{pct['first30_end_error']:.1f}% ({pct.get('first30_burn_in_spread', 0):.0f}%)")
+    live = [r["live_caveats"] for per_seed in results["per_setup"].values()
+            for r in per_seed.values()]
+    total = {k: sum(r[k] for r in live) for k in live[0]}
+    results["live_caveats_total"] = total
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"live check replayed on the cosine runs: {total['off']} of {total['checks']} forecasts "
+          f"of the end off by > 2%, {total['off_no_caveat']} of them without a caveat "
+          f"({total['off_no_caveat_without_burn_in']} without burn_in_sensitive); "
+          f"{total['within_caveat']} of the {total['within']} within 2% with one "
+          f"({total['within_caveat_without_burn_in']})")
     print(f"wrote {args.out}")
     return 0
 
