@@ -48,9 +48,9 @@ LR decay is still to come and the law has not measured what it does."""
 BURN_IN_SPREAD_MAX = 0.02
 """When refitting with the burn-in halved or raised by half moves the forecast final loss by more
 than this share, the forecast gets a caveat: which early points are fitted decides the end, so
-the points do not pin it. On the CPU benchmark every fit on the first 30% of a run moved its end
-by 54% or more this way (one at seed 1234 landed 0.3% from the measured end, by luck: halving its
-burn-in forecast -0.81, raising it 0.99); fits on 75% moved it 0.8-4.5%."""
+the points do not pin it. On the CPU benchmarks' cosine runs (docs/forecast.md) every fit on the
+first 30% of a run moved its end by 54% or more this way (one landed 0.3% from the measured end,
+by luck: halving its burn-in forecast -0.81, raising it 0.99); fits on 75% moved it 0.8-4.5%."""
 BURN_IN_FACTORS = (0.5, 1.5)
 """The burn-ins tried, as multiples of the one used (:data:`BURN_IN_SPREAD_MAX`)."""
 MAX_CURVE_POINTS = 400
