@@ -46,8 +46,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_tinyllama", "megatron_tinyllama.*"]),
-    # The released over-training testbed results (MIT; see its PROVENANCE.md) ship with the
-    # package, so `tinyllama-scaling reproduce` needs no path after `pip install`.
+    # The released over-training testbed results and the multi-power law paper's loss curves (both
+    # MIT; see their PROVENANCE.md) ship with the package, so `tinyllama-scaling reproduce` and
+    # `forecast-published` need no path after `pip install`.
     package_data={
         "megatron_tinyllama.scaling": [
             "testbed_data/LICENSE.txt",
@@ -57,6 +58,9 @@ setup(
             "testbed_data/exp_data/*.yaml",
             "testbed_data/exp_data/models/*.json",
             "testbed_data/exp_data/evals/*.json",
+            "curves_data/LICENSE.txt",
+            "curves_data/PROVENANCE.md",
+            "curves_data/csv_*/*.csv",
         ]
     },
     install_requires=[

@@ -13,6 +13,9 @@ Subcommands:
 * ``forecast``: the whole loss curve of a run (and of the stages after it) from its metrics so far,
   by the curve law of Tissue et al. (2024), with a bootstrap band; ``--plan`` forecasts a bigger
   run's curve from small runs with L(C, M).
+* ``forecast-published``: the forecast's checks on the loss curves released with the multi-power
+  law paper (25M-400M models, nine schedules; shipped with the package): one cosine run fitted,
+  the other schedules and the last 70% of each cosine run predicted.
 
 Errors in the input print one line and exit with status 2, without a traceback.
 """
@@ -173,6 +176,39 @@ def cmd_reproduce(args) -> int:
                 )
             )
             print(f"  {'':28s} beyond the fit: {'; '.join(c.notes) or 'no'}")
+    return 0
+
+
+def cmd_forecast_published(args) -> int:
+    import json
+
+    from megatron_tinyllama.scaling.forecast import BURN_IN_WARMUPS
+    from megatron_tinyllama.scaling.published_curves import CURVES_DIR, FIT_ON, check_size
+
+    burn = BURN_IN_WARMUPS if args.burn_in_warmups is None else args.burn_in_warmups
+    results = [check_size(size, burn_in_warmups=burn, decay=args.decay,
+                          curves_dir=args.curves_dir or CURVES_DIR) for size in args.sizes]
+    print(f"curve law fitted on {FIT_ON} (points from {burn:g} warm-ups of 2160 steps, "
+          f"lambda {args.decay}); relative error of the prediction, mean / at the last point:")
+    names = list(results[0]["predict"])
+    print(f"  {'schedule':20s}" + "".join(f"{r['size']:>18s}" for r in results))
+    for name in names:
+        print(f"  {name:20s}" + "".join(
+            f"{100 * r['predict'][name]['mean']:>9.2f}% /{100 * r['predict'][name]['last']:>5.2f}%"
+            for r in results))
+    print("first 30% of a cosine run -> its last point (error; burn-in spread; caveats):")
+    for name in results[0]["first30"]:
+        cells = []
+        for r in results:
+            c = r["first30"][name]
+            cells.append(f"{r['size']} {c['error']}" if "error" in c else
+                         f"{r['size']} {100 * c['end_error']:.2f}%; "
+                         f"{100 * (c['burn_in_spread'] or 0):.1f}%; {','.join(c['caveats']) or '-'}")
+        print(f"  {name:20s} " + " | ".join(cells))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -575,6 +611,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--confidence", type=float, default=0.95)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_forecast)
+
+    sp = sub.add_parser("forecast-published",
+                        help="the curve forecast checked on published 25M-400M runs")
+    sp.add_argument("--sizes", nargs="+", default=["25", "100", "400"],
+                    choices=["25", "100", "400"], help="model sizes, millions of parameters")
+    sp.add_argument("--burn-in-warmups", type=float, default=None,
+                    help="points before this many warm-ups are not fitted (default: the "
+                    "forecast's, 5)")
+    sp.add_argument("--decay", type=float, default=0.999, help="lambda of the annealing area")
+    sp.add_argument("--curves-dir", type=Path,
+                    help="the release's loss_curve_repo folder (default: the packaged copy)")
+    sp.add_argument("--out", type=Path, help="write the checks as JSON")
+    sp.set_defaults(func=cmd_forecast_published)
     return p
 
 

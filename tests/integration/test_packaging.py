@@ -1,5 +1,6 @@
-"""What ``pip install`` gives a user: the wheel carries the released testbed and its licence, and
-``tinyllama-scaling reproduce`` runs from it with no path, far from any checkout."""
+"""What ``pip install`` gives a user: the wheel carries the released testbed and the published loss
+curves with their licences, and ``tinyllama-scaling reproduce`` and ``forecast-published`` run
+from it with no path, far from any checkout."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TESTBED_DATA = REPO_ROOT / "megatron_tinyllama" / "scaling" / "testbed_data"
+CURVES_DATA = REPO_ROOT / "megatron_tinyllama" / "scaling" / "curves_data"
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +36,9 @@ def test_wheel_ships_the_testbed_and_reproduce_runs_from_it(tmp_path):
     shipped = {p.relative_to(REPO_ROOT).as_posix() for p in TESTBED_DATA.rglob("*") if p.is_file()}
     assert len(shipped) == 213  # 104 models, 104 evals, 3 tables, LICENSE.txt, PROVENANCE.md
     assert not shipped - names, sorted(shipped - names)[:5]
+    curves = {p.relative_to(REPO_ROOT).as_posix() for p in CURVES_DATA.rglob("*") if p.is_file()}
+    assert len(curves) == 29  # 3 sizes x 9 schedules, LICENSE.txt, PROVENANCE.md
+    assert not curves - names, sorted(curves - names)[:5]
     resources = {f"megatron_tinyllama/resources/{p.relative_to(REPO_ROOT).as_posix()}"
                  for folder in ("ds_configs", "examples") for p in (REPO_ROOT / folder).rglob("*")
                  if p.is_file() and "__pycache__" not in p.parts}
@@ -53,6 +58,13 @@ def test_wheel_ships_the_testbed_and_reproduce_runs_from_it(tmp_path):
     assert proc.stderr.splitlines()[0].startswith(str(site))  # the wheel's code, not the checkout
     assert "rpj-open_lm_1b-32.0" in proc.stdout and "rpj-open_lm_7b-1.0" in proc.stdout
     assert list(empty.iterdir()) == []
+    # The published loss curves, read from the wheel: the forecast's check needs no path either.
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, megatron_tinyllama.scaling.cli as c; "
+         "sys.exit(c.main(['forecast-published', '--sizes', '25']))"],
+        cwd=empty, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wsdld_20000_24000" in proc.stdout and list(empty.iterdir()) == []
 
     # The trainer's DeepSpeed configs and the recipes are found in the installed package too.
     proc = subprocess.run(

@@ -1,0 +1,180 @@
+"""This module owns checking the loss-curve forecast on published runs: the loss curves released
+with Luo et al. (2025), "A Multi-Power Law for Loss Curve Prediction Across Learning Rate
+Schedules" (arXiv 2503.12811; MIT, shipped in ``scaling/curves_data/``, see its PROVENANCE.md):
+models of 25M, 100M and 400M parameters trained for 16k-72k steps under nine LR schedules.
+
+These are runs in the regime the curve law of Tissue et al. was written for (thousands of steps
+of models far bigger than a CPU trains), so they measure the forecast where the CPU benchmark's
+tiny models cannot. The LR of every step is rebuilt from the release's description (the table in
+PROVENANCE.md) and checked against each file's ``lr`` column; the law, its areas, its fit and its
+caveats are this stack's own (:mod:`.curve`, :mod:`.forecast`), exactly as a run's forecast uses
+them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, fit_curve, lr_areas
+from megatron_tinyllama.scaling.fit import FitError
+from megatron_tinyllama.scaling.forecast import BURN_IN_WARMUPS, burn_in_spread, fit_caveats
+from megatron_tinyllama.scaling.runs import RunFileError
+
+CURVES_DIR = Path(__file__).resolve().parent / "curves_data"
+SIZES = ("25", "100", "400")
+"""Model sizes of the release, in millions of parameters (folders ``csv_<size>``)."""
+SCHEDULES = ("cosine_24000", "cosine_72000", "constant_24000", "constant_72000",
+             "wsd_20000_24000", "wsdld_20000_24000", "wsdcon_3", "wsdcon_9", "wsdcon_18")
+WARMUP_STEPS, PEAK_LR, END_LR = 2160, 3e-4, 3e-5
+FIT_ON = "cosine_24000"
+"""The one run the law is fitted on (the issue's protocol: one cosine run)."""
+
+
+def schedule_lr(name: str) -> np.ndarray:
+    """The LR of every step (0-based) of a published schedule (PROVENANCE.md's table)."""
+    kind, _, arg = name.partition("_")
+    if name not in SCHEDULES:
+        raise RunFileError(f"published curves: no schedule {name!r} (known: {', '.join(SCHEDULES)})")
+    total = {"wsd": 24000, "wsdld": 24000, "wsdcon": 16000}.get(kind) or int(arg)
+    i = np.arange(total, dtype=float)
+    if kind == "cosine":
+        lr = END_LR + 0.5 * (PEAK_LR - END_LR) * (1 + np.cos(math.pi * (i - WARMUP_STEPS)
+                                                             / (total - WARMUP_STEPS)))
+    elif kind in ("wsd", "wsdld"):
+        decay_from = int(arg.split("_")[0])
+        f = np.clip((i - decay_from) / (total - decay_from), 0.0, 1.0)
+        # wsd: geometric interpolation between the peak and the end LR; wsdld: linear.
+        lr = PEAK_LR ** (1 - f) * END_LR ** f if kind == "wsd" else PEAK_LR + (END_LR - PEAK_LR) * f
+    elif kind == "wsdcon":
+        lr = np.where(i < 8000, PEAK_LR, int(arg) * 1e-5)
+    else:
+        lr = np.full(total, PEAK_LR)
+    lr[:WARMUP_STEPS] = np.linspace(0.0, PEAK_LR, WARMUP_STEPS)
+    return lr
+
+
+@dataclass(frozen=True)
+class PublishedCurve:
+    """One released run: its measured points and the LR of every step of its schedule."""
+
+    size: str
+    name: str
+    steps: np.ndarray
+    """Steps of the measured points (the loss after step ``s`` was taken at LR ``lr[s]``)."""
+    loss: np.ndarray
+    lr: np.ndarray
+    """LR of every step of the schedule, 0-based."""
+
+
+def load_curve(size: str, name: str, curves_dir: Union[str, Path] = CURVES_DIR) -> PublishedCurve:
+    """One released run, its ``lr`` column checked against :func:`schedule_lr`.
+
+    Raises:
+        RunFileError: a missing or malformed file, named with its line, or an ``lr`` column that
+            is not the schedule's.
+    """
+    path = Path(curves_dir) / f"csv_{size}" / f"{name}.csv"
+    lr = schedule_lr(name)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise RunFileError(f"{path}: cannot read ({err.strerror})") from None
+    if not lines or lines[0].strip() != "step,lr,loss":
+        raise RunFileError(f"{path}:1: expected the header 'step,lr,loss'")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            step, rate, loss = (float(v) for v in line.split(","))
+        except ValueError:
+            raise RunFileError(f"{path}:{number}: expected three numbers, got {line.strip()!r}") from None
+        if not step.is_integer() or not math.isfinite(loss):
+            raise RunFileError(f"{path}:{number}: step must be an integer and loss finite")
+        if step < lr.size:  # the release's loader also drops a point at the last step
+            if abs(rate - lr[int(step)]) > 1e-9 * max(rate, lr[int(step)]):
+                raise RunFileError(f"{path}:{number}: lr {rate!r} at step {int(step)} is not the "
+                                   f"{name} schedule's {lr[int(step)]!r}")
+            rows.append((int(step), loss))
+    if len(rows) < 5:
+        raise RunFileError(f"{path}: {len(rows)} points within the schedule; need at least 5")
+    steps, loss = (np.array(v) for v in zip(*rows))
+    return PublishedCurve(size=str(size), name=name, steps=steps, loss=loss, lr=lr)
+
+
+def _points(curve: PublishedCurve, decay: float, burn_in_warmups: float,
+            until_step: Optional[int] = None):
+    areas = lr_areas(curve.lr, 1.0, 1.0, decay)
+    keep = curve.steps >= max(WARMUP_STEPS, burn_in_warmups * WARMUP_STEPS)
+    if until_step is not None:
+        keep &= curve.steps <= until_step
+    idx = curve.steps[keep]
+    return areas, idx, curve.loss[keep]
+
+
+def _errors(pred: np.ndarray, measured: np.ndarray) -> dict:
+    rel = np.abs(pred - measured) / measured
+    return {"points": int(rel.size), "mean": float(rel.mean()), "max": float(rel.max()),
+            "last": float(rel[-1])}
+
+
+def check_size(size: str, *, burn_in_warmups: float = BURN_IN_WARMUPS,
+               decay: float = DEFAULT_DECAY, curves_dir: Union[str, Path] = CURVES_DIR) -> dict:
+    """The forecast's checks on one model size of the release.
+
+    * The law fitted on :data:`FIT_ON` (its points from the burn-in on) predicts every other
+      schedule over its points from the burn-in on: mean, max and last relative error.
+    * Fitted on the first 30% of each cosine run, it forecasts that run's last point: the error,
+      the forecast's burn-in spread and its caveats (:func:`~.forecast.fit_caveats`).
+
+    Raises:
+        RunFileError: a bad file; FitError: too few points past the burn-in to fit.
+    """
+    curves = {name: load_curve(size, name, curves_dir) for name in SCHEDULES}
+    areas, idx, y = _points(curves[FIT_ON], decay, burn_in_warmups)
+    fit = fit_curve(areas.s1[idx], areas.s2[idx], y)
+    law = fit.law
+    out: dict = {"size": f"{size}M", "fit_on": FIT_ON, "burn_in_warmups": burn_in_warmups,
+                 "decay": decay,
+                 "law": {"L0": law.L0, "A": law.A, "alpha": law.alpha, "C": law.C,
+                         "points": fit.num_points, "rms_residual": fit.rms_residual},
+                 "predict": {}, "first30": {}}
+    for name, curve in curves.items():
+        if name == FIT_ON:
+            continue
+        t_areas, t_idx, t_y = _points(curve, decay, burn_in_warmups)
+        out["predict"][name] = _errors(law(t_areas.s1[t_idx], t_areas.s2[t_idx]), t_y)
+    for name in ("cosine_24000", "cosine_72000"):
+        curve = curves[name]
+        until = int(0.3 * curve.lr.size)
+        c_areas, c_idx, c_y = _points(curve, decay, burn_in_warmups, until)
+        end_s1, end_s2 = c_areas.s1[curve.steps[-1]], c_areas.s2[curve.steps[-1]]
+        if c_idx.size < 5:
+            out["first30"][name] = {"fitted_points": int(c_idx.size),
+                                    "error": "fewer than 5 points past the burn-in"}
+            continue
+        early = fit_curve(c_areas.s1[c_idx], c_areas.s2[c_idx], c_y)
+        final = float(early.law(end_s1, end_s2))
+
+        def refit_final(burn: float, curve=curve, until=until) -> Optional[float]:
+            b_areas, b_idx, b_y = _points(curve, decay, burn, until)
+            if b_idx.size < 5:
+                return None
+            try:
+                return float(fit_curve(b_areas.s1[b_idx], b_areas.s2[b_idx], b_y).law(end_s1,
+                                                                                      end_s2))
+            except FitError:
+                return None
+
+        spread = burn_in_spread(final, refit_final, burn_in_warmups)
+        seen = float(c_areas.s2[c_idx[-1]] / c_areas.s2[-1])
+        measured = float(curve.loss[-1])
+        out["first30"][name] = {
+            "fitted_points": int(c_idx.size), "forecast_end": final, "measured_end": measured,
+            "end_error": abs(final - measured) / measured, "burn_in_spread": spread,
+            # No band here: the band-below-zero caveat reads the forecast end alone.
+            "caveats": list(fit_caveats(early.law, seen, final, final, spread))}
+    return out
