@@ -201,9 +201,12 @@ def cmd_forecast_published(args) -> int:
         cells = []
         for r in results:
             c = r["first30"][name]
-            cells.append(f"{r['size']} {c['error']}" if "error" in c else
-                         f"{r['size']} {100 * c['end_error']:.2f}%; "
-                         f"{100 * (c['burn_in_spread'] or 0):.1f}%; {','.join(c['caveats']) or '-'}")
+            if "error" in c:
+                cells.append(f"{r['size']} {c['error']}")
+                continue
+            caveats = ",".join(c["caveats"]) or "-"
+            cells.append(f"{r['size']} {100 * c['end_error']:.2f}%; "
+                         f"{100 * (c['burn_in_spread'] or 0):.1f}%; {caveats}")
         print(f"  {name:20s} " + " | ".join(cells))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,8 @@ def schedule_lr(name: str) -> np.ndarray:
     """The LR of every step (0-based) of a published schedule (PROVENANCE.md's table)."""
     kind, _, arg = name.partition("_")
     if name not in SCHEDULES:
-        raise RunFileError(f"published curves: no schedule {name!r} (known: {', '.join(SCHEDULES)})")
+        raise RunFileError(f"published curves: no schedule {name!r} "
+                           f"(known: {', '.join(SCHEDULES)})")
     total = {"wsd": 24000, "wsdld": 24000, "wsdcon": 16000}.get(kind) or int(arg)
     i = np.arange(total, dtype=float)
     if kind == "cosine":
@@ -91,7 +92,8 @@ def load_curve(size: str, name: str, curves_dir: Union[str, Path] = CURVES_DIR) 
         try:
             step, rate, loss = (float(v) for v in line.split(","))
         except ValueError:
-            raise RunFileError(f"{path}:{number}: expected three numbers, got {line.strip()!r}") from None
+            raise RunFileError(f"{path}:{number}: expected three numbers, "
+                               f"got {line.strip()!r}") from None
         if not step.is_integer() or not math.isfinite(loss):
             raise RunFileError(f"{path}:{number}: step must be an integer and loss finite")
         if step < lr.size:  # the release's loader also drops a point at the last step
