@@ -404,8 +404,16 @@ def cmd_forecast(args) -> int:
                 seed=args.seed)
     if args.plan and args.batch_exponent != 1.0:
         raise RunFileError("forecast --plan: --batch-exponent applies to a run's own forecast only")
+    if args.plan and args.burn_in_warmups is not None:
+        raise RunFileError("forecast --plan: --burn-in-warmups applies to a run's own forecast "
+                           "only")
     if not args.plan:
         opts["batch_exponent"] = args.batch_exponent
+        if args.burn_in_warmups is not None:
+            if not args.burn_in_warmups >= 0:
+                raise RunFileError(f"forecast: --burn-in-warmups must be >= 0, got "
+                                   f"{args.burn_in_warmups}")
+            opts["burn_in_warmups"] = args.burn_in_warmups
     measured, fitted_until = None, None
     if args.plan:
         if not args.runs:
@@ -610,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-exponent", type=float, default=1.0,
                     help="a step of k times the first stage's batch counts as k^this steps: 1 per "
                     "token (default), 0.5 Adam's square-root rule (docs/forecast.md)")
+    sp.add_argument("--burn-in-warmups", type=float, default=None,
+                    help="points before this many warm-ups (in steps) are not fitted (default 5, "
+                    "set for tiny runs with a few warm-up steps; 1-2 for a run whose warm-up is "
+                    "a large share of it, docs/forecast.md)")
     sp.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the band")
     sp.add_argument("--confidence", type=float, default=0.95)
     sp.add_argument("--seed", type=int, default=0)

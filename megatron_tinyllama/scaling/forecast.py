@@ -522,7 +522,8 @@ def forecast_history(
         until = f" up to step {fit_until_step}" if fit_until_step is not None else ""
         raise FitError(f"{history.run_dir}: {idx.size} {kind} record(s) past warm-up and its "
                        f"burn-in (from step {burn_in_steps(areas, burn_in_warmups)}){until}; the "
-                       "curve law needs at least 5 (evaluate more often: logging.eval_interval_steps)")
+                       "curve law needs at least 5 (evaluate more often: "
+                       "logging.eval_interval_steps, or fit from earlier: --burn-in-warmups)")
     other_schedules = [build_schedule(other.segments) for other in also_fit]
     other_areas = [lr_areas(o.lr, o.step_tokens, schedule.reference_tokens, decay, batch_exponent)
                    for o in other_schedules]

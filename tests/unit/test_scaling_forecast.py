@@ -488,6 +488,14 @@ def test_burn_in_sensitivity_flags_a_forecast_right_by_luck(tmp_path, capsys):
     assert "caveat: refitted with the burn-in halved or raised by half" in text
     data = json.loads((tmp_path / "fc.json").read_text())
     assert data["fit"]["burn_in_spread"] == pytest.approx(early.burn_in_spread)
+    # The burn-in can be chosen on the command line (the halved one here).
+    assert main(["forecast", str(tmp_path / "run"), "--fit-until-step", "38", "--bootstrap", "20",
+                 "--burn-in-warmups", "2.5", "--out", str(tmp_path / "fc2.json")]) == 0
+    halved_cli = json.loads((tmp_path / "fc2.json").read_text())
+    assert halved_cli["final_loss"] == pytest.approx(halved.final_loss)
+    assert halved_cli["fit"]["points"] == halved.fit.num_points > early.fit.num_points
+    assert main(["forecast", str(tmp_path / "run"), "--burn-in-warmups", "-1"]) == 2
+    assert "--burn-in-warmups must be >= 0" in capsys.readouterr().err
 
     # The live check, replayed: the early forecasts carry the caveat, the last ten do not.
     live = LiveForecast(build_schedule([segment_of(config_from_dict(cfg))]))
