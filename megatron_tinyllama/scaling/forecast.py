@@ -415,6 +415,17 @@ def fit_caveats(law, annealing_seen: float, final_loss: float, final_low: float,
     return out
 
 
+def refit_final_loss(s1, s2, loss, end_s1: float, end_s2: float) -> Optional[float]:
+    """The law refitted on these points, at the schedule's end: one refit of
+    :func:`burn_in_spread` (None when fewer than 5 points remain or the fit fails)."""
+    if np.asarray(s1).size < 5:
+        return None
+    try:
+        return float(fit_curve(s1, s2, loss).law(end_s1, end_s2))
+    except FitError:
+        return None
+
+
 def burn_in_spread(final_loss: float, refit_final, burn_in_warmups: float) -> Optional[float]:
     """How much the forecast final loss depends on the burn-in: the largest relative change of
     ``final_loss`` among the refits at :data:`BURN_IN_FACTORS` x ``burn_in_warmups``.
@@ -546,18 +557,13 @@ def forecast_history(
 
     def refit_final(burn: float) -> Optional[float]:
         b1, b2, b_loss, own, _ = gather(burn)
-        if own < 5:
-            return None
-        try:
-            return float(fit_curve(b1, b2, b_loss).law(areas.s1[-1], areas.s2[-1]))
-        except FitError:
-            return None
+        # This run's own points must hold 5, as for the main fit (the others only add to them).
+        return refit_final_loss(b1, b2, b_loss, areas.s1[-1], areas.s2[-1]) if own >= 5 else None
 
-    spread = burn_in_spread(float(fit.law(areas.s1[-1], areas.s2[-1])), refit_final,
-                            burn_in_warmups)
     cidx = curve_indices(schedule, points.tokens)
     band = bootstrap_band(s1, s2, loss, areas.s1[cidx], areas.s2[cidx],
                           fit=fit, replicates=replicates, confidence=confidence, seed=seed)
+    spread = burn_in_spread(float(band.estimate[-1]), refit_final, burn_in_warmups)
     return Forecast(fit=fit, schedule=schedule, decay=decay, loss_kind=kind,
                     fitted_tokens=schedule.tokens[idx], fitted_loss=y,
                     measured_tokens=np.asarray(points.tokens, dtype=float),

@@ -21,8 +21,13 @@ from typing import Optional, Union
 import numpy as np
 
 from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, fit_curve, lr_areas
-from megatron_tinyllama.scaling.fit import FitError
-from megatron_tinyllama.scaling.forecast import BURN_IN_WARMUPS, burn_in_spread, fit_caveats
+from megatron_tinyllama.scaling.forecast import (
+    BURN_IN_WARMUPS,
+    annealing_share,
+    burn_in_spread,
+    fit_caveats,
+    refit_final_loss,
+)
 from megatron_tinyllama.scaling.runs import RunFileError
 
 CURVES_DIR = Path(__file__).resolve().parent / "curves_data"
@@ -107,14 +112,12 @@ def load_curve(size: str, name: str, curves_dir: Union[str, Path] = CURVES_DIR) 
     return PublishedCurve(size=str(size), name=name, steps=steps, loss=loss, lr=lr)
 
 
-def _points(curve: PublishedCurve, decay: float, burn_in_warmups: float,
-            until_step: Optional[int] = None):
-    areas = lr_areas(curve.lr, 1.0, 1.0, decay)
+def _points(curve: PublishedCurve, burn_in_warmups: float, until_step: Optional[int] = None):
+    """Step indices and losses of ``curve``'s points from the burn-in on (up to ``until_step``)."""
     keep = curve.steps >= max(WARMUP_STEPS, burn_in_warmups * WARMUP_STEPS)
     if until_step is not None:
         keep &= curve.steps <= until_step
-    idx = curve.steps[keep]
-    return areas, idx, curve.loss[keep]
+    return curve.steps[keep], curve.loss[keep]
 
 
 def _errors(pred: np.ndarray, measured: np.ndarray) -> dict:
@@ -136,8 +139,10 @@ def check_size(size: str, *, burn_in_warmups: float = BURN_IN_WARMUPS,
         RunFileError: a bad file; FitError: too few points past the burn-in to fit.
     """
     curves = {name: load_curve(size, name, curves_dir) for name in SCHEDULES}
-    areas, idx, y = _points(curves[FIT_ON], decay, burn_in_warmups)
-    fit = fit_curve(areas.s1[idx], areas.s2[idx], y)
+    # The areas of each schedule once (a loop over up to 72000 steps).
+    areas = {name: lr_areas(c.lr, 1.0, 1.0, decay) for name, c in curves.items()}
+    idx, y = _points(curves[FIT_ON], burn_in_warmups)
+    fit = fit_curve(areas[FIT_ON].s1[idx], areas[FIT_ON].s2[idx], y)
     law = fit.law
     out: dict = {"size": f"{size}M", "fit_on": FIT_ON, "burn_in_warmups": burn_in_warmups,
                  "decay": decay,
@@ -147,12 +152,12 @@ def check_size(size: str, *, burn_in_warmups: float = BURN_IN_WARMUPS,
     for name, curve in curves.items():
         if name == FIT_ON:
             continue
-        t_areas, t_idx, t_y = _points(curve, decay, burn_in_warmups)
-        out["predict"][name] = _errors(law(t_areas.s1[t_idx], t_areas.s2[t_idx]), t_y)
+        t_idx, t_y = _points(curve, burn_in_warmups)
+        out["predict"][name] = _errors(law(areas[name].s1[t_idx], areas[name].s2[t_idx]), t_y)
     for name in ("cosine_24000", "cosine_72000"):
-        curve = curves[name]
+        curve, c_areas = curves[name], areas[name]
         until = int(0.3 * curve.lr.size)
-        c_areas, c_idx, c_y = _points(curve, decay, burn_in_warmups, until)
+        c_idx, c_y = _points(curve, burn_in_warmups, until)
         end_s1, end_s2 = c_areas.s1[curve.steps[-1]], c_areas.s2[curve.steps[-1]]
         if c_idx.size < 5:
             out["first30"][name] = {"fitted_points": int(c_idx.size),
@@ -161,18 +166,12 @@ def check_size(size: str, *, burn_in_warmups: float = BURN_IN_WARMUPS,
         early = fit_curve(c_areas.s1[c_idx], c_areas.s2[c_idx], c_y)
         final = float(early.law(end_s1, end_s2))
 
-        def refit_final(burn: float, curve=curve, until=until) -> Optional[float]:
-            b_areas, b_idx, b_y = _points(curve, decay, burn, until)
-            if b_idx.size < 5:
-                return None
-            try:
-                return float(fit_curve(b_areas.s1[b_idx], b_areas.s2[b_idx], b_y).law(end_s1,
-                                                                                      end_s2))
-            except FitError:
-                return None
+        def refit_final(burn: float, curve=curve, c_areas=c_areas, until=until):
+            b_idx, b_y = _points(curve, burn, until)
+            return refit_final_loss(c_areas.s1[b_idx], c_areas.s2[b_idx], b_y, end_s1, end_s2)
 
         spread = burn_in_spread(final, refit_final, burn_in_warmups)
-        seen = float(c_areas.s2[c_idx[-1]] / c_areas.s2[-1])
+        seen = annealing_share(c_areas, int(c_idx[-1]))
         measured = float(curve.loss[-1])
         out["first30"][name] = {
             "fitted_points": int(c_idx.size), "forecast_end": final, "measured_end": measured,

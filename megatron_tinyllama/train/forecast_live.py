@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, bootstrap_band, fit_curve, lr_areas
-from megatron_tinyllama.scaling.fit import FitError, ScalingError
+from megatron_tinyllama.scaling.fit import ScalingError
 from megatron_tinyllama.scaling.forecast import (
     BURN_IN_WARMUPS,
     Points,
@@ -34,6 +34,7 @@ from megatron_tinyllama.scaling.forecast import (
     fit_caveats,
     fit_points,
     load_history,
+    refit_final_loss,
     segment_of,
 )
 
@@ -182,10 +183,4 @@ class LiveForecast:
         areas, idx, y = fit_points(self.schedule, self.points, self.decay,
                                    max_points=MAX_FIT_POINTS, areas=self.areas,
                                    burn_in_warmups=burn_in_warmups)
-        if idx.size < 5:
-            return None
-        try:
-            return float(fit_curve(areas.s1[idx], areas.s2[idx], y).law(areas.s1[-1],
-                                                                        areas.s2[-1]))
-        except FitError:
-            return None
+        return refit_final_loss(areas.s1[idx], areas.s2[idx], y, areas.s1[-1], areas.s2[-1])
