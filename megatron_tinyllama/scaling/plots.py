@@ -43,11 +43,13 @@ def plot_loss_vs_compute(law, targets: Sequence[Target], path: Union[str, Path])
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     pts = law.loss_points
-    C = np.array([6 * p.params * p.tokens for p in pts])
-    M = np.array([p.tokens / p.params for p in pts])
-    L = np.array([p.loss for p in pts])
-    tC = np.array([6 * t[0] * t[1] for t in targets])
-    tM = np.array([t[1] / t[0] for t in targets])
+    # dtype=float throughout: the testbed's held-out runs give params and tokens as Python ints,
+    # whose product 6ND passes 2^63 and would make an object array that np.geomspace rejects.
+    C = np.array([6 * float(p.params) * float(p.tokens) for p in pts], dtype=float)
+    M = np.array([p.tokens / p.params for p in pts], dtype=float)
+    L = np.array([p.loss for p in pts], dtype=float)
+    tC = np.array([6 * float(t[0]) * float(t[1]) for t in targets], dtype=float)
+    tM = np.array([t[1] / t[0] for t in targets], dtype=float)
     all_M = np.unique(np.round(np.concatenate([M, tM]), 3))
     norm = LogNorm(vmin=all_M.min(), vmax=max(all_M.max(), all_M.min() * 1.01))
     cmap = plt.get_cmap("viridis")
