@@ -7,6 +7,8 @@ written by megatron-core's builder (including several sequences per document) me
 Memory stays flat (``.bin`` files are copied in blocks, index arrays streamed), and the result
 appears only when complete (see :class:`.indexed.IndexedDatasetWriter`). Inputs recorded as made
 by different tokenizers are refused; the output records their tokenizer when all share one.
+One dataset named twice (``./x`` and ``x``, through a symlink or as a byte-identical copy) is
+refused naming both arguments: merging it would silently repeat every document.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron_tinyllama.data.indexed import (IndexedDatasetWriter, IndexFormatError, bin_path,
-                                             dataset_exists, idx_path, read_index)
+                                             dataset_exists, dataset_fingerprint, idx_path,
+                                             read_index)
 from megatron_tinyllama.data.outputs import OutputPathError
 from megatron_tinyllama.data.provenance import (TokenizerRecord, dataset_meta,
                                                 read_tokenizer_record)
@@ -52,9 +55,10 @@ def resolve_prefixes(inputs: Sequence[str]) -> list[str]:
     """Dataset prefixes named by directories, prefixes, or globs of prefixes / ``.idx`` files.
 
     Raises:
-        MergeError: Something names no dataset, or a dataset lacks its ``.bin`` or ``.idx``.
+        MergeError: Something names no dataset, a dataset lacks its ``.bin`` or ``.idx``, or
+            one dataset is named twice (see :func:`check_distinct`).
     """
-    prefixes: list[str] = []
+    named: list[tuple[str, str]] = []  # (prefix, the argument that named it)
     for item in inputs:
         if os.path.isdir(item):
             names = sorted(os.listdir(item))
@@ -71,8 +75,55 @@ def resolve_prefixes(inputs: Sequence[str]) -> list[str]:
             for path in (idx_path(prefix), bin_path(prefix)):
                 if not os.path.isfile(path):
                     raise MergeError(f"{path}: missing (each dataset needs .bin and .idx)")
-        prefixes.extend(found)
-    return list(dict.fromkeys(prefixes))
+        named.extend((prefix, item) for prefix in found)
+    check_distinct(named)
+    return [prefix for prefix, _ in named]
+
+
+def check_distinct(named: Sequence[tuple[str, str]]) -> None:
+    """Refuse a dataset that ``named`` (pairs of prefix and the ``--input`` naming it) lists twice.
+
+    Twice means the same files (``x``, ``./x`` and ``/abs/x``, a symlink: equal resolved paths)
+    or the same contents (a copy: equal :func:`.indexed.dataset_fingerprint`, the ``.idx`` digest
+    the sample-index cache keys on, confirmed byte for byte on the ``.bin`` so that two shards
+    whose documents merely have equal lengths still merge). Either way the merge would repeat
+    every document of it without a word. Empty datasets add nothing and are not compared.
+
+    Raises:
+        MergeError: Naming both arguments and both prefixes.
+    """
+    by_path: dict[str, tuple[str, str]] = {}
+    by_content: dict[str, list[tuple[str, str]]] = {}
+    for prefix, item in named:
+        where = (os.path.realpath(idx_path(prefix)), os.path.realpath(bin_path(prefix)))
+        first = by_path.get(where[0]) or by_path.get(where[1])
+        if first is not None:
+            raise MergeError(_twice(first, (prefix, item), f"the same files ({where[0]})"))
+        by_path[where[0]] = by_path[where[1]] = (prefix, item)
+        if os.path.getsize(bin_path(prefix)) == 0:
+            continue
+        same_index = by_content.setdefault(dataset_fingerprint(prefix), [])
+        for other in same_index:
+            if _same_bytes(bin_path(other[0]), bin_path(prefix)):
+                raise MergeError(_twice(other, (prefix, item), "byte-identical copies"))
+        same_index.append((prefix, item))
+
+
+def _twice(first: tuple[str, str], second: tuple[str, str], how: str) -> str:
+    def arg(pair: tuple[str, str]) -> str:
+        return pair[1] if pair[0] == pair[1] else f"{pair[1]} ({pair[0]})"
+    return (f"--input {arg(second)} and --input {arg(first)} are one dataset, {how}: merging "
+            f"would repeat each of its documents; name each dataset once")
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    with open(a, "rb") as left, open(b, "rb") as right:
+        while True:
+            block = left.read(_BLOCK)
+            if block != right.read(_BLOCK):
+                return False
+            if not block:
+                return True
 
 
 def merge_datasets(inputs: Sequence[str], output_prefix: str) -> MergeSummary:

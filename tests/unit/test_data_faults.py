@@ -321,6 +321,47 @@ def test_merge_refuses_datasets_from_different_tokenizers(tmp_path, llama_spm, b
     _assert_good_unchanged(good)
 
 
+def test_merge_refuses_one_dataset_named_twice_naming_both_arguments(tmp_path, good, capsys,
+                                                                    monkeypatch):
+    """``./x``, ``x``, ``/abs/x``, a symlink, a copy: before, each merged again (rc 0)."""
+    work = tmp_path / "work"
+    (work / "linked").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    _copy_dataset(good[0], work / "x")
+    _copy_dataset(good[0], work / "copy")
+    for suffix in (".bin", ".idx"):
+        os.symlink(work / f"x{suffix}", work / "linked" / f"x{suffix}")
+    (work / "folder").mkdir()
+    os.symlink(work / "x.idx", work / "folder" / "y.idx")
+    os.symlink(work / "x.bin", work / "folder" / "y.bin")
+    cases = [(["./x", "x", str(work / "x")], "--input x and --input ./x are one dataset, the same files"),
+             (["x", "x"], "--input x and --input x are one dataset, the same files"),
+             (["x", "linked/x"], f"--input linked/x and --input x are one dataset, the same files "
+                                 f"({work}/x.idx)"),
+             (["folder", "x*"], "--input x* (x) and --input folder (folder/y) are one dataset"),
+             (["x", "copy"], "--input copy and --input x are one dataset, byte-identical copies")]
+    for inputs, message in cases:
+        code = merge_main(["--input", *inputs, "--output-prefix", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 1 and f"error: {message}" in err, (inputs, err)
+        assert "repeat each of its documents" in err and "Traceback" not in err
+        assert "error: nothing was written" in err and _outputs(tmp_path) == []
+    with pytest.raises(MergeError, match="byte-identical copies"):
+        merge_datasets(["x", str(good[0])], str(tmp_path / "out"))
+    # Equal document lengths but other tokens (same .idx, other .bin): two datasets, merged.
+    other = Path(_copy_dataset(good[0], work / "other"))
+    tokens = np.fromfile(f"{other}.bin", dtype=np.uint16)
+    (tokens[::-1].copy()).tofile(f"{other}.bin")
+    summary = merge_datasets(["x", str(other)], str(tmp_path / "out"))
+    assert summary.documents == 2 * read_index(good[0]).num_documents
+    # Empty datasets add nothing: two of them are not a duplicate.
+    for name in ("e1", "e2"):
+        _megatron_builder_dataset(work / name, [])
+    assert merge_datasets(["x", "e1", "e2"], str(tmp_path / "out2")).documents == \
+        read_index(good[0]).num_documents
+    _assert_good_unchanged(good)
+
+
 def test_token_ids_past_the_vocabulary_are_named_per_sample(tmp_path, good):
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 512, size=40).tolist() for _ in range(30)]
