@@ -64,10 +64,11 @@ def resolve_model(path: Union[str, Path], tokenizer_model: Optional[Union[str, P
     model directory, else the run's ``data.tokenizer_model`` (its config.yaml).
 
     Raises:
-        EvalError: neither kind, or a checkpoint without a tokenizer.
+        EvalError: neither kind, or a model without a tokenizer (see :func:`check_hf_tokenizer`).
     """
     path = Path(path)
     if (path / "config.json").is_file():
+        check_hf_tokenizer(path)
         return ModelSource(path, "hf")
     from megatron_tinyllama.checkpoint.convert import resolve_model_dir
     from megatron_tinyllama.checkpoint.hf import ConversionError
@@ -95,6 +96,30 @@ def resolve_model(path: Union[str, Path], tokenizer_model: Optional[Union[str, P
         raise EvalError(f"--model {path}: no tokenizer for the checkpoint (tried: {tried}); pass "
                         "--tokenizer-model")
     return ModelSource(path, "checkpoint", tokenizer, tag, tokens, run_dir)
+
+
+# Files from which transformers' AutoTokenizer can build a tokenizer, one set per kind: the fast
+# tokenizer's serialization, sentencepiece (Llama's, T5's), byte-level BPE, WordPiece.
+_TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("spiece.model",),
+                    ("vocab.json", "merges.txt"), ("vocab.txt",))
+
+
+def check_hf_tokenizer(path: Path) -> None:
+    """Refuse an HF directory from which no tokenizer can be loaded, naming the files it lacks.
+
+    Without them transformers fails only after the model is loaded, and with a message that
+    points elsewhere ("You need to have sentencepiece or tiktoken installed", when both are).
+
+    Raises:
+        EvalError: none of the tokenizer file sets is complete in ``path``.
+    """
+    if any(all((path / name).is_file() for name in files) for files in _TOKENIZER_FILES):
+        return
+    present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+    raise EvalError(f"--model {path}: no tokenizer files: neither tokenizer.json nor "
+                    f"tokenizer.model (sentencepiece) is there (it holds: {present}); copy them "
+                    f"from the model it came from, or export it again with tinyllama-convert-to-hf "
+                    f"--tokenizer-model")
 
 
 @contextlib.contextmanager

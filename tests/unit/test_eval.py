@@ -152,6 +152,33 @@ def test_checkpoint_without_tokenizer_is_named(models, tmp_path):
         resolve_model(tmp_path)
 
 
+def test_hf_directory_without_tokenizer_files_is_named_before_loading_in_the_dry_run_too(
+        models, tmp_path, monkeypatch, capsys):
+    """Before: transformers' "You need to have sentencepiece or tiktoken installed" after the
+    model loaded, and a dry run that said nothing."""
+    import transformers
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(models["hf"] / name, bare / name)
+    monkeypatch.setattr("megatron_tinyllama.evaluation.cli.run_evaluation",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    local = ["--local-task", "tiny_mc", "--include-path", str(models["tasks"])]
+    for extra in (["--dry-run"], []):
+        assert main(["--model", str(bare), *local, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --model {bare}: no tokenizer files: neither tokenizer.json nor " \
+               f"tokenizer.model (sentencepiece) is there (it holds: config.json, " \
+               f"model.safetensors)" in err, err
+    # Either file alone is enough for transformers, and for the check.
+    for name in ("tokenizer.model", "tokenizer.json"):
+        shutil.copyfile(models["hf"] / name, bare / name)
+        assert transformers.AutoTokenizer.from_pretrained(str(bare))("Water boils").input_ids
+        assert main(["--model", str(bare), *local, "--dry-run"]) == 0
+        (bare / name).unlink()
+
+
 def test_paper_suites_run_the_papers_tasks_shots_and_metrics():
     shots = {t.name: t.num_fewshot for t in select_tasks(["all"])}
     # Paper §3: commonsense and Chinese 0-shot; MMLU 5-shot, BBH 3-shot, DROP 3-shot, HumanEval 0.
