@@ -32,7 +32,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from megatron_tinyllama.data.outputs import make_parent, remove_stale_temporaries, temporary_tag
+from megatron_tinyllama.data.outputs import (make_parent, open_temporaries,
+                                             remove_stale_temporaries, temporary_tag)
 
 logger = logging.getLogger(__name__)
 
@@ -292,9 +293,8 @@ class IndexedDatasetWriter:
         self._len_tmp = f"{prefix}.lengths{tag}"
         self._doc_tmp = f"{prefix}.docs{tag}"
         self._meta_tmp = meta_path(prefix) + tag
-        self._bin = open(self._bin_tmp, "wb")
-        self._lengths = open(self._len_tmp, "wb")
-        self._docs = open(self._doc_tmp, "wb")
+        self._bin, self._lengths, self._docs = open_temporaries(
+            prefix, [self._bin_tmp, self._len_tmp, self._doc_tmp])
         self.num_sequences = 0
         self.num_documents = 0
         self.num_tokens = 0

@@ -2,20 +2,22 @@
 
 This module owns the rules every writer of datasets follows (:class:`.indexed.IndexedDatasetWriter`,
 used by preprocessing and merging): write under ``<final name>.tmp<pid>.<host>``, rename when
-complete, and before starting, check that the output's folder can exist and remove the
-temporaries of a writer of the same output that was killed. Only files of a process that no
+complete, and before starting, check that the output's folder can exist and be written (a read-only
+mount, a folder without write permission: one line naming the prefix and the folder, nothing
+left behind) and remove the temporaries of a writer of the same output that was killed. Only files of a process that no
 longer runs on this machine are removed: a writer still at work, or one on another machine
 sharing the disk, keeps its files. No reader ever opens a temporary name.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
 import re
 import socket
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +26,33 @@ _TAG = re.compile(r"\.tmp(\d+)(?:\.(.+))?$")
 
 
 class OutputPathError(ValueError):
-    """An output prefix that cannot be written (a file stands where its folder should be)."""
+    """An output prefix that cannot be written (a file stands where its folder should be, the
+    folder is read-only or not writable)."""
+
+
+def _cannot_write(prefix: str, folder: str, err: OSError) -> OutputPathError:
+    why = "is on a read-only file system" if err.errno == errno.EROFS else \
+        f"cannot be written ({err.strerror})"
+    return OutputPathError(f"{prefix}: cannot write here, {folder} {why}")
+
+
+def open_temporaries(prefix: str, paths: Sequence[str]) -> list[BinaryIO]:
+    """Open ``paths`` (temporaries of ``prefix``) for writing: all of them, or none.
+
+    Raises:
+        OutputPathError: One cannot be created (read-only folder, no permission, no space);
+            those already opened are closed and removed.
+    """
+    streams: list[BinaryIO] = []
+    try:
+        for path in paths:
+            streams.append(open(path, "wb"))
+    except OSError as err:
+        for stream in streams:
+            stream.close()
+            os.remove(stream.name)
+        raise _cannot_write(prefix, os.path.dirname(os.path.abspath(prefix)), err) from None
+    return streams
 
 
 def temporary_tag() -> str:
@@ -47,6 +75,8 @@ def remove_stale_temporaries(final_paths: Sequence[str]) -> list[str]:
                 os.remove(path)
             except FileNotFoundError:  # its owner's abort or another cleaner got there first
                 continue
+            except OSError as err:  # a read-only folder: nothing could be written there either
+                raise _cannot_write(final, os.path.dirname(os.path.abspath(final)), err) from None
             logger.warning("removed %s, left by process %s that no longer runs", path,
                            match.group(1))
             removed.append(path)
@@ -68,7 +98,7 @@ def make_parent(prefix: str) -> None:
 
     Raises:
         OutputPathError: A file stands where a folder of the path should be (named), or the
-            folder cannot be created.
+            folder cannot be created (no permission, a read-only file system: the folder named).
     """
     parent = os.path.dirname(os.path.abspath(prefix))
     try:
@@ -83,3 +113,11 @@ def make_parent(prefix: str) -> None:
     except PermissionError as err:
         raise OutputPathError(f"{prefix}: cannot create the folder {parent} "
                               f"({err.strerror})") from None
+    except OSError as err:  # e.g. EROFS: the folder to create is under a read-only mount
+        raise _cannot_write(prefix, _existing_ancestor(parent), err) from None
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path

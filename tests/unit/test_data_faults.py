@@ -7,6 +7,7 @@ every test that injects a fault ends by checking their bytes are unchanged.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -414,6 +415,69 @@ def test_output_prefix_under_a_file_is_a_one_line_error(tmp_path, llama_spm, goo
     assert merge_main(["--input", good[0], "--output-prefix", str(tmp_path / "data" / "m")]) == 1
     assert f"{tmp_path}/data is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "data").read_text() == "a file where a folder should be"
+    _assert_good_unchanged(good)
+
+
+def _read_only(monkeypatch, folder: Path) -> None:
+    """``folder`` as on a read-only mount: creating or opening for writing anything under it fails
+    with EROFS (chmod would not stop root, who runs the tests; a mount needs privileges)."""
+    import builtins
+
+    real_open, real_mkdir = builtins.open, os.mkdir
+
+    def under(path) -> bool:
+        return os.path.abspath(os.fspath(path)).startswith(str(folder) + os.sep)
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and under(path) and set(mode) & set("wax+"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    def fake_mkdir(path, *args, **kwargs):
+        if under(path) and not os.path.isdir(path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+
+
+def test_read_only_output_folder_is_a_one_line_error(tmp_path, llama_spm, good, capsys,
+                                                     monkeypatch):
+    """Before: a bare ``OSError: [Errno 30] Read-only file system`` traceback."""
+    source = _jsonl(tmp_path / "a.jsonl", _texts(5, "a"))
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    _read_only(monkeypatch, mount)
+    # A folder to create under the mount: the error names the read-only one that exists.
+    for prefix in (mount / "out", mount / "sub" / "out"):
+        code = preprocess_main(["--input", str(source), "--output-prefix", str(prefix),
+                                "--tokenizer-model", str(llama_spm), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err, err
+        assert f"error: {prefix}_text_document: cannot write here, {mount} is on a read-only " \
+               f"file system" in err, err
+        assert "error: nothing was written" in err
+        code = merge_main(["--input", good[0], "--output-prefix", str(prefix)])
+        err = capsys.readouterr().err
+        assert code == 1 and f"error: {prefix}: cannot write here, {mount} is on a read-only " \
+                             f"file system" in err, err
+        assert list(mount.iterdir()) == []
+    # Out of space after the first temporary was created: it is removed too.
+    import builtins
+
+    real_open = builtins.open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if ".lengths.tmp" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    assert merge_main(["--input", good[0], "--output-prefix", str(tmp_path / "full" / "m")]) == 1
+    assert f"{tmp_path}/full cannot be written (No space left on device)" in \
+        capsys.readouterr().err
+    assert list((tmp_path / "full").iterdir()) == []
     _assert_good_unchanged(good)
 
 
