@@ -182,10 +182,11 @@ def cmd_reproduce(args) -> int:
 def cmd_forecast_published(args) -> int:
     import json
 
-    from megatron_tinyllama.scaling.forecast import BURN_IN_WARMUPS
+    from megatron_tinyllama.scaling.forecast import BURN_IN_WARMUPS, check_burn_in
     from megatron_tinyllama.scaling.published_curves import CURVES_DIR, FIT_ON, check_size
 
-    burn = BURN_IN_WARMUPS if args.burn_in_warmups is None else args.burn_in_warmups
+    burn = BURN_IN_WARMUPS if args.burn_in_warmups is None else check_burn_in(
+        args.burn_in_warmups, "--burn-in-warmups")
     results = [check_size(size, burn_in_warmups=burn, decay=args.decay,
                           curves_dir=args.curves_dir or CURVES_DIR) for size in args.sizes]
     print(f"curve law fitted on {FIT_ON} (points from {burn:g} warm-ups of 2160 steps, "
@@ -397,7 +398,7 @@ def _forecast_table(data: dict, measured: dict[int, float]) -> str:
 def cmd_forecast(args) -> int:
     import json
 
-    from megatron_tinyllama.scaling.forecast import forecast_run, relative_errors
+    from megatron_tinyllama.scaling.forecast import check_burn_in, forecast_run, relative_errors
     from megatron_tinyllama.scaling.forecast_plan import forecast_plan
 
     opts = dict(decay=args.decay, replicates=args.bootstrap, confidence=args.confidence,
@@ -410,10 +411,7 @@ def cmd_forecast(args) -> int:
     if not args.plan:
         opts["batch_exponent"] = args.batch_exponent
         if args.burn_in_warmups is not None:
-            if not args.burn_in_warmups >= 0:
-                raise RunFileError(f"forecast: --burn-in-warmups must be >= 0, got "
-                                   f"{args.burn_in_warmups}")
-            opts["burn_in_warmups"] = args.burn_in_warmups
+            opts["burn_in_warmups"] = check_burn_in(args.burn_in_warmups, "--burn-in-warmups")
     measured, fitted_until = None, None
     if args.plan:
         if not args.runs:
@@ -433,6 +431,10 @@ def cmd_forecast(args) -> int:
                           fit_until_step=args.fit_until_step, **opts)
         data = fc.to_json()
         law = fc.fit.law
+        for warning in fc.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        for note in fc.notes:
+            print(f"note: {note}")
         others = "".join(f" + {n} of {run}" for run, n in fc.also_fit)
         source = f" ({fc.fitted_tokens.size} of this run{others})" if others else ""
         print(f"curve law L = L0 + A*S1^-alpha - C*S2 on {fc.fit.num_points} {fc.loss_kind} "

@@ -13,9 +13,8 @@ across stages and resumes.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -31,7 +30,12 @@ from megatron_tinyllama.scaling.curve import (
     lr_areas,
 )
 from megatron_tinyllama.scaling.fit import FitError
-from megatron_tinyllama.scaling.runs import RunFileError
+from megatron_tinyllama.scaling.run_metrics import (  # noqa: F401 - Points is this module's API too
+    METRICS_FILE,
+    Points,
+    RunFileError,
+    read_run_metrics,
+)
 
 MAX_CHAIN = 32
 """Earlier stages followed through ``checkpoint.continue_from`` before giving up (a loop)."""
@@ -102,8 +106,15 @@ def segment_of(cfg, start_tokens: Optional[int] = None, name: Optional[str] = No
                    schedule_tokens=cfg.train.train_tokens)
 
 
-def build_schedule(segments: Sequence[Segment]) -> Schedule:
+def build_schedule(segments: Sequence[Segment], logged_lr: Optional[Points] = None,
+                   breaks: Sequence[int] = ()) -> Schedule:
     """Every step of the segments, in order, as the training loop will run them.
+
+    Args:
+        segments: the stages, in order.
+        logged_lr: the LRs the trainer logged (:attr:`RunHistory.lr`): the steps trained so far
+            get them (:func:`with_logged_lr`), the recipe's schedule gives the steps to come.
+        breaks: tokens where the recipe may have changed (resumes).
 
     Raises:
         FitError: no segment, or a segment that would train no step.
@@ -124,77 +135,67 @@ def build_schedule(segments: Sequence[Segment]) -> Schedule:
             lr.append(learning_rate(t, s.optimizer, s.schedule_tokens))
             step_tokens.append(s.batch_tokens)
             seg.append(i)
-    return Schedule(tokens=np.asarray(tokens, dtype=float), lr=np.asarray(lr, dtype=float),
+    tokens_arr, lr_arr = np.asarray(tokens, dtype=float), np.asarray(lr, dtype=float)
+    if logged_lr is not None and len(logged_lr):
+        lr_arr = with_logged_lr(tokens_arr, lr_arr, logged_lr, breaks)[0]
+    return Schedule(tokens=tokens_arr, lr=lr_arr,
                     step_tokens=np.asarray(step_tokens, dtype=float), segment=np.asarray(seg),
                     segments=tuple(segments))
+
+
+def with_logged_lr(tokens: np.ndarray, lr: np.ndarray, logged: Points, breaks: Sequence[int] = ()
+                   ) -> tuple[np.ndarray, int, int]:
+    """The recipe's LR per step (``lr``, steps ending at ``tokens``) with the steps the trainer
+    logged set to the LR it logged: ``(lr, logged steps used, how many of them the recipe gave
+    another LR)``.
+
+    The recipe now in ``config.yaml`` need not be the one the past steps ran under: a resume with
+    a larger ``train.train_tokens`` stretches the cosine and the recipe rebuilds every past step's
+    LR from it (the issue's demo run: 1.41e-3 at step 280 where the trainer used 3.47e-4). A step
+    between two logged ones keeps the recipe's LR where the recipe agrees with both logged ones,
+    else it is interpolated linearly between them (exact for a linear warm-up or decay, within
+    the curvature of a cosine over ``logging.log_interval_steps`` steps). Where a resume
+    (``breaks``, tokens) falls between them, the recipe may have changed there: the steps up to it
+    keep the earlier logged LR (or the recipe's, where that agreed), those after it the later one.
+    Steps before the first logged one, when it disagrees, rise linearly from 0 to it (a warm-up
+    from 0).
+    """
+    t = np.asarray(logged.tokens, dtype=float)
+    v = np.asarray(logged.loss, dtype=float)
+    idx = np.minimum(np.searchsorted(tokens, t - 0.5), tokens.size - 1)
+    on_step = np.abs(tokens[idx] - t) < 0.5  # a record of another batch geometry: not this step
+    idx, v = idx[on_step], v[on_step]
+    if not idx.size:
+        return lr, 0, 0
+    agree = np.isclose(lr[idx], v, rtol=1e-6, atol=0.0)
+    out = lr.copy()
+    cut = np.searchsorted(tokens, np.asarray(sorted(breaks), dtype=float) - 0.5)
+    for j in np.flatnonzero(~(agree[:-1] & agree[1:])):
+        a, b = idx[j], idx[j + 1]
+        inside = cut[(cut >= a) & (cut < b)]
+        if inside.size:  # the last step before the resume is inside[-1]
+            r = int(inside[-1]) + 1
+            if not agree[j]:
+                out[a + 1:r] = v[j]
+            if not agree[j + 1]:
+                out[r:b] = v[j + 1]
+        elif b - a > 1:
+            out[a + 1:b] = np.interp(np.arange(a + 1, b), [a, b], [v[j], v[j + 1]])
+    if not agree[0] and idx[0] > 0:
+        out[:idx[0]] = v[0] * np.arange(1, idx[0] + 1) / (idx[0] + 1)
+    out[idx] = v
+    return out, int(idx.size), int((~agree).sum())
 
 
 # ---------------------------------------------------------------------------------------------
 # Measured points.
 
 
-@dataclass
-class Points:
-    """Measured losses of a run, in token order, one per token count (later records win)."""
-
-    tokens: list[int] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
-
-    def add(self, tokens: int, step: int, loss: float) -> None:
-        # A record at or before the last one's tokens comes from a resume that went back to an
-        # earlier checkpoint: it supersedes the records it replays.
-        while self.tokens and self.tokens[-1] >= tokens:
-            self.tokens.pop(), self.steps.pop(), self.loss.pop()
-        self.tokens.append(tokens), self.steps.append(step), self.loss.append(loss)
-
-    def until_tokens(self, limit: float) -> "Points":
-        keep = [i for i, t in enumerate(self.tokens) if t <= limit]
-        return Points([self.tokens[i] for i in keep], [self.steps[i] for i in keep],
-                      [self.loss[i] for i in keep])
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def read_points(metrics_path: Union[str, Path]) -> tuple[Points, Points]:
-    """(validation, training) losses of a ``metrics.jsonl``.
-
-    Only records with a numeric ``step``, ``tokens`` and ``valid_loss`` (or ``train_loss``) count;
-    others (events such as a resume, non-finite losses of skipped steps) are passed over. A
-    truncated last line (a run killed mid-write) is ignored.
-
-    Raises:
-        RunFileError: the file cannot be read, or a line other than the last is not JSON
-            (naming the file and line).
+    """(validation, training) losses of a ``metrics.jsonl`` (:func:`.run_metrics.read_run_metrics`).
     """
-    path = Path(metrics_path)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as err:
-        raise RunFileError(f"{path}: cannot read ({err.strerror})") from None
-    valid, train = Points(), Points()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if i == last:
-                continue
-            raise RunFileError(f"{path}:{i + 1}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not _number(record.get("step")) \
-                or not _number(record.get("tokens")):
-            continue
-        for key, points in (("valid_loss", valid), ("train_loss", train)):
-            if _number(record.get(key)):
-                points.add(int(record["tokens"]), int(record["step"]), float(record[key]))
-    return valid, train
+    metrics = read_run_metrics(metrics_path)
+    return metrics.valid, metrics.train
 
 
 def _continue_dir(cfg, run_dir: Path) -> tuple[Path, Optional[int]]:
@@ -218,16 +219,30 @@ class RunHistory:
 
     segments: list[Segment]
     valid: Points
+    """Validation losses on the last stage's validation set (earlier sets are left out)."""
     train: Points
     config: object
     """The last stage's JobConfig."""
     run_dir: Path
+    lr: Points = field(default_factory=Points)
+    """The LR of each logged training step, as the trainer logged it (:func:`with_logged_lr`)."""
+    notes: list[str] = field(default_factory=list)
+    """What reading the run changed or left out (another validation set), said once."""
+    non_finite: dict[str, list[str]] = field(default_factory=dict)
+    """Per loss key, one line per metrics file naming its non-finite losses (left out)."""
+    breaks: list[int] = field(default_factory=list)
+    """Tokens where the recipe may have changed: resumes and stage starts."""
 
     def points(self) -> tuple[Points, str]:
         """Validation losses, or training losses where the run has no validation at all."""
         if len(self.valid):
             return self.valid, "valid_loss"
         return self.train, "train_loss"
+
+    def schedule(self, extra: Sequence[Segment] = ()) -> Schedule:
+        """:func:`build_schedule` of the segments trained and ``extra`` ones, with the LRs the
+        trainer logged for the steps trained."""
+        return build_schedule([*self.segments, *extra], self.lr, self.breaks)
 
 
 def load_history(run_dir: Union[str, Path], *, start_tokens: Optional[int] = None) -> RunHistory:
@@ -269,27 +284,51 @@ def load_history(run_dir: Union[str, Path], *, start_tokens: Optional[int] = Non
         here = previous
     chain.reverse()  # first stage first
 
-    segments, valid, train = [], Points(), Points()
+    # The curve goes on through stages evaluated on one validation set; a stage on another set
+    # (data.valid_blend) measures another loss, so the curve restarts there.
+    last_blend = chain[-1][1].data.valid_blend
+    same_set_from = len(chain)
+    while same_set_from > 0 and chain[same_set_from - 1][1].data.valid_blend == last_blend:
+        same_set_from -= 1
+    segments, valid, train, lr = [], Points(), Points(), Points()
+    notes: list[str] = []
+    non_finite: dict[str, list[str]] = {}
+    dropped, breaks = 0, []
     for i, (folder, cfg, started) in enumerate(chain):
-        v, t = read_points(folder / "metrics.jsonl")
+        metrics = read_run_metrics(folder / METRICS_FILE)
+        v, t, r = metrics.valid, metrics.train, metrics.lr
         if i + 1 < len(chain):  # this stage is cut where the next one started from it
             nxt = chain[i + 1][2]
             if i + 2 == len(chain) and start_tokens is not None:
                 nxt = start_tokens
             end = nxt if nxt is not None else (v.tokens[-1] if len(v) else
                                                t.tokens[-1] if len(t) else cfg.train.train_tokens)
-            v, t = v.until_tokens(end), t.until_tokens(end)
+            v, t, r = v.until_tokens(end), t.until_tokens(end), r.until_tokens(end)
         else:
             end = cfg.train.train_tokens
         begin = segments[-1].end_tokens if segments else cfg.train.start_tokens
         segments.append(Segment(name=cfg.name, start_tokens=begin, end_tokens=end,
                                 batch_tokens=cfg.train.global_batch_tokens,
                                 optimizer=cfg.optimizer, schedule_tokens=cfg.train.train_tokens))
-        for pts, dst in ((v, valid), (t, train)):
-            for tok, step, loss in zip(pts.tokens, pts.steps, pts.loss):
-                dst.add(tok, step, loss)
+        if i < same_set_from:
+            dropped, v = dropped + len(v), Points()
+        elif i == same_set_from and i > 0:
+            before = chain[i - 1][1].data.valid_blend
+            notes.append(
+                f"stage {cfg.name!r} ({folder}) evaluates on another validation set "
+                f"(data.valid_blend {list(before)} -> {list(last_blend)}): its loss is on another "
+                f"scale, so the validation curve starts again at {begin:,} tokens and the "
+                f"{dropped} validation point(s) before it are not fitted")
+        for key in ("valid_loss", "train_loss"):
+            if metrics.non_finite_note(key):
+                non_finite.setdefault(key, []).append(metrics.non_finite_note(key))
+        breaks += [begin, *metrics.resumes]
+        for pts, dst in ((v, valid), (t, train), (r, lr)):
+            for tok, step, value in zip(pts.tokens, pts.steps, pts.loss):
+                dst.add(tok, step, value)
     return RunHistory(segments=segments, valid=valid, train=train, config=chain[-1][1],
-                      run_dir=Path(run_dir))
+                      run_dir=Path(run_dir), lr=lr, notes=notes, non_finite=non_finite,
+                      breaks=breaks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +357,12 @@ class Forecast:
     also_fit: tuple[tuple[str, int], ...] = ()
     """(folder, points) of the other runs fitted with this one (``also_fit``)."""
     burn_in_spread: Optional[float] = None
-    """:func:`burn_in_spread` of the forecast final loss (None: no burn-in to vary)."""
+    """:func:`burn_in_spread` of the forecast final loss (None: no refit was possible)."""
+    notes: tuple[str, ...] = ()
+    """How the run was read where that is not the plain reading (LRs from the log, another
+    validation set, the training loss fitted), one line each."""
+    warnings: tuple[str, ...] = ()
+    """Measured points left out (non-finite losses, naming their metrics.jsonl lines)."""
 
     def predict(self, tokens: Sequence[float]) -> np.ndarray:
         """The law's loss after the steps ending at ``tokens``."""
@@ -367,6 +411,8 @@ class Forecast:
                     "also_fit": [{"run": run, "points": n} for run, n in self.also_fit],
                     "bootstrap_replicates": self.band.replicates},
             "caveats": self.caveats(),
+            "notes": list(self.notes),
+            "warnings": list(self.warnings),
             "stages": [{"name": seg.name, "first_step": first_step[k] + 1,
                         "start_tokens": seg.start_tokens, "end_tokens": seg.end_tokens,
                         "batch_tokens": seg.batch_tokens}
@@ -428,16 +474,20 @@ def refit_final_loss(s1, s2, loss, end_s1: float, end_s2: float) -> Optional[flo
 
 def burn_in_spread(final_loss: float, refit_final, burn_in_warmups: float) -> Optional[float]:
     """How much the forecast final loss depends on the burn-in: the largest relative change of
-    ``final_loss`` among the refits at :data:`BURN_IN_FACTORS` x ``burn_in_warmups``.
+    ``final_loss`` among the refits at :data:`BURN_IN_FACTORS` x ``burn_in_warmups`` (a burn-in
+    below one warm-up is one warm-up, and one that would fall there is raised to two).
 
     ``refit_final(burn)`` returns the final loss forecast with that burn-in (in warm-ups), or None
-    when too few points remain. None when there is no burn-in to vary or no refit was possible.
+    when too few points remain. None when no refit was possible.
     A degenerate fit (the law's L0, A and alpha traded against each other along a short stretch
     of curve) shows here first: its in-sample residuals barely change, its extrapolation does.
     """
-    if burn_in_warmups <= 0:
-        return None
-    finals = [refit_final(f * burn_in_warmups) for f in BURN_IN_FACTORS]
+    # The burn-in never ends before the warm-up does, so 0 (the paper's rule) fits from one
+    # warm-up on, and halving it changes nothing: raise it instead (to 2 warm-ups), rather than
+    # report no spread, which read as "not sensitive".
+    base = max(float(burn_in_warmups), 1.0)
+    burns = [f * base if f * base > 1.0 else 2.0 * base for f in BURN_IN_FACTORS]
+    finals = [refit_final(burn) for burn in burns]
     finals = [f for f in finals if f is not None and math.isfinite(f)]
     if not finals:
         return None
@@ -453,6 +503,20 @@ def curve_indices(schedule: Schedule, measured_tokens: Sequence[float] = (),
     idx |= set(schedule.index_of(measured_tokens).tolist()) if len(measured_tokens) else set()
     idx.add(n - 1)
     return np.asarray(sorted(idx))
+
+
+def check_burn_in(burn_in_warmups: float, name: str = "burn_in_warmups") -> float:
+    """``burn_in_warmups`` when it is a finite number >= 0.
+
+    Raises:
+        FitError: naming ``name`` (the CLI passes its flag) and the value: infinity overflowed
+            the step count, a negative one fitted points inside the warm-up.
+    """
+    if isinstance(burn_in_warmups, bool) or not isinstance(burn_in_warmups, (int, float)) \
+            or not math.isfinite(burn_in_warmups) or burn_in_warmups < 0:
+        raise FitError(f"{name} must be a finite number of warm-ups >= 0 (0: fit from the end of "
+                       f"the warm-up), got {burn_in_warmups!r}")
+    return float(burn_in_warmups)
 
 
 def burn_in_steps(areas: Areas, burn_in_warmups: float = BURN_IN_WARMUPS) -> int:
@@ -515,27 +579,58 @@ def forecast_history(
     Raises:
         FitError: fewer than 5 points past warm-up and burn-in, or a failed fit.
     """
+    check_burn_in(burn_in_warmups)
     segments = list(history.segments)
     for cfg in next_stages:
         segments.append(segment_of(cfg, segments[-1].end_tokens))
-    schedule = build_schedule(segments)
-    points, kind = history.points()
-    fitted = points
-    if fit_until_step is not None:
-        keep = [i for i, s in enumerate(points.steps) if s <= fit_until_step]
-        fitted = Points([points.tokens[i] for i in keep], [points.steps[i] for i in keep],
-                        [points.loss[i] for i in keep])
+    planned = build_schedule(segments)
+    notes = list(history.notes)
+    schedule = planned
+    if len(history.lr):
+        lr, used, differ = with_logged_lr(planned.tokens, planned.lr, history.lr, history.breaks)
+        schedule = replace(planned, lr=lr)
+        if differ:
+            notes.append(
+                f"the LR of the steps trained so far is the one metrics.jsonl logged ({used} "
+                f"logged steps): the recipe now gives another LR at {differ} of them (a resume "
+                "with another schedule or train.train_tokens); the recipe's LR is used from step "
+                f"{int(schedule.index_of([history.lr.tokens[-1]])[0]) + 2} on")
     areas = lr_areas(schedule.lr, schedule.step_tokens, schedule.reference_tokens, decay,
                      batch_exponent)
+
+    def until_step(points: Points) -> Points:
+        if fit_until_step is None:
+            return points
+        keep = [i for i, s in enumerate(points.steps) if s <= fit_until_step]
+        return Points([points.tokens[i] for i in keep], [points.steps[i] for i in keep],
+                      [points.loss[i] for i in keep])
+
+    points, kind = history.points()
+    fitted = until_step(points)
     areas, idx, y = fit_points(schedule, fitted, decay, areas=areas,
                                burn_in_warmups=burn_in_warmups)
+    if idx.size < 5 and kind == "valid_loss":
+        # Few evaluations (the demo evaluates every 112 steps): the training loss, logged every
+        # few steps, still draws the curve; noisier, and a little below the validation loss.
+        t_fitted = until_step(history.train)
+        _, t_idx, t_y = fit_points(schedule, t_fitted, decay, areas=areas,
+                                   burn_in_warmups=burn_in_warmups)
+        if t_idx.size >= 5:
+            notes.append(
+                f"only {idx.size} validation point(s) past the burn-in (the law needs 5): "
+                f"fitting the {t_idx.size} training-loss points instead (noisier, on the batches "
+                "trained on; evaluate more often, logging.eval_interval_steps, for a validation "
+                "forecast)")
+            points, kind, fitted, idx, y = history.train, "train_loss", t_fitted, t_idx, t_y
+    warnings = tuple(history.non_finite.get(kind, ()))
     if idx.size < 5:
         until = f" up to step {fit_until_step}" if fit_until_step is not None else ""
         raise FitError(f"{history.run_dir}: {idx.size} {kind} record(s) past warm-up and its "
                        f"burn-in (from step {burn_in_steps(areas, burn_in_warmups)}){until}; the "
                        "curve law needs at least 5 (evaluate more often: "
-                       "logging.eval_interval_steps, or fit from earlier: --burn-in-warmups)")
-    other_schedules = [build_schedule(other.segments) for other in also_fit]
+                       "logging.eval_interval_steps, or fit from earlier: --burn-in-warmups)"
+                       + "".join(f"; {note}" for note in (*history.notes, *warnings)))
+    other_schedules = [other.schedule() for other in also_fit]
     other_areas = [lr_areas(o.lr, o.step_tokens, schedule.reference_tokens, decay, batch_exponent)
                    for o in other_schedules]
 
@@ -569,7 +664,7 @@ def forecast_history(
                     measured_tokens=np.asarray(points.tokens, dtype=float),
                     measured_steps=np.asarray(points.steps), measured_loss=np.asarray(points.loss),
                     curve_index=cidx, band=band, areas=areas, also_fit=tuple(others),
-                    burn_in_spread=spread)
+                    burn_in_spread=spread, notes=tuple(notes), warnings=warnings)
 
 
 def load_recipes(recipes: Sequence[Union[str, Path]]) -> list:

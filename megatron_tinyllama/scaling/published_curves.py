@@ -25,6 +25,7 @@ from megatron_tinyllama.scaling.forecast import (
     BURN_IN_WARMUPS,
     annealing_share,
     burn_in_spread,
+    check_burn_in,
     fit_caveats,
     refit_final_loss,
 )
@@ -136,8 +137,10 @@ def check_size(size: str, *, burn_in_warmups: float = BURN_IN_WARMUPS,
       the forecast's burn-in spread and its caveats (:func:`~.forecast.fit_caveats`).
 
     Raises:
-        RunFileError: a bad file; FitError: too few points past the burn-in to fit.
+        RunFileError: a bad file; FitError: a burn-in that is not a finite number >= 0, or too
+            few points past it to fit.
     """
+    check_burn_in(burn_in_warmups)
     curves = {name: load_curve(size, name, curves_dir) for name in SCHEDULES}
     # The areas of each schedule once (a loop over up to 72000 steps).
     areas = {name: lr_areas(c.lr, 1.0, 1.0, decay) for name, c in curves.items()}

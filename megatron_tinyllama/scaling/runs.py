@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from megatron_tinyllama.scaling.fit import ScalingError
+from megatron_tinyllama.scaling.run_metrics import RunFileError, iter_records
 
 PACKAGED_TESTBED = Path(__file__).resolve().parent / "testbed_data" / "exp_data"
 """The released testbed results shipped with the package (the default of ``--testbed-dir``)."""
@@ -71,10 +71,6 @@ PAPER_LOSS_FIT_RUNS: tuple[tuple[str, float], ...] = (
 )
 PAPER_ERROR_EXTRA_RUNS: tuple[tuple[str, float], ...] = (("open_lm_1b", 20.0),)
 PAPER_LARGE_SHAPES = ("open_lm_1b", "open_lm_7b")
-
-
-class RunFileError(ScalingError):
-    """A run file that is missing, unreadable, or lacks a field the fits need."""
 
 
 @dataclass(frozen=True)
@@ -400,20 +396,10 @@ def load_stack_run(path: Union[str, Path], eval_path: Optional[Union[str, Path]]
         cfg = load_config(config_path)
     except ConfigError as err:
         raise RunFileError(f"{config_path}: not a valid JobConfig: {err}") from None
-    try:
-        lines = metrics_path.read_text().splitlines()
-    except OSError as err:
-        raise RunFileError(f"{metrics_path}: cannot read ({err.strerror})") from None
-
     last = at_eval = None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    # Strict: a final loss read from a cut line would be another run's point.
+    for lineno, record in iter_records(metrics_path, cut_last_line_ok=False):
         where = f"{metrics_path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RunFileError(f"{where}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict) or "valid_loss" not in record:
             continue
         if "tokens" not in record:

@@ -118,8 +118,11 @@ class LiveForecast:
         if save_dir and (Path(save_dir) / "config.yaml").is_file():
             try:
                 history = load_history(save_dir, start_tokens=start_tokens)
-                return cls(build_schedule(history.segments),
-                           history.valid.until_tokens(start_tokens), **opts)
+                for note in history.notes:
+                    logger.info("forecast: %s", note)
+                # The steps trained so far at the LRs the trainer logged, not rebuilt from this
+                # recipe (a resume with a larger train.train_tokens stretches its schedule).
+                return cls(history.schedule(), history.valid.until_tokens(start_tokens), **opts)
             except Exception as err:  # noqa: BLE001 - a forecast must never stop a training run
                 logger.warning("forecast: earlier records not used (%s); forecasting this stage "
                                "from its own evaluations", err)

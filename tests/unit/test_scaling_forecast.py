@@ -59,8 +59,12 @@ def true_losses(stages: list[tuple[int, int, int]], opt_cfg) -> tuple[np.ndarray
 
 
 def write_run(run: Path, cfg_dict: dict, records: list[dict]) -> None:
+    """A run folder; training records without an ``lr`` get the recipe's, as the trainer logs."""
     run.mkdir(parents=True, exist_ok=True)
-    save_config(config_from_dict(cfg_dict), run / "config.yaml")
+    cfg = config_from_dict(cfg_dict)
+    save_config(cfg, run / "config.yaml")
+    records = [{**r, "lr": learning_rate(r["tokens"], cfg.optimizer, cfg.train.train_tokens)}
+               if "train_loss" in r and "lr" not in r else r for r in records]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -68,7 +72,7 @@ def eval_records(tokens, loss, every: int, noise: float = 0.0, seed: int = 0, st
     rng = np.random.default_rng(seed)
     out = []
     for i in range(every - 1, len(tokens), every):
-        out.append({"step": step0 + i + 1, "tokens": int(tokens[i]), "train_loss": 9.0, "lr": 1e-3})
+        out.append({"step": step0 + i + 1, "tokens": int(tokens[i]), "train_loss": 9.0})
         out.append({"step": step0 + i + 1, "tokens": int(tokens[i]),
                     "valid_loss": float(loss[i] + rng.normal(0, noise))})
     return out
@@ -495,7 +499,7 @@ def test_burn_in_sensitivity_flags_a_forecast_right_by_luck(tmp_path, capsys):
     assert halved_cli["final_loss"] == pytest.approx(halved.final_loss)
     assert halved_cli["fit"]["points"] == halved.fit.num_points > early.fit.num_points
     assert main(["forecast", str(tmp_path / "run"), "--burn-in-warmups", "-1"]) == 2
-    assert "--burn-in-warmups must be >= 0" in capsys.readouterr().err
+    assert "--burn-in-warmups must be a finite number of warm-ups >= 0" in capsys.readouterr().err
 
     # The live check, replayed: the early forecasts carry the caveat, the last ten do not.
     live = LiveForecast(build_schedule([segment_of(config_from_dict(cfg))]))
@@ -505,3 +509,136 @@ def test_burn_in_sensitivity_flags_a_forecast_right_by_luck(tmp_path, capsys):
     assert "burn_in_sensitive" in done[0].caveats
     assert all("burn_in_sensitive" not in c.caveats for c in done[-10:])
     assert "burn_in_sensitive" in done[0].record()["forecast_caveats"]
+
+
+def test_non_finite_losses_are_named_not_dropped_silently(tmp_path, capsys):
+    """A NaN (a diverged evaluation) or an infinite validation loss is no point of the curve: the
+    forecast leaves it out and says so once, naming the metrics.jsonl lines (issue 28 item 10:
+    10 -> 9 points without a word)."""
+    run = tmp_path / "run"
+    cfg = recipe(200 * BATCH, save_dir=str(run))
+    tokens, loss = true_losses([(0, 200 * BATCH, BATCH)], config_from_dict(cfg))
+    records = eval_records(tokens[:120], loss[:120], every=5, noise=0.002)
+    records[13]["valid_loss"] = float("nan")  # steps 35 and 50, lines 14 and 20 of the file
+    records[19]["valid_loss"] = float("inf")
+    write_run(run, cfg, records)
+    assert "NaN" in (run / "metrics.jsonl").read_text().splitlines()[13]  # as json.dumps writes
+    out = tmp_path / "fc.json"
+    assert main(["forecast", str(run), "--bootstrap", "20", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {run / 'metrics.jsonl'}: 2 non-finite valid_loss value(s) left "
+                        "out (line(s) 14, 20): a diverged evaluation or a skipped step"]
+    data = json.loads(out.read_text())
+    assert data["warnings"] == [warnings[0][len("warning: "):]]
+    assert data["fit"]["points"] == 14  # steps 50..120 every 5 (past the burn-in) but step 50
+
+
+@pytest.mark.parametrize("command", ["forecast", "forecast-published"])
+@pytest.mark.parametrize("value", ["inf", "-1", "nan"])
+def test_a_burn_in_that_is_not_a_finite_count_is_refused(tmp_path, capsys, command, value):
+    """``--burn-in-warmups inf`` crashed with an OverflowError, and forecast-published fitted a
+    negative burn-in (points inside the warm-up): both exit 2 naming the flag."""
+    run = tmp_path / "run"
+    cfg = recipe(200 * BATCH, save_dir=str(run))
+    tokens, loss = true_losses([(0, 200 * BATCH, BATCH)], config_from_dict(cfg))
+    write_run(run, cfg, eval_records(tokens, loss, every=5))
+    args = [str(run)] if command == "forecast" else ["--sizes", "25"]
+    assert main([command, *args, f"--burn-in-warmups={value}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{command}: error: --burn-in-warmups must be a finite number of warm-ups >= 0" in err
+
+
+def test_a_burn_in_of_zero_still_measures_the_burn_in_spread():
+    """Burn-in 0 (the paper's rule: fit from the end of the warm-up) turned the burn-in caveat off
+    without a word; it now varies the burn-in around one warm-up, and the fit on the real tiny
+    run's first 30% that lands by luck is flagged as with the default."""
+    cfg = config_from_dict({**recipe(128 * BATCH), "optimizer": {
+        "lr": 8e-3, "min_lr": 8e-4, "warmup_tokens": 4 * BATCH}})
+    from megatron_tinyllama.scaling.forecast import RunHistory
+    from megatron_tinyllama.scaling.run_metrics import Points
+
+    steps = list(range(2, 129, 2))
+    history = RunHistory(segments=[segment_of(cfg)],
+                         valid=Points([s * BATCH for s in steps], steps, list(FRESH_COSINE_LOSS)),
+                         train=Points(), config=cfg, run_dir=Path("run"))
+    fc = forecast_history(history, fit_until_step=38, burn_in_warmups=0, replicates=20)
+    assert fc.burn_in_spread is not None and fc.burn_in_spread > BURN_IN_SPREAD_MAX
+    assert "burn_in_sensitive" in fc.caveats_by_key()
+
+
+def test_the_lr_of_past_steps_is_the_logged_one_after_a_resume_with_a_longer_run(tmp_path, capsys):
+    """Resumed at step 120 with a larger ``train.train_tokens`` (what the demo prints to train
+    longer), the recipe in config.yaml stretches the cosine: rebuilt from it, step 120's LR is
+    1.6x the one the trainer used and the fit goes wrong. The LRs the trainer logged (every 5
+    steps) are the past; the recipe gives the steps to come. The live check reads them too."""
+    first, longer = 160 * BATCH, 300 * BATCH
+    resume = 120
+    short_cfg = config_from_dict(recipe(first))
+    run = tmp_path / "run"
+    long_dict = recipe(longer, save_dir=str(run))
+    long_cfg = config_from_dict(long_dict)
+    tokens = np.arange(1, longer // BATCH + 1) * BATCH
+    lr = [learning_rate(int(t), (short_cfg if i < resume else long_cfg).optimizer,
+                        first if i < resume else longer) for i, t in enumerate(tokens)]
+    s1, s2 = paper_areas(lr, warmup=10)
+    loss = TRUE(s1, s2)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(4, 220, 5):  # measured up to step 220, logged and evaluated every 5 steps
+        if i + 1 == 125:  # the resume's record, after step 120's (the last before it)
+            records.append({"event": "resume", "step": resume, "tokens": int(tokens[resume - 1]),
+                            "checkpoint": "global_step000120"})
+        records.append({"step": i + 1, "tokens": int(tokens[i]), "train_loss": 9.0, "lr": lr[i]})
+        records.append({"step": i + 1, "tokens": int(tokens[i]),
+                        "valid_loss": float(loss[i] + rng.normal(0, 0.001))})
+    write_run(run, long_dict, records)
+    recipe_lr = learning_rate(int(tokens[resume - 1]), long_cfg.optimizer, longer)
+    assert recipe_lr > 1.5 * lr[resume - 1]  # what the recipe alone says step 120 had
+
+    out = tmp_path / "fc.json"
+    assert main(["forecast", str(run), "--bootstrap", "20", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["final_loss"] == pytest.approx(loss[-1], rel=0.003)
+    assert 0.2 < data["params"]["C"] < 0.4  # 0.3
+    assert "note: the LR of the steps trained so far is the one metrics.jsonl logged (44 " in text
+    fc = forecast_history(load_history(run), replicates=20)
+    # Logged steps exactly, a step between two logs within the cosine's curvature over 5 steps
+    # (steps 121-124, after the resume and before the next log, at the next logged LR).
+    assert fc.schedule.lr[:220] == pytest.approx(lr[:220], rel=5e-3)
+    assert fc.schedule.lr[220:] == pytest.approx(lr[220:], rel=1e-12)
+    live = LiveForecast.for_run(long_cfg, int(tokens[219]))
+    assert live.schedule.lr == pytest.approx(fc.schedule.lr, rel=1e-12)
+
+
+def test_a_stage_on_another_validation_set_starts_a_new_curve(tmp_path, capsys):
+    """A new stage evaluated on another ``data.valid_blend`` measures another loss (here 0.4
+    higher): merged into one curve it raised a false alarm and forecasts ~9% off. The curve
+    starts again at the stage, said in a note, and the live check never warns there."""
+    end1, total = 100 * BATCH, 300 * BATCH
+    full = config_from_dict(recipe(total, decay_tokens=total))
+    tokens, loss = true_losses([(0, total, BATCH)], full)
+    first = tmp_path / "stage1"
+    d1 = recipe(end1, save_dir=str(first), decay_tokens=total)
+    d1["data"] = {"valid_blend": "data/valid_a"}
+    write_run(first, d1, eval_records(tokens[:100], loss[:100], every=5))
+    ckpt = first / "global_step000100"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"consumed_tokens": end1}))
+    second = tmp_path / "stage2"
+    d2 = recipe(total, save_dir=str(second), decay_tokens=total, continue_from=str(ckpt))
+    d2["data"] = {"valid_blend": "data/valid_b"}
+    shifted = loss + 0.4  # the same curve on a harder validation set
+    write_run(second, d2, eval_records(tokens[100:200], shifted[100:200], every=5, step0=100))
+    out = tmp_path / "fc.json"
+    assert main(["forecast", str(second), "--bootstrap", "20", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["final_loss"] == pytest.approx(shifted[-1], rel=0.01)
+    assert data["fit"]["points"] == 20
+    assert ("evaluates on another validation set (data.valid_blend ['data/valid_a'] -> "
+            "['data/valid_b'])") in text and "the 20 validation point(s) before it" in text
+    # Live: resumed into stage 2 at step 150, the check knows only stage 2's points.
+    live = LiveForecast.for_run(config_from_dict(d2), int(tokens[149]))
+    assert len(live.points) == 10 and min(live.points.tokens) > end1
