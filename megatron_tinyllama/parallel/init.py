@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -131,6 +132,82 @@ def set_thread_env_defaults(num_threads: int | None = None) -> None:
         logger.info("OMP_NUM_THREADS=%s from the environment kept (default would be %d)", current, wanted)
         wanted = int(current)
     torch.set_num_threads(wanted)
+
+
+FLIGHT_RECORDER_DIR = "flight_recorder"
+"""Folder of ``checkpoint.save_dir`` that receives each rank's flight-recorder dump on a stall."""
+
+_FLIGHT_RECORDER_ENTRIES = 2000  # PyTorch's own default; the last collectives of every group
+
+
+def collective_env(save_dir: str | None, nccl: bool) -> dict[str, str]:
+    """The environment PyTorch's flight recorder needs for this run (pure, for tests).
+
+    The flight recorder keeps, per rank, the last collectives of every process group with their
+    sequence numbers; a stall report reads it (see :mod:`megatron_tinyllama.train.watchdog`) and
+    each rank's dump (``<save_dir>/flight_recorder/rank_<r>``, the format of PyTorch's
+    ``torchfrtrace`` analyser) shows which collective each rank was in. On NCCL the communicator's
+    own watchdog also dumps there at the process-group timeout (``TORCH_NCCL_DUMP_ON_TIMEOUT``).
+    """
+    env: dict[str, str] = {}
+    if save_dir:
+        env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = str(Path(save_dir) / FLIGHT_RECORDER_DIR / "rank_")
+    if nccl:
+        env["TORCH_NCCL_TRACE_BUFFER_SIZE"] = str(_FLIGHT_RECORDER_ENTRIES)
+        env["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
+    return env
+
+
+def set_collective_env(save_dir: str | None) -> None:
+    """Set :func:`collective_env` before the process group starts (NCCL reads it then).
+
+    A variable the user set to another value is kept, with a warning naming both.
+    """
+    for name, value in collective_env(save_dir, torch.cuda.is_available()).items():
+        current = os.environ.get(name)
+        if current is not None and current != value:
+            logger.warning("%s=%s from the environment kept (this run would set %s)", name, current,
+                           value)
+            continue
+        os.environ[name] = value
+
+
+def flight_recorder_prefix() -> str | None:
+    """Where this rank's flight-recorder dump goes (``<prefix><rank>``), or None when unset."""
+    return os.environ.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE") or None
+
+
+def set_process_group_timeouts(timeout_s: float) -> int:
+    """Set the timeout of every process group this rank belongs to (the default one, megatron-core's
+    and DeepSpeed's); returns how many were set.
+
+    ``train.stall_timeout_minutes`` decides it (through the stall watchdog) instead of the fixed
+    30 minutes of :func:`initialize_distributed`: a collective that never completes then ends the
+    rank (on NCCL with the flight-recorder dump) soon after the watchdog's report, not half an hour
+    later. Set after the groups exist, as torchtitan sets its training timeout after the first
+    step; ``_set_pg_timeout`` and the group registry are PyTorch internals (2.4-2.13), so a
+    failure is logged and the groups keep their timeout.
+    """
+    import datetime
+
+    from torch.distributed import distributed_c10d as c10d
+
+    if not dist.is_initialized():
+        return 0
+    timeout = datetime.timedelta(seconds=timeout_s)
+    done = 0
+    try:
+        groups = list(c10d._world.pg_map)
+    except Exception as err:  # noqa: BLE001 (a PyTorch internal)
+        logger.warning("process-group timeouts left as they are: %s", err)
+        return 0
+    for group in groups:
+        try:
+            c10d._set_pg_timeout(timeout, group)
+            done += 1
+        except Exception as err:  # noqa: BLE001 (not a member, or a backend without timeouts)
+            logger.debug("process group %s keeps its timeout: %s", group, err)
+    return done
 
 
 def initialize_distributed(timeout_minutes: int = 30) -> DistributedEnv:

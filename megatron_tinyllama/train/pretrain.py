@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
-    from megatron_tinyllama.parallel.init import (check_launched_world, set_thread_env_defaults,
-                                                  shutdown_distributed)
+    from megatron_tinyllama.parallel.init import (check_launched_world, set_collective_env,
+                                                  set_thread_env_defaults, shutdown_distributed)
 
     try:
         cfg = load_config(args.config, list(args.override) + list(args.overrides))
@@ -63,6 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_tinyllama.train.watchdog import LauncherWatch
 
     set_thread_env_defaults()
+    set_collective_env(cfg.checkpoint.save_dir)  # before the process group: NCCL reads it then
     # Signals go to the launcher, not to us: when it is gone, stop as on SIGTERM (see watchdog).
     stall = cfg.train.stall_timeout_minutes
     launcher = LauncherWatch(grace_s=stall and 60 * stall).start()

@@ -3,14 +3,17 @@ tests/integration/test_launcher.py, a stopped rank in tests/distributed/test_pro
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 
 import psutil
+import pytest
 
 from megatron_tinyllama.train.loop import StopRequest
-from megatron_tinyllama.train.watchdog import LauncherWatch, _is_deepspeed_launch, _is_deepspeed_runner
+from megatron_tinyllama.train.watchdog import (LauncherWatch, StallWatchdog, _is_deepspeed_launch,
+                                               _is_deepspeed_runner, holding_up)
 
 
 def test_a_launcher_process_that_dies_turns_into_a_stop_request():
@@ -39,3 +42,91 @@ def test_the_launcher_processes_are_recognised_by_their_command_lines():
     assert not _is_deepspeed_runner(["/bin/bash", "job.sh"])
     assert not _is_deepspeed_launch([sys.executable, "-m", "pytest"])
     assert LauncherWatch.launcher_processes() == []  # pytest did not start us through deepspeed
+
+
+class CountingStore:
+    """The calls a stall report makes to the job's rendezvous store, counted (a TCPStore serves
+    them one at a time: thousands of ranks each calling it N times blame rank 0's host)."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values, self.calls = dict(values), 0
+
+    def check(self, keys):
+        self.calls += 1
+        return all(k in self.values for k in keys)
+
+    def get(self, key):
+        self.calls += 1
+        return self.values[key].encode()
+
+    def multi_get(self, keys):  # every rank alive: its beat has moved on at each read
+        self.calls += 1
+        return [json.dumps({**json.loads(self.values[k]), "beat": self.calls}).encode() for k in keys]
+
+    def set(self, key, value):
+        self.calls += 1
+        self.values[key] = value
+
+    def wait(self, keys, timeout=None):
+        self.calls += 1
+        assert all(k in self.values for k in keys)
+
+
+def _beats(world_size: int, behind: int) -> dict[str, str]:
+    """Heartbeats of a job whose ranks wait in collective #8 of group 2, but ``behind``."""
+    beats = {}
+    for rank in range(world_size):
+        waiting = rank != behind
+        beats[StallWatchdog._KEY.format(rank)] = json.dumps({
+            "beat": 1, "step": 3, "what": "step", "since": 0.0, "at": f"loop.py:{rank}",
+            "collectives": {"2": [8, 7] if waiting else [7, 7]},
+            "pending": [{"pg": "2", "group": "DATA_PARALLEL_GROUP", "seq": 8,
+                         "op": "nccl:all_reduce", "since": 0.0}] if waiting else []})
+    return beats
+
+
+@pytest.mark.parametrize("world_size", [2, 16, 256])
+def test_one_rank_reports_with_a_few_store_calls_whatever_the_world_size(world_size):
+    store = CountingStore({**_beats(world_size, behind=world_size - 1),
+                           StallWatchdog._REPORTED: "1"})
+    reporter = StallWatchdog(3.0, 0, world_size)
+    reporter._sleep = lambda s: None
+    own = json.loads(store.values[StallWatchdog._KEY.format(0)])
+    lines = reporter._peer_report(store, own)
+    assert store.calls <= 4, store.calls  # check + multi_get, twice: not 4 per peer
+    assert f"holding up the job: rank {world_size - 1} has not entered collective #8 nccl:all_reduce " \
+           f"(DATA_PARALLEL_GROUP)" in lines[-1]
+    assert f"its main thread is at loop.py:{world_size - 1}" in lines[-1]
+    assert sum(line.startswith("rank ") for line in lines) == world_size - 1
+
+    store.calls = 0
+    other = StallWatchdog(3.0, 1, world_size, connect_store=lambda timeout_s: store)
+    assert other._await_report(store) == "rank 0's log names the ranks that stalled"
+    assert store.calls == 1  # one wait for rank 0's report, no heartbeat read
+
+
+def test_the_ranks_the_others_wait_for_are_named_from_the_collective_sequence_numbers():
+    beats = {rank: json.loads(text) for rank, text in enumerate(_beats(4, behind=2).values())}
+    (line,) = holding_up(beats)
+    assert line.startswith("holding up the job: rank 2 has not entered collective #8 nccl:all_reduce "
+                           "(DATA_PARALLEL_GROUP) that ranks 0-1, 3 wait in (its last: #7)")
+    for beat in beats.values():  # every rank has finished #8: nobody waits, nobody is named
+        beat["collectives"]["2"] = [8, 8]
+    assert holding_up(beats) == []
+
+
+def test_the_flight_recorder_env_is_set_for_nccl_and_a_users_value_is_kept(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from megatron_tinyllama.parallel import init
+
+    assert init.collective_env(str(tmp_path), nccl=True) == {
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(tmp_path / "flight_recorder" / "rank_"),
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+    assert init.collective_env(None, nccl=False) == {}
+    monkeypatch.setenv("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "/scratch/fr_")
+    with caplog.at_level(logging.WARNING, logger=init.__name__):
+        init.set_collective_env(str(tmp_path))
+    assert init.flight_recorder_prefix() == "/scratch/fr_"
+    assert (f"TORCH_NCCL_DEBUG_INFO_TEMP_FILE=/scratch/fr_ from the environment kept (this run would "
+            f"set {tmp_path / 'flight_recorder' / 'rank_'})") in caplog.text
