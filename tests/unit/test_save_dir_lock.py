@@ -86,3 +86,59 @@ def test_a_save_dir_that_cannot_be_created_is_named(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(lock_module.CheckpointError, match=rf"checkpoint.save_dir={tmp_path / 'file' / 'run'}: cannot create"):
         lock_save_dir(str(tmp_path / "file" / "run"))
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_without_flock_a_lease_not_renewed_for_two_periods_is_taken_over_from_another_host(
+        tmp_path, monkeypatch, caplog):
+    """A job killed with its node (the record names another host) does not refuse every requeue:
+    its lease goes stale after twice its period, and the requeue says how long that is."""
+    def no_flock(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", no_flock)
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    clock = Clock(1_000_000.0)
+    holder = {"host": "node-7", "pid": 4242, "started": "2026-01-01 00:00:00 UTC", "command": "x",
+              "renewed": clock.now - 50, "lease_s": 60}
+    (save_dir / LOCK_FILE).write_text(json.dumps(holder))
+    with pytest.raises(SaveDirBusyError, match=r"host node-7, pid 4242, .*lease renewed 50 s ago\. "
+                                               r"If that job is gone .* stale 70 s from now"):
+        acquire_save_dir_lock(save_dir, lease_s=60, clock=clock)
+    clock.now += 71  # 121 s since its last renewal: the node is gone
+    with caplog.at_level(logging.WARNING, logger=lock_module.__name__):
+        lock = acquire_save_dir_lock(save_dir, lease_s=60, clock=clock)
+    assert "host node-7, pid 4242" in caplog.text and "lease was last renewed 121 s ago" in caplog.text
+    mine = json.loads((save_dir / LOCK_FILE).read_text())
+    assert (mine["pid"], mine["renewed"], mine["lease_s"]) == (os.getpid(), clock.now, 60)
+    lock.release()
+    assert (save_dir / LOCK_FILE).read_text() == ""
+
+
+def test_without_flock_the_holder_renews_its_lease_until_it_releases(tmp_path, monkeypatch):
+    import time
+
+    def no_flock(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", no_flock)
+    save_dir = tmp_path / "run"
+    lock = acquire_save_dir_lock(save_dir, lease_s=0.05)
+    first = json.loads((save_dir / LOCK_FILE).read_text())["renewed"]
+    deadline = time.monotonic() + 5
+    while json.loads((save_dir / LOCK_FILE).read_text() or "{}").get("renewed") == first:
+        assert time.monotonic() < deadline, "the lease was never renewed"
+        time.sleep(0.02)
+    record = json.loads((save_dir / LOCK_FILE).read_text())
+    assert record["renewed"] > first and record["pid"] == os.getpid()
+    lock.release()
+    time.sleep(0.2)  # no renewal after the release rewrites the emptied record
+    assert (save_dir / LOCK_FILE).read_text() == ""
