@@ -295,7 +295,7 @@ def report(result: DemoResult) -> str:
     for sample in result.samples:
         lines += [sample.rstrip(), "-" * 60]
     command = deepspeed_command(Path(_show(result.work_dir / "hostfile")), 0, 29500,
-                                Path(_show(result.recipe)), result.overrides)
+                                Path(_show(result.recipe)), result.overrides, check_port=False)
     command[0] = "deepspeed"
     accelerator = "DS_ACCELERATOR=cpu " if launcher_env().get("DS_ACCELERATOR") == "cpu" else ""
     tokenizer = _show(result.tokenizer_model)

@@ -19,6 +19,7 @@ preflight for users who type the deepspeed command themselves.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -41,6 +42,38 @@ def free_port() -> int:
 
 class HostfileError(ValueError):
     """A hostfile that is missing or malformed: names the file and the line."""
+
+
+def port_in_use_message(port: int | str, host: str = "this machine") -> str:
+    """The one line for a rendezvous port that another process holds (launcher and ranks alike)."""
+    return (f"MASTER_PORT {port} is already in use on {host} (another job's rendezvous, or ranks of "
+            f"an earlier run still running): pick another port, e.g. deepspeed --master_port N "
+            f"(torchrun --master-port N) with N free: python -c \"import socket; s = "
+            f"socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])\"")
+
+
+class PortInUseError(ValueError):
+    """The rendezvous port is taken on the machine that would host the store."""
+
+
+def check_port_free(port: int) -> None:
+    """Refuse ``port`` when a process listens on it here, as torch's rendezvous store would
+    (which otherwise fails in rank 0 with a ``DistNetworkError`` traceback while the other ranks
+    wait, or lets them join another job's store).
+
+    Raises:
+        PortInUseError: naming the port and how to pick another.
+    """
+    with socket.socket() as sock:
+        # As the store binds: SO_REUSEADDR, so that a port left in TIME_WAIT by a finished run
+        # is not taken for one in use; a listening socket still refuses the bind.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise PortInUseError(port_in_use_message(port)) from None
+            raise
 
 
 _SLOTS = re.compile(r"slots=(\S*)$")
@@ -136,19 +169,24 @@ def launcher_env() -> dict[str, str]:
 
 
 def deepspeed_command(hostfile: Path, node_rank: int, master_port: int, config: Path,
-                      overrides: Sequence[str] = ()) -> list[str]:
+                      overrides: Sequence[str] = (), *, check_port: bool = True) -> list[str]:
     """The launcher command for one simulated node of ``hostfile`` (checked first).
 
     ``parallel.expected_world_size`` is set to the hostfile's total slots (before ``overrides``,
-    which may change it), so that a world other than the hostfile's stops the run at start.
+    which may change it), so that a world other than the hostfile's stops the run at start. For
+    node 0, which hosts the rendezvous store here, ``master_port`` must be free
+    (``check_port=False``: a command only shown, not run now).
 
     Raises:
         HostfileError: See :func:`read_hostfile`; or ``node_rank`` names no line of it.
+        PortInUseError: ``master_port`` is in use on this machine.
     """
     hosts = read_hostfile(hostfile)
     if not 0 <= node_rank < len(hosts):
         raise HostfileError(f"{hostfile}: node rank {node_rank} is not among its {len(hosts)} "
                             f"hosts")
+    if check_port and node_rank == 0:
+        check_port_free(master_port)
     launcher = shutil.which("deepspeed") or "deepspeed"
     return [
         launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
@@ -178,6 +216,7 @@ def launch_local(config: Path, *, nodes: int = 1, ranks_per_node: int = 2, work_
         The first launcher's completed process (its ``stdout`` when captured).
 
     Raises:
+        PortInUseError: the port chosen is taken before the launchers start (nothing started).
         subprocess.CalledProcessError: if any launcher fails (without ``on_line``, the tail of its
             output is written to stderr first).
         subprocess.TimeoutExpired: ``timeout_s`` passed; every launcher is killed.
@@ -200,9 +239,10 @@ def launch_local(config: Path, *, nodes: int = 1, ranks_per_node: int = 2, work_
             with lock:
                 on_line(line)
 
+    commands = [deepspeed_command(hostfile, node_rank, port, config, overrides)  # checked first
+                for node_rank in range(nodes)]
     try:
-        for node_rank in range(nodes):
-            cmd = deepspeed_command(hostfile, node_rank, port, config, overrides)
+        for node_rank, cmd in enumerate(commands):
             log = open(log_path.with_suffix(f".node{node_rank}.log"), "w") if log_path else None
             logs.append(log)
             stdout = subprocess.PIPE if (log is None or on_line is not None) else log

@@ -7,6 +7,7 @@ here once into a :class:`DistributedEnv`; everything else receives that object o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -230,12 +231,30 @@ def initialize_distributed(timeout_minutes: int = 30) -> DistributedEnv:
             compatible["deepspeed_shm_comm"] = False
     # Called even when torch.distributed is already up (tests, other launchers): DeepSpeed keeps
     # its own communication backend handle, and without it its config silently assumes 1 rank.
-    deepspeed.init_distributed(
-        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-        auto_mpi_discovery=False,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    with named_port_in_use():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     return env
+
+
+@contextlib.contextmanager
+def named_port_in_use():
+    """Turn torch's ``DistNetworkError ... EADDRINUSE`` (rank 0 cannot host the rendezvous store on
+    MASTER_PORT) into a :class:`ConfigError` naming the port and how to pick another: one line
+    instead of a traceback, exit 2 through the entry point.
+    """
+    from megatron_tinyllama.launch import port_in_use_message
+
+    try:
+        yield
+    except dist.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err) and "address already in use" not in str(err).lower():
+            raise
+        host = os.environ.get("MASTER_ADDR") or "this machine"
+        raise ConfigError(port_in_use_message(os.environ.get("MASTER_PORT", "?"), host)) from None
 
 
 def initialize_model_parallel(tensor_parallel_size: int, seed: int) -> None:

@@ -150,3 +150,46 @@ def test_demo_refuses_more_ranks_than_gpus_before_building_anything(tmp_path, mo
     assert main(["--work-dir", str(tmp_path / "demo"), "--ranks", "2"]) == 2
     assert "--ranks 2 is more than the 1 visible GPU: one rank per GPU" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_master_port_in_use_is_named_before_the_launchers_start_and_in_the_ranks(tmp_path, monkeypatch):
+    """Another process listens on the port: the command builder, and so launch_local (the demo, the
+    local pipeline), refuse before starting anything, and rank 0's store start says the same in one
+    line instead of torch's DistNetworkError traceback."""
+    import socket
+    import subprocess
+
+    import torch.distributed as dist
+
+    from megatron_tinyllama import launch
+    from megatron_tinyllama.parallel.init import named_port_in_use
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.2 slots=1\n")
+    with socket.socket() as other_job:
+        other_job.bind(("", 0))
+        other_job.listen()
+        port = other_job.getsockname()[1]
+        refused = (rf"^MASTER_PORT {port} is already in use on this machine .*pick another port, "
+                   rf"e\.g\. deepspeed --master_port N")
+        with pytest.raises(launch.PortInUseError, match=refused):
+            deepspeed_command(hostfile, 0, port, tmp_path / "recipe.yaml")
+        deepspeed_command(hostfile, 1, port, tmp_path / "recipe.yaml")  # node 1 hosts no store
+        deepspeed_command(hostfile, 0, port, tmp_path / "recipe.yaml", check_port=False)  # shown only
+
+        def no_launcher(*args, **kwargs):
+            raise AssertionError("a launcher was started")
+
+        monkeypatch.setattr(launch, "free_port", lambda: port)  # as if another job took it since
+        monkeypatch.setattr(subprocess, "Popen", no_launcher)
+        with pytest.raises(launch.PortInUseError, match=refused):
+            launch.launch_local(tmp_path / "recipe.yaml", nodes=2, ranks_per_node=1, work_dir=tmp_path / "w")
+        monkeypatch.undo()
+
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        with pytest.raises(ConfigError, match=rf"^MASTER_PORT {port} is already in use on 127\.0\.0\.1 "):
+            with named_port_in_use():  # what rank 0's init_process_group starts, and its error
+                dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    free = deepspeed_command(hostfile, 0, port, tmp_path / "recipe.yaml")  # released: fine
+    assert free[free.index("--master_port") + 1] == str(port)
