@@ -8,7 +8,8 @@
   it carry on as orphans. So each rank watches its parent (``launch``) and the parent's parent
   (the runner) and, when either is gone, asks the run to stop as SIGTERM to a rank does: finish
   the step, save, exit 3. ``PR_SET_PDEATHSIG`` would not do: it fires when the *parent* dies,
-  and here the parent survives its own parent.
+  and here the parent survives its own parent. ``tinyllama-pipeline`` above the runner (a stage
+  run on this machine) is watched the same way.
 * :class:`StallWatchdog`: no progress (a step, an evaluation, a save) within
   ``train.stall_timeout_minutes``. A rank blocked in a collective cannot act in its main thread,
   so a thread in every rank watches the time since the last progress and publishes a heartbeat in
@@ -50,6 +51,11 @@ def _is_deepspeed_launch(cmdline: list[str]) -> bool:
 
 def _is_deepspeed_runner(cmdline: list[str]) -> bool:
     return any(os.path.basename(arg) in ("deepspeed", "ds") or "deepspeed.launcher.runner" in arg
+               for arg in cmdline[:3])
+
+
+def _is_pipeline(cmdline: list[str]) -> bool:
+    return any(os.path.basename(arg) == "tinyllama-pipeline" or arg == "megatron_tinyllama.pipeline"
                for arg in cmdline[:3])
 
 
@@ -95,20 +101,28 @@ class LauncherWatch:
 
     @staticmethod
     def launcher_processes() -> list:
-        """deepspeed's per-node ``launch`` (this rank's parent) and the ``deepspeed`` runner above
-        it, as (``psutil.Process``, name); [] when this rank was not started by them."""
+        """deepspeed's per-node ``launch`` (this rank's parent), the ``deepspeed`` runner above it
+        and ``tinyllama-pipeline`` above that (a stage run on this machine), as
+        (``psutil.Process``, name); [] when this rank was not started by them.
+
+        The pipeline counts as a launcher: SIGKILL of its PID alone (not its process group)
+        leaves the stage's runner alive, so the ranks would train on to the end of the stage."""
         import psutil
 
+        found: list = []
         try:
             parent = psutil.Process(os.getppid())
             if not _is_deepspeed_launch(parent.cmdline()):
                 return []
-            found = [(parent, "deepspeed's per-node launcher (deepspeed.launcher.launch)")]
+            found.append((parent, "deepspeed's per-node launcher (deepspeed.launcher.launch)"))
             runner = parent.parent()
             if runner is not None and _is_deepspeed_runner(runner.cmdline()):
                 found.append((runner, "the deepspeed launcher"))
-        except psutil.Error:
-            return []
+                pipeline = runner.parent()
+                if pipeline is not None and _is_pipeline(pipeline.cmdline()):
+                    found.append((pipeline, "tinyllama-pipeline"))
+        except psutil.Error:  # one above has gone meanwhile: watch what was found
+            pass
         return found
 
     def start(self) -> "LauncherWatch":

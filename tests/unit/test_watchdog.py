@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -14,6 +15,8 @@ import pytest
 from megatron_tinyllama.train.loop import StopRequest
 from megatron_tinyllama.train.watchdog import (LauncherWatch, StallWatchdog, _is_deepspeed_launch,
                                                _is_deepspeed_runner, holding_up)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_launcher_process_that_dies_turns_into_a_stop_request():
@@ -130,3 +133,50 @@ def test_the_flight_recorder_env_is_set_for_nccl_and_a_users_value_is_kept(tmp_p
     assert init.flight_recorder_prefix() == "/scratch/fr_"
     assert (f"TORCH_NCCL_DEBUG_INFO_TEMP_FILE=/scratch/fr_ from the environment kept (this run would "
             f"set {tmp_path / 'flight_recorder' / 'rank_'})") in caplog.text
+
+
+def test_a_rank_under_the_pipeline_stops_when_the_pipeline_alone_is_killed(tmp_path):
+    """The chain tinyllama-pipeline -> deepspeed runner -> deepspeed.launcher.launch -> rank, with
+    stand-ins whose command lines are those the rank recognises: SIGKILL of the pipeline's PID
+    alone (its children live on) is seen by the rank as a stop request naming the pipeline."""
+    import os
+    import signal
+
+    rank = ("import sys, time\n"
+            "from megatron_tinyllama.train.watchdog import LauncherWatch\n"
+            "watch = LauncherWatch(poll_s=0.05).start()\n"
+            "print('watching:', '; '.join(name for _, name in watch.watched), flush=True)\n"
+            "deadline = time.monotonic() + 20\n"
+            "while watch.reason is None and time.monotonic() < deadline:\n"
+            "    time.sleep(0.05)\n"
+            "print('reason:', watch.reason, flush=True)\n")
+    out = tmp_path / "rank.out"
+
+    def stand_in(path, child_args):
+        """A script that starts its child (stdout to rank.out) and waits for it."""
+        path.write_text("import subprocess, sys\n"
+                        f"out = open({str(out)!r}, 'a')\n"
+                        f"sys.exit(subprocess.call({child_args!r}, stdout=out))\n")
+        return path
+
+    launch = stand_in(tmp_path / "launch.py", [sys.executable, "-c", rank])
+    runner = stand_in(tmp_path / "deepspeed", [sys.executable, str(launch), "deepspeed.launcher.launch"])
+    pipeline = stand_in(tmp_path / "tinyllama-pipeline", [sys.executable, str(runner)])
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    head = subprocess.Popen([sys.executable, str(pipeline), "--variant", "general"], env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while "watching:" not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline and head.poll() is None, "the rank did not start"
+            time.sleep(0.05)
+        head.send_signal(signal.SIGKILL)  # the pipeline's PID alone, not its group
+        head.wait()
+        while "reason:" not in out.read_text():
+            assert time.monotonic() < deadline + 20, out.read_text()
+            time.sleep(0.05)
+    finally:
+        head.kill()
+    text = out.read_text()
+    assert ("watching: deepspeed's per-node launcher (deepspeed.launcher.launch); the deepspeed "
+            "launcher; tinyllama-pipeline") in text
+    assert f"reason: tinyllama-pipeline (pid {head.pid}) exited" in text
