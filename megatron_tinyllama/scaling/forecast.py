@@ -30,6 +30,20 @@ from megatron_tinyllama.scaling.curve import (
     lr_areas,
 )
 from megatron_tinyllama.scaling.fit import FitError
+from megatron_tinyllama.scaling.forecast_trust import (  # noqa: F401 - this module's API too
+    ANNEALING_SEEN_MIN,
+    BURN_IN_FACTORS,
+    BURN_IN_SPREAD_MAX,
+    Holdout,
+    annealing_share,
+    burn_in_finals,
+    burn_in_spread,
+    final_band,
+    fit_caveats,
+    holdout,
+    refit_final_loss,
+    spread_of,
+)
 from megatron_tinyllama.scaling.run_metrics import (  # noqa: F401 - Points is this module's API too
     METRICS_FILE,
     Points,
@@ -46,17 +60,6 @@ benchmark's tiny Llamas: a plateau and two bumps up to ~4-5 warm-ups, 4 steps ea
 schedule, known before training, so it does not grow with what has been measured: a rule of
 "half the measured tokens" left 5 points, all inside that transient, to a fit on the first 30%
 of a 64-step run. For a TinyLlama-sized run (2,000 warm-up steps) it is 10,000 steps."""
-ANNEALING_SEEN_MIN = 0.5
-"""Below this share of the final annealing area seen, a fit with C = 0 gets a caveat: most of the
-LR decay is still to come and the law has not measured what it does."""
-BURN_IN_SPREAD_MAX = 0.02
-"""When refitting with the burn-in halved or raised by half moves the forecast final loss by more
-than this share, the forecast gets a caveat: which early points are fitted decides the end, so
-the points do not pin it. On the CPU benchmarks' cosine runs (docs/forecast.md) every fit on the
-first 30% of a run moved its end by 54% or more this way (one landed 0.3% from the measured end,
-by luck: halving its burn-in forecast -0.81, raising it 0.99); fits on 75% moved it 0.8-4.5%."""
-BURN_IN_FACTORS = (0.5, 1.5)
-"""The burn-ins tried, as multiples of the one used (:data:`BURN_IN_SPREAD_MAX`)."""
 MAX_CURVE_POINTS = 400
 """Points of the forecast curve written to JSON and plotted (a 1M-step run is subsampled)."""
 
@@ -358,6 +361,8 @@ class Forecast:
     """(folder, points) of the other runs fitted with this one (``also_fit``)."""
     burn_in_spread: Optional[float] = None
     """:func:`burn_in_spread` of the forecast final loss (None: no refit was possible)."""
+    holdout: Optional[Holdout] = None
+    """The law refitted on the first two thirds of this run's fitted points (:func:`holdout`)."""
     notes: tuple[str, ...] = ()
     """How the run was read where that is not the plain reading (LRs from the log, another
     validation set, the training loss fitted), one line each."""
@@ -381,8 +386,8 @@ class Forecast:
 
     def caveats_by_key(self) -> dict[str, str]:
         """Why this forecast may miss, read off its own fit (:func:`fit_caveats`)."""
-        return fit_caveats(self.fit.law, self.annealing_seen, self.final_loss,
-                           float(self.band.low[-1]), self.burn_in_spread)
+        return fit_caveats(self.fit, self.annealing_seen, self.final_loss,
+                           float(self.band.low[-1]), self.burn_in_spread, self.holdout)
 
     def caveats(self) -> list[str]:
         """The explanations of :meth:`caveats_by_key`."""
@@ -420,78 +425,15 @@ class Forecast:
         }
 
 
-def annealing_share(areas: Areas, step_index: int) -> float:
-    """Share of the schedule's final annealing area S2 reached after step ``step_index`` (1 when
-    the schedule never decays): a fit whose last point is there extrapolates C by its inverse."""
-    total = float(areas.s2[-1])
-    return float(areas.s2[step_index]) / total if total > 0 else 1.0
-
-
-def fit_caveats(law, annealing_seen: float, final_loss: float, final_low: float,
-                burn_in_spread: Optional[float] = None) -> dict[str, str]:
-    """Why a forecast may miss, read off its own fit: ``{key: explanation}``, empty when nothing
-    stands out.
-
-    Each is a state of the fit seen where the CPU benchmark's forecasts went wrong, and one a user
-    can act on (wait for more points, fit a second schedule with ``--also-fit``, or trust the band
-    rather than its centre). ``annealing_seen`` is the share of the schedule's final S2 reached by
-    the last fitted point; ``final_loss`` and ``final_low`` are the forecast end and its band's
-    lower end; ``burn_in_spread`` is :func:`burn_in_spread` (None: not measured).
-    """
-    out = {}
-    if law.L0 <= 0.0:
-        out["L0_at_bound"] = (
-            "the law's asymptote L0 sits at its bound 0: the fitted points do not show the curve "
-            "flattening yet (an early or still learning-limited stretch, or a transient past the "
-            "burn-in), so the forecast extends a curve that has not bent")
-    if law.C <= 0.0 and annealing_seen < ANNEALING_SEEN_MIN:
-        out["no_annealing_seen"] = (
-            f"the fitted points reach {100 * annealing_seen:.0f}% of the schedule's annealing area "
-            "and show none of its effect (C = 0): the forecast leaves out the loss the LR decay "
-            "will still remove and should land above the end")
-    if min(final_loss, final_low) <= 0.0:
-        out["band_below_zero"] = ("the forecast of the final loss or its band reaches below 0: "
-                                  "the fitted points leave the law's extrapolation unpinned")
-    if burn_in_spread is not None and burn_in_spread > BURN_IN_SPREAD_MAX:
-        out["burn_in_sensitive"] = (
-            f"refitted with the burn-in halved or raised by half, the forecast final loss moves "
-            f"by {100 * burn_in_spread:.1f}%: which early points are fitted decides the end, so "
-            "the points do not pin it (wait for more of the run, or fit a second run with "
-            "--also-fit)")
-    return out
-
-
-def refit_final_loss(s1, s2, loss, end_s1: float, end_s2: float) -> Optional[float]:
-    """The law refitted on these points, at the schedule's end: one refit of
-    :func:`burn_in_spread` (None when fewer than 5 points remain or the fit fails)."""
-    if np.asarray(s1).size < 5:
-        return None
-    try:
-        return float(fit_curve(s1, s2, loss).law(end_s1, end_s2))
-    except FitError:
-        return None
-
-
-def burn_in_spread(final_loss: float, refit_final, burn_in_warmups: float) -> Optional[float]:
-    """How much the forecast final loss depends on the burn-in: the largest relative change of
-    ``final_loss`` among the refits at :data:`BURN_IN_FACTORS` x ``burn_in_warmups`` (a burn-in
-    below one warm-up is one warm-up, and one that would fall there is raised to two).
-
-    ``refit_final(burn)`` returns the final loss forecast with that burn-in (in warm-ups), or None
-    when too few points remain. None when no refit was possible.
-    A degenerate fit (the law's L0, A and alpha traded against each other along a short stretch
-    of curve) shows here first: its in-sample residuals barely change, its extrapolation does.
-    """
-    # The burn-in never ends before the warm-up does, so 0 (the paper's rule) fits from one
-    # warm-up on, and halving it changes nothing: raise it instead (to 2 warm-ups), rather than
-    # report no spread, which read as "not sensitive".
-    base = max(float(burn_in_warmups), 1.0)
-    burns = [f * base if f * base > 1.0 else 2.0 * base for f in BURN_IN_FACTORS]
-    finals = [refit_final(burn) for burn in burns]
-    finals = [f for f in finals if f is not None and math.isfinite(f)]
-    if not finals:
-        return None
-    return max(abs(f - final_loss) for f in finals) / max(abs(final_loss), 1e-12)
+def widen_band(band: CurveBand, steps: np.ndarray, last_fitted: int,
+               final: tuple[float, float]) -> CurveBand:
+    """``band`` (at schedule steps ``steps``) with its end set to ``final`` (:func:`final_band`):
+    the widening grows linearly from the last fitted step to the end, none before it."""
+    steps = np.asarray(steps, dtype=float)
+    share = np.clip((steps - last_fitted) / max(steps[-1] - last_fitted, 1.0), 0.0, 1.0)
+    low = band.low - share * max(band.low[-1] - final[0], 0.0)
+    high = band.high + share * max(final[1] - band.high[-1], 0.0)
+    return replace(band, low=low, high=high)
 
 
 def curve_indices(schedule: Schedule, measured_tokens: Sequence[float] = (),
@@ -658,13 +600,22 @@ def forecast_history(
     cidx = curve_indices(schedule, points.tokens)
     band = bootstrap_band(s1, s2, loss, areas.s1[cidx], areas.s2[cidx],
                           fit=fit, replicates=replicates, confidence=confidence, seed=seed)
-    spread = burn_in_spread(float(band.estimate[-1]), refit_final, burn_in_warmups)
+    final = float(band.estimate[-1])
+    finals = burn_in_finals(refit_final, burn_in_warmups)
+    end = schedule.tokens.size - 1
+    n_own = idx.size  # this run's points come first in s1, s2, loss
+    held = holdout(s1[:n_own], s2[:n_own], loss[:n_own], idx, end, areas.s1[-1], areas.s2[-1])
+    no_annealing = fit.law.C <= 0 and annealing_share(areas, int(idx[-1])) < ANNEALING_SEEN_MIN
+    band = widen_band(band, cidx, int(idx[-1]),
+                      final_band(final, float(band.low[-1]), float(band.high[-1]), finals, held,
+                                 no_annealing))
     return Forecast(fit=fit, schedule=schedule, decay=decay, loss_kind=kind,
                     fitted_tokens=schedule.tokens[idx], fitted_loss=y,
                     measured_tokens=np.asarray(points.tokens, dtype=float),
                     measured_steps=np.asarray(points.steps), measured_loss=np.asarray(points.loss),
                     curve_index=cidx, band=band, areas=areas, also_fit=tuple(others),
-                    burn_in_spread=spread, notes=tuple(notes), warnings=warnings)
+                    burn_in_spread=spread_of(final, finals), holdout=held, notes=tuple(notes),
+                    warnings=warnings)
 
 
 def load_recipes(recipes: Sequence[Union[str, Path]]) -> list:

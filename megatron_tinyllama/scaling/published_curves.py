@@ -21,12 +21,12 @@ from typing import Optional, Union
 import numpy as np
 
 from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, fit_curve, lr_areas
-from megatron_tinyllama.scaling.forecast import (
-    BURN_IN_WARMUPS,
+from megatron_tinyllama.scaling.forecast import BURN_IN_WARMUPS, check_burn_in
+from megatron_tinyllama.scaling.forecast_trust import (
     annealing_share,
     burn_in_spread,
-    check_burn_in,
     fit_caveats,
+    holdout,
     refit_final_loss,
 )
 from megatron_tinyllama.scaling.runs import RunFileError
@@ -175,10 +175,59 @@ def check_size(size: str, *, burn_in_warmups: float = BURN_IN_WARMUPS,
 
         spread = burn_in_spread(final, refit_final, burn_in_warmups)
         seen = annealing_share(c_areas, int(c_idx[-1]))
+        held = holdout(c_areas.s1[c_idx], c_areas.s2[c_idx], c_y, c_idx, int(curve.steps[-1]),
+                       end_s1, end_s2)
         measured = float(curve.loss[-1])
         out["first30"][name] = {
             "fitted_points": int(c_idx.size), "forecast_end": final, "measured_end": measured,
             "end_error": abs(final - measured) / measured, "burn_in_spread": spread,
             # No band here: the band-below-zero caveat reads the forecast end alone.
-            "caveats": list(fit_caveats(early.law, seen, final, final, spread))}
+            "caveats": list(fit_caveats(early, seen, final, final, spread, held))}
+    return out
+
+
+def replay_live(size: str, name: str, *, every: int = 1, curves_dir: Union[str, Path] = CURVES_DIR,
+                **live_options) -> dict:
+    """One released run's points replayed through the trainer's live check
+    (:class:`~megatron_tinyllama.train.forecast_live.LiveForecast`), as if it were evaluated at
+    each of them: how often its forecast of the final loss held the run's measured end.
+
+    Args:
+        every: check one point in ``every`` (the others are still observed and fitted), to cut the
+            cost of a quick look; 1 checks all.
+        live_options: passed to ``LiveForecast`` (``burn_in_warmups``, ``min_points``, ...).
+
+    Returns:
+        ``{"size", "name", "checks", "inside", "off_2pct", "off_2pct_no_caveat", "warned",
+        "end"}``: checks made, those whose final band held the measured end, those more than 2%
+        off the end (and of them without a caveat), and false alarms (a released run has no
+        fault, so every warning is one).
+    """
+    from megatron_tinyllama.scaling.forecast import Schedule, Segment
+    from megatron_tinyllama.train.forecast_live import LiveForecast
+
+    curve = load_curve(size, name, curves_dir)
+    n = curve.lr.size
+    # Step s (0-based, as the release counts) is the schedule's index s: its "tokens" are s + 1.
+    schedule = Schedule(tokens=np.arange(1, n + 1, dtype=float), lr=curve.lr,
+                        step_tokens=np.ones(n), segment=np.zeros(n, dtype=int),
+                        segments=(Segment(name=name, start_tokens=0, end_tokens=n, batch_tokens=1,
+                                          optimizer=None, schedule_tokens=n),))
+    live = LiveForecast(schedule, **live_options)
+    end = float(curve.loss[-1])
+    out = {"size": f"{size}M", "name": name, "checks": 0, "inside": 0, "off_2pct": 0,
+           "off_2pct_no_caveat": 0, "warned": 0, "end": end}
+    for i, (step, loss) in enumerate(zip(curve.steps, curve.loss)):
+        if i % every:
+            live.points.add(int(step) + 1, int(step), float(loss))
+            continue
+        check = live.observe(int(step), int(step) + 1, float(loss))
+        if check is None:
+            continue
+        out["checks"] += 1
+        out["inside"] += int(check.final_low <= end <= check.final_high)
+        off = abs(check.final_loss - end) / end > 0.02
+        out["off_2pct"] += int(off)
+        out["off_2pct_no_caveat"] += int(off and not check.caveats)
+        out["warned"] += int(check.warned)
     return out

@@ -28,14 +28,20 @@ from megatron_tinyllama.scaling.forecast import (
     BURN_IN_WARMUPS,
     Points,
     Schedule,
-    annealing_share,
     build_schedule,
-    burn_in_spread,
-    fit_caveats,
     fit_points,
     load_history,
-    refit_final_loss,
     segment_of,
+)
+from megatron_tinyllama.scaling.forecast_trust import (
+    ANNEALING_SEEN_MIN,
+    annealing_share,
+    burn_in_finals,
+    final_band,
+    fit_caveats,
+    holdout,
+    refit_final_loss,
+    spread_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -173,13 +179,19 @@ class LiveForecast:
                 "%.4f from the %d evaluations before it): a loss spike, a data problem or a bad "
                 "restart? Forecast final loss was %.4f [%.4f, %.4f]", step, loss, low, high,
                 expected, idx.size, band.estimate[1], band.low[1], band.high[1])
-        spread = burn_in_spread(float(band.estimate[1]), self._refit_final, self.burn_in_warmups)
-        caveats = tuple(fit_caveats(fit.law, annealing_share(areas, int(idx[-1])),
-                                    float(band.estimate[1]), float(band.low[1]), spread))
+        # The final band adds the law's own uncertainty to the bootstrap's (forecast_trust.py);
+        # the band at this step, which raises the alarm, stays the bootstrap's.
+        final = float(band.estimate[1])
+        finals = burn_in_finals(self._refit_final, self.burn_in_warmups)
+        held = holdout(s1, s2, y, idx, last, areas.s1[-1], areas.s2[-1])
+        seen = annealing_share(areas, int(idx[-1]))
+        final_low, final_high = final_band(final, float(band.low[1]), float(band.high[1]),
+                                           finals, held,
+                                           fit.law.C <= 0 and seen < ANNEALING_SEEN_MIN)
+        caveats = tuple(fit_caveats(fit, seen, final, final_low, spread_of(final, finals), held))
         return LiveCheck(step=step, loss=loss, expected=expected, low=low, high=high,
-                         final_loss=float(band.estimate[1]), final_low=float(band.low[1]),
-                         final_high=float(band.high[1]), distance=float(distance), warned=warned,
-                         caveats=caveats)
+                         final_loss=final, final_low=final_low, final_high=final_high,
+                         distance=float(distance), warned=warned, caveats=caveats)
 
     def _refit_final(self, burn_in_warmups: float) -> Optional[float]:
         """The final loss forecast from the same points with another burn-in (None: < 5 left)."""

@@ -642,3 +642,36 @@ def test_a_stage_on_another_validation_set_starts_a_new_curve(tmp_path, capsys):
     # Live: resumed into stage 2 at step 150, the check knows only stage 2's points.
     live = LiveForecast.for_run(config_from_dict(d2), int(tokens[149]))
     assert len(live.points) == 10 and min(live.points.tokens) > end1
+
+
+def test_caveats_for_a_parameter_at_a_bound_and_a_misfit():
+    """Three fits the issue found without a caveat: alpha at the end of the fitting grid (4.0),
+    a forward term A that explains less than the scatter, and a law that misses its own last
+    third (the curve turns up: a loss rising after a data change)."""
+    from megatron_tinyllama.scaling.curve import fit_curve
+    from megatron_tinyllama.scaling.forecast_trust import fit_caveats, holdout
+
+    s1 = np.linspace(0.05, 0.6, 40)
+    s2 = np.zeros_like(s1)
+    # A drop of 0.5 over the first points, steeper than any alpha the fit takes.
+    steep = fit_curve(s1, s2, 3.0 + 0.5 * (s1 / 0.05) ** -8.0)
+    assert steep.law.alpha == pytest.approx(4.0, rel=1e-3)
+    assert list(fit_caveats(steep, 1.0, 3.0, 3.0)) == ["alpha_at_bound"]
+    rng = np.random.default_rng(0)
+    flat = fit_curve(s1, s2, 3.0 + rng.normal(0, 0.01, s1.size))
+    assert "A_near_zero" in fit_caveats(flat, 1.0, 3.0, 3.0)
+    good = fit_curve(s1, s2, TRUE(s1, s2) + rng.normal(0, 0.002, s1.size))
+    assert fit_caveats(good, 1.0, 3.0, 3.0) == {}
+
+    steps = np.arange(40) * 10 + 100
+    bent = TRUE(s1, s2) + np.where(np.arange(40) >= 27, 0.004 * (np.arange(40) - 26), 0.0)
+    fit = fit_curve(s1, s2, bent)
+    held = holdout(s1, s2, bent, steps, 2000, 1.2, 0.0)
+    assert held is not None and held.distance_ratio > 1
+    caveats = fit_caveats(fit, 1.0, 3.0, 3.0, held=held)
+    assert "misfit" in caveats and "misses the last third by" in caveats["misfit"]
+    # The same curve without the turn: no misfit.
+    clean = TRUE(s1, s2) + rng.normal(0, 0.002, s1.size)
+    fit = fit_curve(s1, s2, clean)
+    held = holdout(s1, s2, clean, steps, 2000, 1.2, 0.0)
+    assert "misfit" not in fit_caveats(fit, 1.0, 3.0, 3.0, held=held)
