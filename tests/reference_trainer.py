@@ -5,14 +5,16 @@ cross-entropy over the global batch, accumulated over micro-batches, ``clip_grad
 with weight decay on matrices only, and a linear-warm-up + cosine LR written out here (not
 imported from the stack). In ``bf16`` it runs the usual mixed-precision recipe by hand: fp32 master
 weights, a bf16 working copy for forward and backward, gradients accumulated in fp32, the
-optimizer on the fp32 master, the working copy refreshed from it after each step.
+optimizer on the fp32 master, the working copy refreshed from it after each step. In ``fp64``
+everything is float64: the fp32 run's own rounding error is measured against it
+(:attr:`ReferenceRun.weight_tolerance`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,6 +42,9 @@ class ReferenceRun:
     grad_norms: list[float] = field(default_factory=list)
     """Gradient norm before clipping, per step."""
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight_tolerance: float = 0.0
+    """fp32 only: how far another correct fp32 run may end from ``state`` (see
+    :func:`fp32_weight_tolerance`)."""
 
 
 def reference_lr(tokens: int, s: ReferenceSettings) -> float:
@@ -56,7 +61,8 @@ def train_reference(hf_dir: Path, global_batches: Sequence[Sequence[torch.Tensor
     token rows of length seq + 1) and return per-step losses, pre-clip norms and final weights."""
     import transformers
 
-    master = transformers.LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    dtype = torch.float64 if settings.precision == "fp64" else torch.float32
+    master = transformers.LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
     master.train()
     work = master
     if settings.precision == "bf16":
@@ -76,7 +82,8 @@ def train_reference(hf_dir: Path, global_batches: Sequence[Sequence[torch.Tensor
         for rows in micro_batches:
             inputs, labels = rows[:, :-1], rows[:, 1:]
             logits = work(input_ids=inputs).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
             (loss / len(micro_batches)).backward()
             step_loss += loss.item() / len(micro_batches)
             if work is not master:  # accumulate the bf16 gradients in fp32 on the master
@@ -97,4 +104,33 @@ def train_reference(hf_dir: Path, global_batches: Sequence[Sequence[torch.Tensor
         run.grad_norms.append(norm.item())
         on_step(step)
     run.state = {k: v.detach().clone() for k, v in master.state_dict().items()}
+    if settings.precision == "fp32":
+        run.weight_tolerance = fp32_weight_tolerance(hf_dir, global_batches, settings, run)
     return run
+
+
+def fp32_weight_tolerance(hf_dir: Path, global_batches: Sequence[Sequence[torch.Tensor]],
+                          settings: ReferenceSettings, run: ReferenceRun) -> float:
+    """How far a correct fp32 training of the same model may end from ``run``'s weights.
+
+    Derived, not fitted on one CPU (a fixed 1e-5 failed at 1.38e-5 on a Xeon held to AVX2): Adam
+    turns the fp32 rounding noise of near-zero gradients into updates of up to ~lr, so the final
+    weights carry an error far above 2^-24 * |w| that depends on the summation order (GEMM
+    blocking, micro-batch accumulation, the DP all-reduce). This run's own error is measured
+    against the same training in float64 (one micro-batch per step: at float64 the order moves
+    nothing, 3e-14): fp32_error = max |w_fp32 - w_fp64|. Any other correct fp32 run (the stack:
+    other GEMMs, DP ranks, ZeRO partitions) has an error of the same kind; merely regrouping this
+    run's micro-batches (4 instead of 8) ended 1.3-2.1 fp32_error from float64 (AMX and AVX2),
+    so one within c = 3 fp32_error of float64 is within (c + 1) fp32_error of ``run``:
+    tolerance 4 fp32_error (fp32_error 7.4e-6 on a Xeon, 8.0e-6 held to AVX2: tolerance 2.9e-5
+    and 3.2e-5; the stack came within 1.3e-5, ZeRO-2 held to AVX2). Floor: each step rounds each
+    weight, in each run, by up to 2^-24 |w|. Moments loaded as zeros on a resume miss it by 30x
+    (9.3e-4: the first Adam step after losing them moves weights by ~lr = 1e-3).
+    """
+    sizes = {rows.shape[0] for micro_batches in global_batches for rows in micro_batches}
+    assert len(sizes) == 1, f"micro-batches of unequal sizes {sizes}: their mean is not the batch's"
+    whole = [[torch.cat(list(micro_batches))] for micro_batches in global_batches]
+    exact = train_reference(hf_dir, whole, replace(settings, precision="fp64"))
+    fp32_error = max((run.state[k].double() - exact.state[k]).abs().max().item() for k in run.state)
+    largest = max(v.abs().max().item() for v in run.state.values())
+    return max(4 * fp32_error, 2 * len(global_batches) * 2.0 ** -24 * largest)
