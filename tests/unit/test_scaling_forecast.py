@@ -675,3 +675,34 @@ def test_caveats_for_a_parameter_at_a_bound_and_a_misfit():
     fit = fit_curve(s1, s2, clean)
     held = holdout(s1, s2, clean, steps, 2000, 1.2, 0.0)
     assert "misfit" not in fit_caveats(fit, 1.0, 3.0, 3.0, held=held)
+
+
+def test_the_forecast_plot_shows_the_run_not_the_law_in_the_warm_up(tmp_path):
+    """The --png figure: the y-axis spans the measured losses (the law through the warm-up ran
+    to 7e13 and flattened the run), burn-in points are marked as not fitted, the law is drawn
+    from the first fitted point, and the caveats are in the title."""
+    import matplotlib.pyplot as plt
+
+    from megatron_tinyllama.scaling.plots import forecast_figure
+
+    total = 128 * BATCH
+    cfg = {**recipe(total, save_dir=str(tmp_path / "run")),
+           "optimizer": {"lr": 8e-3, "min_lr": 8e-4, "warmup_tokens": 4 * BATCH}}
+    steps = np.arange(2, 129, 2)
+    write_run(tmp_path / "run", cfg, [{"step": int(s), "tokens": int(s) * BATCH, "valid_loss": v}
+                                      for s, v in zip(steps, FRESH_COSINE_LOSS)])
+    fc = forecast_history(load_history(tmp_path / "run"), fit_until_step=38, replicates=20)
+    data = fc.to_json()
+    assert data["caveat_keys"] and data["fit"]["from_tokens"] == 20 * BATCH
+    fig = forecast_figure(data, measured=(fc.measured_tokens, fc.measured_loss),
+                          fitted_until_tokens=float(fc.fitted_tokens.max()))
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert min(FRESH_COSINE_LOSS) - 0.3 < low < min(FRESH_COSINE_LOSS)
+    assert max(FRESH_COSINE_LOSS) < high < max(FRESH_COSINE_LOSS) + 0.3
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"measured, fitted", "measured, burn-in (not fitted)",
+            "measured after the fit (not fitted)"} <= set(labels)
+    assert ax.lines[0].get_xdata().min() >= 20 * BATCH  # the law from the first fitted point
+    assert "caveats: " + ", ".join(data["caveat_keys"]) in ax.get_title()
+    plt.close(fig)
