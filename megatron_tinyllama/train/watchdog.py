@@ -23,6 +23,10 @@
   the stall timeout, so a collective stuck where no Python thread runs ends the rank too.
   The last complete checkpoint is untouched: a stall never leaves a save half-counted, because a
   checkpoint counts only once its ``trainer_state.json`` is written.
+* A peer gone mid-collective (its node lost, its processes killed): the collective raises
+  ("Connection closed by peer"); leaving :class:`StallWatchdog`'s block with that error, the rank
+  names the lost ranks and their node and host from the heartbeats that stopped, and ends with
+  :data:`EXIT_PEER_LOST` instead of gloo's traceback.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import json
 import logging
 import os
 import pickle
+import re
+import socket
 import sys
 import threading
 import time
@@ -42,7 +48,19 @@ logger = logging.getLogger(__name__)
 EXIT_STALLED = 4
 """Exit status of a rank that saw no progress for ``train.stall_timeout_minutes``."""
 
+EXIT_PEER_LOST = 5
+"""Exit status of a rank whose peer is gone mid-collective (its node lost, its processes killed)."""
+
+# What gloo and NCCL say when the other end of a collective is gone.
+_PEER_LOST_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                      "ncclRemoteError", "NCCL communicator was aborted", "Connection refused")
+
 _POLL_S = 1.0
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """True for the error a collective raises when a peer's process is gone."""
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_LOST_MARKERS)
 
 
 def _is_deepspeed_launch(cmdline: list[str]) -> bool:
@@ -329,6 +347,12 @@ class StallWatchdog:
         self._store = None
         self._previous_status: Optional[dict] = None
         self._done = threading.Event()
+        self._exiting = False
+        from megatron_tinyllama.parallel.init import read_launcher_env
+
+        launcher = read_launcher_env()  # ranks are consecutive per node, as deepspeed and torchrun start them
+        self._where_am_i = {"node": rank // max(1, launcher.local_world_size),
+                            "host": socket.gethostname()}
 
     @property
     def collective_timeout_s(self) -> Optional[float]:
@@ -351,8 +375,52 @@ class StallWatchdog:
                 threading.Thread(target=self._heartbeats, name="stall-heartbeat", daemon=True).start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and is_peer_lost(exc):
+            # Named here, not as gloo's 97-line traceback: the heartbeats (still going, the
+            # other survivors' too) tell the lost ranks from the living.
+            self._exiting = True
+            self._report_lost_peer(exc)
+            self._done.set()
+            _hard_exit(EXIT_PEER_LOST)
         self._done.set()
+
+    def _report_lost_peer(self, error: BaseException) -> None:
+        last = self._snapshot()
+        where = _where(last[2], last[3]) if last else "start"
+        # gloo's line, less its source location and its advice: "Connection closed by peer [ip]:port"
+        first_line = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [""])[0])
+        first_line = first_line.split(". ")[0][:300] or type(error).__name__
+        lines = [f"rank {self.rank}: a peer is gone, in {where}: {first_line}"]
+        store = self._store
+        if store is None:
+            lines.append("no heartbeats tell which rank (the stall watchdog is off: "
+                         f"{self.setting} is null, or the rendezvous store was never reached)")
+        else:
+            first = self._read_peers(store)
+            if first is None:
+                lines.append("the rendezvous store (hosted by rank 0's process) does not answer: "
+                             "rank 0's node is lost or unreachable")
+            else:
+                self._sleep(2 * self.interval_s + 0.5)  # a live peer beats at least twice meanwhile
+                second = self._read_peers(store) or {}
+                lost = [peer for peer in range(self.world_size) if peer != self.rank
+                        and (peer not in second
+                             or (peer in first and second[peer]["beat"] == first[peer]["beat"]))]
+                for peer in lost:
+                    beat = second.get(peer) or first.get(peer)
+                    at = (f"its last heartbeat: {_where(beat['step'], beat['what'])}, begun "
+                          f"{_clock(beat['since'])}") if beat else "no heartbeat at all"
+                    node = (f"node {beat['node']}, host {beat['host']}" if beat and "node" in beat
+                            else "node unknown")
+                    lines.append(f"rank {peer} ({node}) lost: {at}")
+                if not lost:
+                    lines.append("every other rank's heartbeat goes on: the connection between "
+                                 "the nodes failed, not a process")
+        lines.append(f"exiting with status {EXIT_PEER_LOST}; the last complete checkpoint is intact: "
+                     "the same command resumes once the node is back, or on the nodes left "
+                     "(the checkpoint is resharded to the new world)")
+        logger.error("peer lost:\n  %s", "\n  ".join(lines))
 
     def progress(self, step: int, what: str) -> None:
         """This rank is starting ``what`` (``"step"``, ``"evaluation"``, ``"checkpoint save"``)."""
@@ -368,6 +436,8 @@ class StallWatchdog:
     def _run(self) -> None:
         while not self._done.wait(self.interval_s):
             last = self._snapshot()
+            if self._exiting:  # a lost peer is being reported
+                return
             if last is not None and time.monotonic() - last[0] >= self.timeout_s:
                 self._report(self._store, last)
                 _hard_exit(EXIT_STALLED)
@@ -381,7 +451,7 @@ class StallWatchdog:
         # The entries are read only when a collective has been open a whole interval: rare
         # while training goes well, and then the report wants its name.
         return {"beat": self._beat, "step": last[2], "what": last[3], "since": last[1],
-                "at": main_thread_at(), "collectives": status,
+                **self._where_am_i, "at": main_thread_at(), "collectives": status,
                 "pending": pending_collectives() if stuck else []}
 
     def _heartbeats(self) -> None:

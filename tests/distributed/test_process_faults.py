@@ -115,3 +115,49 @@ def test_a_rank_alive_but_outside_the_collective_is_named_with_where_it_is(tmp_p
             for r, d in dumps.items() if any(e["pg_id"] == 0 for e in d["entries"])}
     assert last.get(0, 0) >= last.get(1, 0)
     assert took < 60, took  # caught within the timeout and the report, not the process-group timeout
+
+
+def _node_lost_worker(rank, world_size, tree, log_path):
+    """One rank per simulated node; rank 1's node is lost (SIGKILL: no handler, no goodbye) at
+    the first micro-batch of step 3."""
+    from megatron_tinyllama.config import config_from_dict
+    from megatron_tinyllama.train import loop
+    from tests.distributed.synthetic import synthetic_batches
+
+    _log_to(Path(f"{log_path}.rank{rank}"))
+    os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")  # as a launcher of 1-rank nodes sets
+    original, calls = loop.compute_loss, {"n": 0}
+
+    def losing(te, cfg, batch):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 5:
+            time.sleep(1.5)  # its heartbeat has published step 3
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(te, cfg, batch)
+
+    loop.compute_loss = losing
+    loop.train(config_from_dict(tree), batch_source=synthetic_batches)
+
+
+def test_a_lost_node_is_named_by_the_survivor_which_exits_with_the_peer_lost_status(tmp_path):
+    from megatron_tinyllama.train.watchdog import EXIT_PEER_LOST
+
+    save_dir = tmp_path / "run"
+    tree = recipe(save_dir, 6)
+    tree["train"]["stall_timeout_minutes"] = 0.1  # 6 s: the loss is seen at once, not by the timer
+    procs = start_ranks(_node_lost_worker, 2, tree, str(tmp_path / "n.log"))
+    try:
+        for proc in procs:
+            proc.join(timeout=90)
+        assert [proc.exitcode for proc in procs] == [EXIT_PEER_LOST, -signal.SIGKILL]
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=30)
+    log = Path(f"{tmp_path / 'n.log'}.rank0").read_text()
+    assert "rank 0: a peer is gone, in step 3: Connection closed by peer [127.0.0.1]:" in log
+    assert f"rank 1 (node 1, host {os.uname().nodename}) lost: its last heartbeat: step 3, begun" in log
+    assert f"exiting with status {EXIT_PEER_LOST}; the last complete checkpoint is intact" in log
+    assert "Traceback" not in log
+    assert (save_dir / "global_step000002" / "trainer_state.json").is_file()
