@@ -17,7 +17,6 @@ This module owns the demo's steps and what it shows while they run:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -43,7 +42,9 @@ log = logging.getLogger("demo")
 # Rank 0's metric lines (train/metrics.py), as they arrive from the launcher.
 _STEP_LINE = re.compile(r"train\.metrics: step (?P<step>\d+) \| loss (?P<loss>\S+) .*\| "
                         r"(?P<tokens_per_s>[\d,]+) tok/s")
-_VALID_LINE = re.compile(r"train\.metrics: step (?P<step>\d+) \| validation loss (?P<loss>\S+)")
+_VALID_LINE = re.compile(r"train\.metrics: step (?P<step>\d+) \| validation loss (?P<loss>\S+)"
+                         r"(?: \| forecast final loss (?P<forecast>\S+) \[(?P<low>[^,]+), "
+                         r"(?P<high>[^\]]+)\])?")
 _RANK_LINE = re.compile(r"^\[rank(?P<rank>\d+)\] [\d:]+ (?P<level>\w+) [\w.]+: (?P<message>.*)$")
 
 
@@ -128,17 +129,22 @@ class TrainingDisplay:
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                                    "[{elapsed}<{remaining}{postfix}]")
         self.valid_losses: list[tuple[int, float]] = []
+        self.forecast: Optional[str] = None
+        """The live check's latest forecast of the final loss, shown beside the loss."""
 
     def __call__(self, line: str) -> None:
         line = line.rstrip("\n")
         step = _STEP_LINE.search(line)
         if step:
             self.bar.update(int(step["step"]) - self.bar.n)
+            forecast = f", forecast end {self.forecast}" if self.forecast else ""
             self.bar.set_postfix_str(f"loss {float(step['loss']):.3f}, "
-                                     f"{step['tokens_per_s']} tok/s")
+                                     f"{step['tokens_per_s']} tok/s{forecast}")
         valid = _VALID_LINE.search(line)
         if valid:
             self.valid_losses.append((int(valid["step"]), float(valid["loss"])))
+            if valid["forecast"]:
+                self.forecast = f"{float(valid['forecast']):.3f}"
         if self.verbose:
             self.bar.write(line)
         elif not step and line.strip() and not self.noise.is_noise(line):
@@ -171,20 +177,34 @@ class DemoResult:
     """Recipe overrides the run used (the user's, plus the fp32 fallback if any)."""
     train_seconds: float
     total_seconds: float
+    forecast: Optional[dict] = None
+    """:func:`~megatron_tinyllama.scaling.forecast.hindsight_check` of the run (None: not made)."""
+    forecast_problem: Optional[str] = None
 
 
 def _last_metrics(save_dir: Path) -> tuple[Optional[float], Optional[float], int, int]:
-    """(validation loss, training loss, step, tokens) of the run's last records."""
-    valid = train = None
-    step = tokens = 0
-    for line in (save_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        step, tokens = max(step, record["step"]), max(tokens, record.get("tokens", 0))
-        if "valid_loss" in record:
-            valid = record["valid_loss"]
-        if "train_loss" in record:
-            train = record["train_loss"]
+    """(validation loss, training loss, step, tokens) of the run's last records (read by the
+    scaling tools' one reader of metrics.jsonl)."""
+    from megatron_tinyllama.scaling.run_metrics import read_run_metrics
+
+    metrics = read_run_metrics(save_dir / "metrics.jsonl")
+    valid = metrics.valid.loss[-1] if len(metrics.valid) else None
+    train = metrics.train.loss[-1] if len(metrics.train) else None
+    last = [(p.steps[-1], p.tokens[-1]) for p in (metrics.valid, metrics.train) if len(p)]
+    step, tokens = max(last) if last else (0, 0)
     return valid, train, step, tokens
+
+
+def _forecast_check(save_dir: Path) -> tuple[Optional[dict], Optional[str]]:
+    """(the forecast of the final loss from the first 70% of the run against its measured end,
+    None) or (None, why it could not be made): a forecast must never fail the demo."""
+    from megatron_tinyllama.scaling.fit import ScalingError
+    from megatron_tinyllama.scaling.forecast import hindsight_check
+
+    try:
+        return hindsight_check(save_dir, 0.7, replicates=50), None
+    except ScalingError as err:
+        return None, str(err)
 
 
 def run_demo(work_dir: Path, *, ranks: Optional[int] = None, overrides: Sequence[str] = (),
@@ -254,6 +274,7 @@ def run_demo(work_dir: Path, *, ranks: Optional[int] = None, overrides: Sequence
         display.close()
     train_seconds = time.time() - train_start
     valid_loss, train_loss, last_step, tokens = _last_metrics(save_dir)
+    forecast, forecast_problem = _forecast_check(save_dir)
     log.info("3/3 converting to Hugging Face format -> %s; sampling with transformers",
              _show(hf_dir))
     convert_to_hf(save_dir, hf_dir, tokenizer_model=corpus.tokenizer_model, overwrite=True)
@@ -268,7 +289,8 @@ def run_demo(work_dir: Path, *, ranks: Optional[int] = None, overrides: Sequence
                       train_log=work_dir / "train.node0.log", final_valid_loss=valid_loss,
                       final_train_loss=train_loss, steps=last_step, tokens=tokens,
                       samples=samples, overrides=tuple(overrides), train_seconds=train_seconds,
-                      total_seconds=time.time() - start)
+                      total_seconds=time.time() - start, forecast=forecast,
+                      forecast_problem=forecast_problem)
 
 
 def _show(path: Path) -> str:
@@ -277,6 +299,20 @@ def _show(path: Path) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def forecast_line(check: Optional[dict], problem: Optional[str] = None) -> str:
+    """The summary's line on the loss-curve forecast: made from the first 70% of the run, how far
+    it was off the measured end, on which loss, and its caveats."""
+    if check is None:
+        return f"loss-curve forecast: not made ({problem})"
+    kind = "validation" if check["loss_kind"] == "valid_loss" else \
+        "training (too few validation points; see tinyllama-scaling forecast)"
+    caveats = f"; caveats: {', '.join(check['caveat_keys'])}" if check["caveat_keys"] else ""
+    return (f"loss-curve forecast from the first {check['fit_until_step']} steps ({kind} loss): "
+            f"final loss {check['final_loss']:.3f} [{check['band'][0]:.3f}, "
+            f"{check['band'][1]:.3f}], measured {check['measured_end']:.3f} at step "
+            f"{check['measured_end_step']}: {100 * check['error']:+.1f}%{caveats}")
 
 
 def report(result: DemoResult) -> str:
@@ -290,6 +326,7 @@ def report(result: DemoResult) -> str:
         f"done in {result.total_seconds:.0f} s (training {result.train_seconds:.0f} s): "
         f"validation loss {valid} on held-out documents (training loss {train}) after "
         f"{result.steps} steps, {result.tokens:,} tokens",
+        forecast_line(result.forecast, result.forecast_problem),
         "",
     ]
     for sample in result.samples:

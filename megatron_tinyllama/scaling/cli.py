@@ -209,11 +209,42 @@ def cmd_forecast_published(args) -> int:
             cells.append(f"{r['size']} {100 * c['end_error']:.2f}%; "
                          f"{100 * (c['burn_in_spread'] or 0):.1f}%; {caveats}")
         print(f"  {name:20s} " + " | ".join(cells))
+    if args.live_every:
+        _print_live_replay(args, burn, results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def _print_live_replay(args, burn: float, results: list) -> None:
+    """Every published run replayed through the trainer's live check (``--live-every``)."""
+    from megatron_tinyllama.scaling.published_curves import CURVES_DIR, SCHEDULES, replay_live
+
+    if args.live_every < 1:
+        raise RunFileError(f"--live-every must be >= 1, got {args.live_every}")
+    print(f"live check replayed (one check in {args.live_every}; burn-in {burn:g} warm-ups): "
+          "final band holds the end / checks; >2% off without a caveat; false alarms")
+    total = {"checks": 0, "inside": 0, "off_2pct": 0, "off_2pct_no_caveat": 0, "warned": 0}
+    for r in results:
+        size = r["size"].rstrip("M")
+        r["live"] = []
+        for name in SCHEDULES:
+            rep = replay_live(size, name, every=args.live_every, burn_in_warmups=burn,
+                              curves_dir=args.curves_dir or CURVES_DIR)
+            r["live"].append(rep)
+            for key in total:
+                total[key] += rep[key]
+            print(f"  {r['size']:>5s} {name:20s} {rep['inside']:4d} / {rep['checks']:4d}; "
+                  f"{rep['off_2pct_no_caveat']:3d} of {rep['off_2pct']:3d} off; "
+                  f"{rep['warned']} alarms")
+    checks = max(total["checks"], 1)
+    print(f"  all: end inside the {100 * 0.95:g}% band in {total['inside']} of {total['checks']} "
+          f"checks ({100 * total['inside'] / checks:.1f}%); more than 2% off without a caveat in "
+          f"{total['off_2pct_no_caveat']} of {total['checks']} "
+          f"({100 * total['off_2pct_no_caveat'] / checks:.1f}%; {total['off_2pct']} off in all); "
+          f"false alarms {total['warned']}")
 
 
 def cmd_fit(args) -> int:
@@ -639,6 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--decay", type=float, default=0.999, help="lambda of the annealing area")
     sp.add_argument("--curves-dir", type=Path,
                     help="the release's loss_curve_repo folder (default: the packaged copy)")
+    sp.add_argument("--live-every", type=int, default=0, metavar="N",
+                    help="also replay every run through the trainer's live check, checking one "
+                    "point in N (1: all, about 4,200 checks, ~4 minutes on a core): how often the "
+                    "final band held the run's end, and the forecasts more than 2%% off without "
+                    "a caveat")
     sp.add_argument("--out", type=Path, help="write the checks as JSON")
     sp.set_defaults(func=cmd_forecast_published)
     return p

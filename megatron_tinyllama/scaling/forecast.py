@@ -674,3 +674,31 @@ def predict_schedule(fit: CurveFit, fitted: tuple[np.ndarray, np.ndarray, np.nda
     s1, s2, y = fitted
     return bootstrap_band(s1, s2, y, areas.s1[idx], areas.s2[idx], fit=fit,
                           replicates=replicates, confidence=confidence, seed=seed)
+
+
+def hindsight_check(run_dir: Union[str, Path], share: float = 0.7, **kwargs) -> dict:
+    """How well a finished run's end was forecast from its first ``share`` of steps: the
+    forecast (fitted on the records up to that step), the measured end and the relative error.
+
+    A run with few evaluations is fitted on its training loss (:func:`forecast_history` says so
+    in ``notes``) and checked against its last training loss.
+
+    Returns:
+        ``{"fit_until_step", "loss_kind", "final_loss", "band", "measured_end", "error",
+        "caveat_keys", "notes"}``.
+
+    Raises:
+        RunFileError, FitError: the run cannot be read or too few points to fit.
+    """
+    if not 0 < share < 1:
+        raise FitError(f"hindsight check: share must be in (0, 1), got {share}")
+    history = load_history(run_dir)
+    total = build_schedule(history.segments).tokens.size
+    until = max(int(share * total), 1)
+    fc = forecast_history(history, fit_until_step=until, **kwargs)
+    end = float(fc.measured_loss[-1])
+    return {"fit_until_step": until, "loss_kind": fc.loss_kind, "final_loss": fc.final_loss,
+            "band": [float(fc.band.low[-1]), float(fc.band.high[-1])], "measured_end": end,
+            "measured_end_step": int(fc.measured_steps[-1]),
+            "error": (fc.final_loss - end) / end, "caveat_keys": list(fc.caveats_by_key()),
+            "notes": list(fc.notes)}

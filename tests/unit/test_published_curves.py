@@ -104,3 +104,19 @@ def test_the_live_band_holds_the_end_of_a_long_published_run():
     assert r["checks"] == 47 and r["warned"] == 0
     assert r["inside"] >= 0.75 * r["checks"]
     assert r["off_2pct"] >= 3 and r["off_2pct_no_caveat"] == 0
+
+
+def test_forecast_published_replays_the_live_check(tmp_path, capsys):
+    out = tmp_path / "published.json"
+    assert main(["forecast-published", "--sizes", "25", "--live-every", "40",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "live check replayed (one check in 40; burn-in 5 warm-ups)" in text
+    (data,) = json.loads(out.read_text())
+    live = data["live"]
+    assert [r["name"] for r in live] == list(SCHEDULES)
+    checks, inside = sum(r["checks"] for r in live), sum(r["inside"] for r in live)
+    assert f"all: end inside the 95% band in {inside} of {checks} checks" in text
+    assert checks > 30 and sum(r["warned"] for r in live) == 0
+    assert main(["forecast-published", "--sizes", "25", "--live-every", "-1"]) == 2
+    assert "--live-every must be >= 1" in capsys.readouterr().err

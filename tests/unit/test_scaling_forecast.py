@@ -706,3 +706,37 @@ def test_the_forecast_plot_shows_the_run_not_the_law_in_the_warm_up(tmp_path):
     assert ax.lines[0].get_xdata().min() >= 20 * BATCH  # the law from the first fitted point
     assert "caveats: " + ", ".join(data["caveat_keys"]) in ax.get_title()
     plt.close(fig)
+
+
+def test_few_evaluations_fall_back_to_the_training_loss_said(tmp_path, capsys):
+    """The demo evaluates 3 times in 336 steps: the forecast refused (2 validation points past
+    the burn-in) and nothing was shown. With the training loss logged every 5 steps the curve is
+    fitted on it, a note says so, and the demo's summary line (hindsight check from the first
+    70%) gives the forecast and how far it was off."""
+    from megatron_tinyllama.demo import forecast_line
+    from megatron_tinyllama.scaling.forecast import hindsight_check
+
+    run = tmp_path / "run"
+    total = 300 * BATCH
+    cfg = recipe(total, save_dir=str(run))
+    tokens, loss = true_losses([(0, total, BATCH)], config_from_dict(cfg))
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(4, 300, 5):
+        records.append({"step": i + 1, "tokens": int(tokens[i]),
+                        "train_loss": float(loss[i] - 0.05 + rng.normal(0, 0.005))})
+        if (i + 1) % 100 == 0:
+            records.append({"step": i + 1, "tokens": int(tokens[i]), "valid_loss": float(loss[i])})
+    write_run(run, cfg, records)
+    assert main(["forecast", str(run), "--bootstrap", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "note: only 3 validation point(s) past the burn-in (the law needs 5): fitting the 51 " \
+           "training-loss points instead" in text and "on 51 train_loss points" in text
+    check = hindsight_check(run, 0.7, replicates=20)
+    assert check["loss_kind"] == "train_loss" and check["fit_until_step"] == 210
+    assert abs(check["error"]) < 0.01 and check["band"][0] <= check["measured_end"]
+    line = forecast_line(check)
+    assert line.startswith("loss-curve forecast from the first 210 steps (training (too few "
+                           "validation points")
+    assert f"measured {check['measured_end']:.3f} at step 300" in line
+    assert forecast_line(None, "no metrics") == "loss-curve forecast: not made (no metrics)"
