@@ -6,13 +6,17 @@ with ``--layers`` layers (22 is the full 1.1B; fewer when the memory does not ho
 state is created (zeros: the bytes and the time do not depend on the values), then each rank times:
 
 * ``ds_save``: DeepSpeed's ``engine.save_checkpoint`` alone (what a plain DeepSpeed run writes),
-* ``ds_load``: DeepSpeed's ``engine.load_checkpoint`` of it on the same layout (our fast path),
-* ``ours_save``: checkpoint.training.save_training_checkpoint (DeepSpeed's files + RNG + the model
-  export + the layout-free AdamW moments + the manifest), and ``optim_save``: the layout-free
-  moments alone (checkpoint.reshard.save_optimizer_state),
+* ``ds_load``: DeepSpeed's ``engine.load_checkpoint`` of it on the same layout,
+* ``ours_save``: what the training loop waits for, checkpoint.training.CheckpointSaver.save in the
+  background (the copy of the rank's state to host memory), ``ours_save_complete``: until that
+  save is durable (every rank's file written and synced, the manifest, ``latest``), and
+  ``ours_staging_bytes``: the host memory each rank's background save holds (one value per rank),
+* ``ours_sync_save``: the same save written before training goes on (``checkpoint.background_save:
+  false``: no staging copy),
 
-and a second set of processes, at ZeRO-1 (another layout; ``--load-zero-stage``, ``--load-tp``), times
-``reshard_load``: the start plan's load of that checkpoint (checkpoint.reshard.load_resharded).
+and a second set of processes at the save's layout times ``ours_load`` (the start plan's load of
+our checkpoint: the rank's own ranges), and a third, at ZeRO-1 (another layout;
+``--load-zero-stage``, ``--load-tp``), ``reshard_load``.
 For each of these, every rank's anonymous resident memory (RssAnon: tensors, not the page cache)
 is recorded before it and at its peak (sampled every 5 ms), as ``<name>_rss_before`` and
 ``<name>_rss_peak``, one value per rank. Bytes are counted per part of the checkpoint directory.
@@ -117,8 +121,9 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
     results: dict = {}
     with cpu_shim():
         env = initialize_distributed()  # DeepSpeed's comm adopts the gloo group
-        cfg = config_from_dict(_tree(Path(save_dir), ranks, layers, save_stage if phase == "save" else load_stage, preset,
-                                      precision, 1 if phase == "save" else load_tp))
+        other = phase == "load"  # on another layout; "save" and "same-layout load" at the save's
+        cfg = config_from_dict(_tree(Path(save_dir), ranks, layers, load_stage if other else save_stage, preset,
+                                      precision, load_tp if other else 1))
         initialize_model_parallel(cfg.parallel.tensor_parallel_size, 7)
         te = build_engine(cfg, env)
         if phase == "save":
@@ -130,26 +135,34 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
             _timed(lambda: te.engine.save_checkpoint(str(plain), tag="global_step000001"), results, "ds_save")
             if ds_load:  # DeepSpeed reads each rank's whole file into memory first (12P/N bytes)
                 _timed(lambda: te.engine.load_checkpoint(str(plain), tag="global_step000001"), results, "ds_load")
-            _timed(lambda: reshard.save_optimizer_state(te.engine, Path(save_dir) / "optim_only"), results,
-                   "optim_save")
             import logging
 
             class _Breakdown(logging.Handler):  # the save's own line: where its time went
                 def emit(self, record):
                     if record.getMessage().startswith("saved checkpoint"):
-                        results["ours_save_breakdown"] = record.getMessage().partition(" in ")[2] or "-"
+                        results["ours_save_breakdown"] = record.getMessage().partition(": ")[2] or "-"
 
             logging.getLogger(training.__name__).addHandler(_Breakdown())
             logging.getLogger(training.__name__).setLevel(logging.INFO)
-            _timed(lambda: training.save_training_checkpoint(te.engine, cfg, state), results, "ours_save")
+            saver = training.CheckpointSaver(background=True)
+            began = time.perf_counter()
+            _timed(lambda: saver.save(te.engine, cfg, state), results, "ours_save")
+            _timed(saver.wait, results, "ours_wait")
+            results["ours_save_complete"] = time.perf_counter() - began
+            results["ours_staging_bytes"] = saver.last_staging_bytes
+            saver.close()
+            sync = config_from_dict(_tree(Path(save_dir) / "sync", ranks, layers, save_stage, preset, precision))
+            _timed(lambda: training.save_training_checkpoint(te.engine, sync, state), results, "ours_sync_save")
         else:
             plan = training.plan_start(cfg, ranks)
-            _timed(lambda: training.start_state(te.engine, cfg, plan), results, "reshard_load")
+            name = "ours_load" if phase == "same-layout load" else "reshard_load"
+            _timed(lambda: training.start_state(te.engine, cfg, plan), results, name)
     everyone = [None] * ranks
     dist.all_gather_object(everyone, results)
     if rank == 0:  # times are the same on every rank (barriers); memory is per rank
-        merged = {k: v for k, v in everyone[0].items() if "_rss_" not in k}
-        merged.update({k: [r[k] for r in everyone] for k in everyone[0] if "_rss_" in k})
+        per_rank = [k for k in everyone[0] if "_rss_" in k or k == "ours_staging_bytes"]
+        merged = {k: v for k, v in everyone[0].items() if k not in per_rank}
+        merged.update({k: [r[k] for r in everyone] for k in per_rank})
         Path(out).write_text(json.dumps(merged))
     dist.barrier()
     dist.destroy_process_group()
@@ -157,8 +170,7 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
 
 def _bytes(root: Path) -> dict[str, int]:
     tag = root / "global_step000001"
-    parts = {"ours_total": tag, "ours_model_export": tag / "model", "ours_layout_free_moments": tag / "optim",
-             "ds_plain_total": root / "plain" / "global_step000001"}
+    parts = {"ours_total": tag, "ds_plain_total": root / "plain" / "global_step000001"}
     return {name: sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) for name, path in parts.items()}
 
 
@@ -189,8 +201,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         results = {"ranks": args.ranks, "layers": args.layers, "preset": args.preset,
                    "save_zero_stage": args.save_zero_stage, "load_zero_stage": args.load_zero_stage, "load_tp": args.load_tp, "precision": args.precision}
-        for phase in ("save", "load"):
-            out = Path(tmp) / f"{phase}.json"
+        for phase in ("save", "same-layout load", "load"):
+            out = Path(tmp) / f"{phase.replace(' ', '-')}.json"
             mp.spawn(_rank_main, args=(args.ranks, free_port(), tmp, args.layers, args.preset, phase, str(out),
                                                    args.load_zero_stage, args.ds_load, args.precision,
                                                    args.load_tp, args.save_zero_stage),
@@ -199,7 +211,10 @@ def main(argv=None) -> int:
             if phase == "save":  # counted; then only the checkpoint the load reads is kept (disk)
                 results.update(_bytes(Path(tmp)))
                 shutil.rmtree(Path(tmp) / "plain")
-                shutil.rmtree(Path(tmp) / "optim_only")
+                shutil.rmtree(Path(tmp) / "sync")
+                results["ours_total_over_ds_plain"] = results["ours_total"] / results["ds_plain_total"]
+                results["ours_save_over_ds_save"] = results["ours_save"] / results["ds_save"]
+                results["ours_save_complete_over_ds_save"] = results["ours_save_complete"] / results["ds_save"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     for key, value in results.items():

@@ -86,7 +86,7 @@ def load_hf_model(source: Union[str, Path], dtype: torch.dtype = torch.float32):
         mcore_to_hf,
         merge_tp_shards,
     )
-    from megatron_tinyllama.checkpoint.native import load_model_checkpoint, read_model_index
+    from megatron_tinyllama.checkpoint.per_rank import load_model_checkpoint, read_model_index
 
     source = Path(source)
     if is_hf_directory(source):

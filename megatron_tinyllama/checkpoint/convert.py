@@ -34,12 +34,9 @@ from megatron_tinyllama.checkpoint.hf import (
     model_config_from_hf,
     shard_for_tp,
 )
-from megatron_tinyllama.checkpoint.native import (
-    atomic_directory,
-    load_model_checkpoint,
-    read_model_index,
-    save_model_checkpoint,
-)
+from megatron_tinyllama.checkpoint.native import atomic_directory, save_model_checkpoint
+# A model directory or a per-rank training checkpoint.
+from megatron_tinyllama.checkpoint.per_rank import load_model_checkpoint, read_model_index
 # checkpoint.training owns the layout of a run's save_dir; imports go convert -> training only.
 from megatron_tinyllama.checkpoint.training import resolve_model_dir
 from megatron_tinyllama.config import ConfigError

@@ -157,13 +157,20 @@ def checkpoint_problems(tag_dir: Path, only: Optional[str] = None) -> list[str]:
     if read_trainer_state(tag_dir) is None:
         problems.append(f"{tag_dir / TRAINER_STATE}: missing or unreadable")
     try:
-        manifest = json.loads((tag_dir / MANIFEST).read_text())["files"]
+        document = json.loads((tag_dir / MANIFEST).read_text())
+        manifest = document["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        manifest = None
+        document = manifest = None
         if (tag_dir / MANIFEST).exists():
             problems.append(f"{tag_dir / MANIFEST}: unreadable")
     mine = []
-    if manifest is not None:
+    if isinstance(document, dict) and document.get("format") == "per-rank":
+        # Per-rank files (checkpoint.sharded): the writers' digests; each rank re-hashes the
+        # files dealt to it and stats nothing (an NFS attribute cache cannot mislead it).
+        from megatron_tinyllama.checkpoint.sharded import files_to_verify, verify_files
+
+        mine = verify_files(tag_dir, files_to_verify(manifest, rank, world))
+    elif manifest is not None:
         names = sorted(n for n in manifest if only is None or n.startswith(f"{only}/"))
         # Sizes first (cheap, every rank all files): a missing or truncated file is named once and
         # not hashed; the intact ones are cut into the pieces the manifest recorded and dealt.

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from megatron_tinyllama.checkpoint.hf import merge_tp_shards, repad_vocab, shard_for_tp
+from megatron_tinyllama.checkpoint.hf import ConversionError, merge_tp_shards, repad_vocab, shard_for_tp
 from megatron_tinyllama.checkpoint.native import (
     SharedFileFiller,
     create_shared_model_file,
@@ -49,6 +49,8 @@ from megatron_tinyllama.checkpoint.native import (
     read_model_index,
     shard_filename,
 )
+from megatron_tinyllama.checkpoint.per_rank import FORMAT as PER_RANK_FORMAT
+from megatron_tinyllama.checkpoint.per_rank import read_shapes, tensor_key
 from megatron_tinyllama.checkpoint.weights import (
     write_pieces,
     fp32_pieces,
@@ -78,6 +80,12 @@ class ReshardError(RuntimeError):
 
 
 def has_layout_free_state(tag_dir: Path) -> bool:
+    """Whether a checkpoint can be loaded on another layout: per-rank checkpoints always can;
+    older ones when they carry ``optim/``."""
+    from megatron_tinyllama.checkpoint.manifest import read_trainer_state
+
+    if (read_trainer_state(tag_dir) or {}).get("checkpoint_format") == PER_RANK_FORMAT:
+        return True
     return (Path(tag_dir) / OPTIM_DIR / OPTIM_INDEX).is_file()
 
 
@@ -247,6 +255,64 @@ class _Reader:
         return shard_for_tp(full, tp_size)[tp_rank][name]
 
 
+class _PerRankSource(_Reader):
+    """The same reads from a per-rank checkpoint (checkpoint.sharded, format 2): each range is
+    read from the stored chunks that overlap it, whichever rank wrote them."""
+
+    def __init__(self, tag_dir: Path, payload: dict) -> None:  # noqa: D107 - no super(): no files
+        from megatron_tinyllama.checkpoint.sharded import RangeReader
+
+        self.tag_dir = Path(tag_dir)
+        try:
+            self.tp_size = int(payload["layout"]["tensor_parallel_size"])
+            self.step = int(payload["adam_step"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ReshardError(f"{self.tag_dir / 'trainer_state.json'}: no layout or adam_step "
+                               f"({type(err).__name__}: {err})") from None
+        self.source = RangeReader(self.tag_dir)
+        self.shapes: dict[int, dict[str, tuple[int, ...]]] = {}
+
+    @property
+    def bytes_read(self) -> int:
+        return self.source.bytes_read
+
+    def shape(self, tp_rank: int, name: str) -> tuple[int, ...]:
+        if tp_rank not in self.shapes:
+            try:
+                self.shapes[tp_rank] = read_shapes(self.source, self.tag_dir, tp_rank, self.tp_size)
+            except ConversionError as err:
+                raise ReshardError(str(err)) from None
+        if name not in self.shapes[tp_rank]:
+            raise ReshardError(f"{self.tag_dir}: no tensor {name!r} for TP rank {tp_rank}")
+        return self.shapes[tp_rank][name]
+
+    def get_flat_range(self, tp_rank: int, kind: str, name: str, first: int,
+                       count: int) -> tuple[tuple[int, ...], torch.Tensor]:
+        shape = self.shape(tp_rank, name)
+        key = tensor_key(kind, tp_rank, self.tp_size, name)
+        if count <= 0:
+            return shape, torch.empty(0, dtype=torch.float32)
+        try:
+            return shape, self.source.read({key: (first, count)})[key]
+        except KeyError:
+            raise ReshardError(f"{self.tag_dir}: no tensor {key!r}") from None
+
+    def get(self, tp_rank: int, kind: str, name: str) -> torch.Tensor:
+        shape = self.shape(tp_rank, name)
+        return self.get_flat_range(tp_rank, kind, name, 0, int(torch.Size(shape).numel()))[1].reshape(shape)
+
+
+def open_source(tag_dir: Path) -> _Reader:
+    """The reader of a checkpoint's layout-free state: per-rank files (format 2) or, for
+    checkpoints written before them, ``model/`` + ``optim/``."""
+    from megatron_tinyllama.checkpoint.manifest import read_trainer_state
+
+    payload = read_trainer_state(tag_dir) or {}
+    if payload.get("checkpoint_format") == PER_RANK_FORMAT:
+        return _PerRankSource(tag_dir, payload)
+    return _Reader(tag_dir)
+
+
 def prepare_adam_state(engine, step: int) -> None:
     """Give AdamW's state its tensors (zeros) and the saved step count before they are filled.
 
@@ -291,7 +357,7 @@ def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
     """
     from megatron.core import parallel_state
 
-    reader = _Reader(tag_dir)
+    reader = open_source(tag_dir)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     optimizer = inner_optimizer(engine)
@@ -299,7 +365,8 @@ def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
     same_tp = tp_size == reader.tp_size
     partitions_written = False
     for name, param in engine.module.named_parameters():
-        kinds = ("fp32",) + (MOMENTS if param.requires_grad else ())
+        # No moments before AdamW's first step (a checkpoint of step 0 holds none: they stay zero).
+        kinds = ("fp32",) + (MOMENTS if param.requires_grad and reader.step else ())
         if same_tp and zero3_reads_own_partition(param):
             # This rank's range of each tensor, read and written in place: 1/N of the bytes.
             first, count = zero3_partition_range(param)

@@ -1,35 +1,40 @@
 """Training checkpoints: what a run saves, and what it starts from.
 
-This module owns the layout of ``checkpoint.save_dir``, the save, the retention of old checkpoints,
-and the decision of where a run starts (resume, a previous stage, weights only, or nothing); the
-integrity check (manifest, completion marker) is checkpoint.manifest's::
+This module owns the layout of ``checkpoint.save_dir``, the save (in the background), the
+retention of old checkpoints, and the decision of where a run starts (resume, a previous stage,
+weights only, or nothing); the bytes of a checkpoint are checkpoint.sharded's::
 
     latest                      tag of the checkpoint to resume from (written last, atomically)
     config.yaml                 the resolved recipe of the run
     metrics.jsonl               one JSON record per logged step (written by the trainer)
     job.lock                    held by the one job using this save_dir (checkpoint.lock)
-    global_step000100/          DeepSpeed's files (ZeRO shards, optimizer states) for step 100
-        rng/rank00000.pt        every rank's RNG states
-        model/                  per-TP-rank full fp32 weights (see checkpoint.native), for the
-                                converter, for ``init_from`` and as the master weights of a
-                                resume on another layout
-        optim/                  the AdamW moments, layout-free (see checkpoint.reshard)
-        manifest.json           size and hash of every file above
+    global_step000100/
+        state/__<rank>_0.distcp one file per rank: its ranges of the fp32 master weights and the
+                                AdamW moments, its RNG states (checkpoint.engine_state)
+        state/.metadata         torch.distributed.checkpoint's index of every rank's ranges
+        manifest.json           bytes and sha256 of every file, as the writers reported them
         trainer_state.json      counters, recipe, layout, tokenizer: written last = complete
 
-**Complete.** A checkpoint is complete when its ``trainer_state.json`` exists; it is written after
-every other file and the manifest, so a kill at any point of a save leaves an incomplete
-directory that nothing reads. Before loading, every rank re-hashes a share of the files against
-the manifest; a truncated or corrupt file is named, the checkpoint is set aside as
-``<tag>.corrupt`` (resume) and the previous complete checkpoint is used.
+One copy, written once: the same bytes resume the run on any layout (data-parallel size, TP
+degree, ZeRO stage, node-local sharding), feed the HF converter and ``init_from``
+(checkpoint.per_rank). Checkpoints written before per-rank files (DeepSpeed's files + ``model/`` +
+``optim/`` + ``rng/``) still resume, convert and verify as before.
+
+**Complete.** A checkpoint is complete when its ``trainer_state.json`` exists; rank 0 writes it
+after every rank's file is written and synced and the manifest is written, so a kill at any point
+of a save (background or not) leaves an incomplete directory that nothing reads and ``latest`` on
+the previous checkpoint. Before loading, every rank re-hashes its share of the files against the
+manifest (the file its own writer wrote, at the same layout); a truncated or corrupt file is
+named, the checkpoint is set aside as ``<tag>.corrupt`` (resume) and the previous complete one is
+used.
 
 **Where a run starts** (:func:`plan_start`, before anything is built; :func:`start_state` after):
 its own ``save_dir``'s checkpoint named by ``latest`` (or, when ``latest`` is missing or names no
 complete checkpoint, the newest complete one, said in the log), else ``checkpoint.continue_from``
 (a previous stage: full state), else ``checkpoint.init_from`` (weights only), else nothing. The
 saved model shape and tokenizer are compared with the recipe and every difference is named before
-the run refuses. On the layout it was written at, a checkpoint loads through DeepSpeed; on another
-(data-parallel size, TP degree, ZeRO stage, node-local sharding), through checkpoint.reshard.
+the run refuses. A per-rank checkpoint loads through checkpoint.reshard on any layout, each rank
+reading the ranges it holds; an older one through DeepSpeed on its own layout.
 
 **Retention** keeps the ``keep_last`` newest complete checkpoints *of this run* (by step number,
 and only those carrying this run's id): a run never deletes checkpoints it did not write.
@@ -42,16 +47,15 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import shutil
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -68,36 +72,30 @@ from megatron_tinyllama.checkpoint.compat import (
 )
 from megatron_tinyllama.checkpoint.hf import ConversionError
 from megatron_tinyllama.checkpoint.manifest import (
+    MANIFEST,
     TRAINER_STATE,
     checkpoint_problems,
     rank_world,
     read_trainer_state,
     write_atomic,
-    write_manifest,
 )
-from megatron_tinyllama.checkpoint.native import (
-    MODEL_INDEX,
-    SharedFileFiller,
-    create_shared_model_file,
-    read_model_index,
-    save_torch_file,
-    shard_filename,
-    write_model_index,
-)
+from megatron_tinyllama.checkpoint.native import MODEL_INDEX, CheckpointWriteError
+from megatron_tinyllama.checkpoint.per_rank import FORMAT as PER_RANK_FORMAT
+from megatron_tinyllama.checkpoint.per_rank import is_per_rank_checkpoint, read_model_index, rng_key, shapes_key
 from megatron_tinyllama.checkpoint.reshard import (
     ReshardError,
+    adam_step,
     engine_layout,
     has_layout_free_state,
     load_resharded,
-    owned_names,
-    save_optimizer_state,
 )
+from megatron_tinyllama.checkpoint.sharded import manifest_json, save_ranges
 from megatron_tinyllama.checkpoint.weights import (
+    ReplicaDriftError,
     check_tp_replicas,
     load_weights_into_engine,
     param_shape,
     read_shard_for_rank,
-    write_master_weights,
 )
 from megatron_tinyllama.config import ConfigError, JobConfig
 
@@ -201,46 +199,30 @@ def resolve_model_dir(source: Union[str, Path]) -> Path:
         return source
     if (source / "model" / MODEL_INDEX).is_file():
         return source / "model"
-    candidates = resume_candidates(source) if source.is_dir() else []
+    if is_per_rank_checkpoint(source):
+        candidates = [source]
+    else:
+        candidates = resume_candidates(source) if source.is_dir() else []
     if not candidates:
         raise ConversionError(f"{source}: no {MODEL_INDEX}, model/ or complete checkpoint found; "
                               "not a checkpoint")
     skipped = []
     for tag_dir in candidates:
-        problems = [p for p in checkpoint_problems(tag_dir, only="model")]
-        if not (tag_dir / "model" / MODEL_INDEX).is_file():
+        # A per-rank checkpoint's weights are in every rank's file: all of it is checked.
+        per_rank = is_per_rank_checkpoint(tag_dir)
+        problems = checkpoint_problems(tag_dir, only=None if per_rank else "model")
+        if not per_rank and not (tag_dir / "model" / MODEL_INDEX).is_file():
             problems.append(f"{tag_dir / 'model' / MODEL_INDEX}: missing")
         if not problems:
             if skipped:
                 logger.warning("%s: using %s instead (%s)", source, tag_dir.name, "; ".join(skipped))
-            return tag_dir / "model"
+            return tag_dir if per_rank else tag_dir / "model"
         skipped.append(f"{tag_dir.name} is damaged: {problems[0]}")
     raise ConversionError(f"{source}: no intact model export: " + "; ".join(skipped))
 
 
 # ---------------------------------------------------------------------------------------------
 # Saving.
-
-
-def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _set_aside(tag_dir: Path, label: str) -> Path:
@@ -265,91 +247,178 @@ def _clear_tag_dir(tag_dir: Path) -> None:
                    tag_dir, aside.name)
 
 
-def _name_write_errors(engine) -> None:
-    """Make DeepSpeed's torch checkpoint engine write through :func:`save_torch_file`.
+def _replicated_fp32(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 values of the parameters every TP rank holds whole (norm gains: small), for
+    :func:`check_tp_replicas`. Collective over the data-parallel group."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    DeepSpeed hands ``torch.save`` a path, and on a full disk torch's C++ writer then fails with
-    "basic_ios::clear: iostream error" (or "unexpected pos"): no errno, no file. Only the stock
-    ``TorchCheckpointEngine`` is replaced; its ``save`` is that one ``torch.save`` call
-    (DeepSpeed 0.16-0.19).
+    out = {}
+    for name, param in engine.module.named_parameters():
+        if getattr(param, "tensor_model_parallel", False):
+            continue
+        if param.requires_grad and (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")):
+            value = safe_get_full_fp32_param(param)
+        else:
+            value = param.data
+        out[name] = value.detach().float().cpu().reshape(param_shape(param)).clone()
+    return out
+
+
+def _unwrap_write_error(err: BaseException) -> BaseException:
+    """The first rank's own error inside DCP's CheckpointException (a CheckpointWriteError names
+    the file and the errno), else ``err``."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict):
+        for failure in failures.values():  # rank -> (exception, traceback summary)
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, BaseException):
+                return inner
+    return err
+
+
+class CheckpointSaver:
+    """Saves training checkpoints, in the background: one copy, one file per rank, no read-back.
+
+    ``save`` waits for the save before it, copies what this rank holds to host memory (the only
+    time training waits), and hands the write to a thread: every rank writes its own file through
+    torch.distributed.checkpoint (checkpoint.sharded) on a gloo group of its own, digests taken
+    as the bytes go out; then rank 0 writes ``manifest.json`` from what the writers reported,
+    ``trainer_state.json`` (the checkpoint is complete) and ``latest``, and prunes. A crash before
+    that leaves an incomplete directory and ``latest`` on the previous checkpoint. ``wait``
+    returns when the last save is durable and raises its error on every rank.
     """
-    ckpt_engine = getattr(engine, "checkpoint_engine", None)
-    if type(ckpt_engine).__name__ != "TorchCheckpointEngine" or getattr(ckpt_engine, "_named", False):
-        return
 
-    def save(state_dict, path):
-        save_torch_file(state_dict, path,
-                        _use_new_zipfile_serialization=getattr(ckpt_engine, "zipfile_serialization", True))
+    def __init__(self, background: bool = True) -> None:
+        self.background = background
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional[Future] = None
+        self._group = None
+        self.last_staging_bytes = 0
 
-    ckpt_engine.save = save
-    ckpt_engine._named = True
+    def _process_group(self):
+        # DCP's planning and the writers' report are collectives: a group of their own, so that
+        # a background save never interleaves with the training step's collectives (gloo: the
+        # staged tensors live in host memory whatever the training backend is).
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def save(self, engine, cfg: JobConfig, state: TrainerState) -> Path:
+        """Start saving ``state`` with the engine's current weights and moments. Collective.
+
+        Raises:
+            ReplicaDriftError: TP-replicated parameters differ (nothing of this checkpoint is
+                marked complete).
+            CheckpointWriteError / CheckpointError: the previous save failed (see :meth:`wait`).
+        """
+        from megatron.core import parallel_state
+
+        from megatron_tinyllama.checkpoint.engine_state import held_ranges, rng_blob, shapes_blob, stage
+        from megatron_tinyllama.checkpoint.reshard import _link_fragments
+
+        self.wait()
+        clock = time.perf_counter()
+        save_dir = Path(cfg.checkpoint.save_dir)
+        tag = step_tag(state.step)
+        tag_dir = save_dir / tag
+        rank = dist.get_rank()
+        group = self._process_group()
+        if rank == 0:
+            _clear_tag_dir(tag_dir)
+        dist.barrier(group=group)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            check_tp_replicas(engine, _replicated_fp32(engine), cfg.checkpoint.tp_replica_tolerance)
+        step = adam_step(engine)
+        if step:
+            _link_fragments(engine)  # DeepSpeed links ZeRO-1/2 moment fragments lazily
+        if self.background:  # training goes on while the write runs: it writes copies
+            staged, self.last_staging_bytes = stage(held_ranges(engine, step))
+        else:  # written before training goes on: the engine's own tensors, a piece at a time
+            staged, self.last_staging_bytes = held_ranges(engine, step), 0
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        blobs = {rng_key(rank): rng_blob(), shapes_key(tp_rank, tp_size): shapes_blob(engine)}
+        payload = None
+        if rank == 0:
+            payload = {**asdict(state), "checkpoint_format": PER_RANK_FORMAT, "adam_step": step, "config": cfg.to_dict(),
+                       "world_size": dist.get_world_size(), "layout": engine_layout(engine),
+                       "tokenizer_fingerprint": file_fingerprint(cfg.data.tokenizer_model)}
+        waited = time.perf_counter() - clock
+        keep, run_id = cfg.checkpoint.keep_last, state.run_id
+
+        def write() -> Path:
+            began = time.perf_counter()
+            files = save_ranges(tag_dir, staged, blobs, process_group=group)
+            staged.clear()
+            if rank == 0:
+                write_atomic(tag_dir / MANIFEST, manifest_json(files))
+                write_atomic(tag_dir / TRAINER_STATE, json.dumps(payload, indent=2))
+                write_atomic(save_dir / "latest", tag)
+                prune_checkpoints(save_dir, keep=keep, run_id=run_id, current=tag)
+                logger.info("saved checkpoint %s: %s bytes in %d files; training waited %.2f s, the "
+                            "write took %.1f s%s", tag_dir, f"{sum(f['bytes'] for f in files.values()):,}",
+                            len(files), waited, time.perf_counter() - began,
+                            " in the background" if self.background else "")
+            dist.barrier(group=group)  # every rank's save ends when 'latest' names it
+            return tag_dir
+
+        if not self.background:
+            self._pending = Future()
+            try:
+                self._pending.set_result(write())
+            except BaseException as err:  # noqa: BLE001 - raised by wait() below, named
+                self._pending.set_exception(err)
+            self.wait()
+            return tag_dir
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-save")
+        self._pending = self._executor.submit(write)
+        return tag_dir
+
+    def wait(self) -> Optional[Path]:
+        """Block until the last save is durable (``latest`` names it); None when none is pending.
+
+        Raises:
+            CheckpointWriteError: a file could not be written (the file and errno named).
+            CheckpointError: the save failed otherwise.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except BaseException as err:  # noqa: BLE001
+            inner = _unwrap_write_error(err)
+            if isinstance(inner, (CheckpointWriteError, ReplicaDriftError)):
+                raise inner from err
+            raise CheckpointError(f"saving a checkpoint failed: {type(inner).__name__}: {inner}") from err
+
+    def close(self) -> None:
+        """Wait for a pending save (errors logged, not raised: the run is ending anyway)."""
+        try:
+            self.wait()
+        except Exception as err:  # noqa: BLE001
+            logger.error("the last checkpoint save failed: %s", err)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
 
 def save_training_checkpoint(engine, cfg: JobConfig, state: TrainerState) -> Path:
-    """Save everything for an exact resume, then point ``latest`` at it. Collective: all ranks.
+    """Save everything for an exact resume, then point ``latest`` at it; returns when durable.
+    Collective: all ranks. (The training loop saves in the background: :class:`CheckpointSaver`.)
 
     Raises:
         ReplicaDriftError: TP-replicated parameters differ (the checkpoint is left incomplete).
         CheckpointWriteError: a file could not be written (named, with the errno: ``ENOSPC`` for a
-            full disk); raised on the rank that failed, ``latest`` and earlier checkpoints are
-            untouched and this one stays incomplete.
+            full disk); ``latest`` and earlier checkpoints are untouched and this one stays
+            incomplete.
     """
-    from megatron.core import parallel_state
-
-    save_dir = Path(cfg.checkpoint.save_dir)
-    tag = step_tag(state.step)
-    tag_dir = save_dir / tag
-    rank = dist.get_rank()
-    if rank == 0:
-        _clear_tag_dir(tag_dir)
-    dist.barrier()
-    _name_write_errors(engine)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-    engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
-    seconds["DeepSpeed's files"], clock = time.perf_counter() - clock, time.perf_counter()
-    (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
-    save_torch_file(_rng_state(), tag_dir / "rng" / f"rank{rank:05d}.pt")
-    # Every data-parallel rank of a TP rank streams its part of that TP rank's weights file into
-    # place, one parameter at a time (under ZeRO-3 its own partition of every tensor, gathering
-    # nothing): no rank waits for one writer of the whole model, none holds the whole model.
-    shapes = {name: param_shape(p) for name, p in engine.module.named_parameters()}
-    mine = owned_names(shapes, parallel_state.get_data_parallel_rank(),
-                       parallel_state.get_data_parallel_world_size())
-    tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
-    model_file = tag_dir / "model" / shard_filename(tp_rank, tp_size)
-    if parallel_state.get_data_parallel_rank() == 0:
-        (tag_dir / "model").mkdir(parents=True, exist_ok=True)
-        create_shared_model_file(model_file, shapes)
-        if tp_rank == 0:
-            write_model_index(tag_dir / "model", cfg.model, tp_size)
-    dist.barrier()
-    filler = SharedFileFiller(model_file, shapes)
+    saver = CheckpointSaver(background=False)
     try:
-        replicated = write_master_weights(engine, filler.write, mine)
+        return saver.save(engine, cfg, state)
     finally:
-        filler.close()
-    check_tp_replicas(engine, replicated, cfg.checkpoint.tp_replica_tolerance)
-    del replicated
-    seconds["weights"], clock = time.perf_counter() - clock, time.perf_counter()
-    if cfg.checkpoint.reshardable:
-        save_optimizer_state(engine, tag_dir)
-    dist.barrier()
-    seconds["moments"], clock = time.perf_counter() - clock, time.perf_counter()
-    write_manifest(tag_dir)
-    seconds["manifest"] = time.perf_counter() - clock
-    if rank == 0:
-        payload = {**asdict(state), "config": cfg.to_dict(), "world_size": dist.get_world_size(),
-                   "layout": engine_layout(engine),
-                   "tokenizer_fingerprint": file_fingerprint(cfg.data.tokenizer_model)}
-        write_atomic(tag_dir / TRAINER_STATE, json.dumps(payload, indent=2))
-        write_atomic(save_dir / "latest", tag)
-        prune_checkpoints(save_dir, keep=cfg.checkpoint.keep_last, run_id=state.run_id, current=tag)
-    dist.barrier()
-    # Where a save's time goes (rank 0's clock; the barriers make it every rank's).
-    logger.info("saved checkpoint %s in %.1f s (%s)", tag_dir, sum(seconds.values()),
-                ", ".join(f"{part} {value:.1f} s" for part, value in seconds.items()))
-    return tag_dir
+        saver.close()
 
 
 def prune_checkpoints(save_dir: Path, keep: int, run_id: str, current: str) -> list[str]:
@@ -471,33 +540,53 @@ def _load_full_state(engine, cfg: JobConfig, tag_dir: Path, *, own_run: bool) ->
     payload = read_trainer_state(tag_dir)
     known = {k: payload[k] for k in asdict(TrainerState()) if k in payload}
     state = TrainerState(**known)
+    per_rank = payload.get("checkpoint_format") == PER_RANK_FORMAT
     change = layout_change(saved_layout(payload), engine_layout(engine))
     try:
-        if change:  # DeepSpeed's files hold this layout's shards: rebuild from the layout-free copy
-            if not has_layout_free_state(tag_dir):
+        if per_rank or change:
+            # The layout-free state: a per-rank checkpoint at any layout, or an older checkpoint's
+            # model/ + optim/ on another layout than its DeepSpeed files were written at.
+            if not per_rank and not has_layout_free_state(tag_dir):
                 raise ReshardError(f"written at another layout ({', '.join(change)}) without the "
                                    "layout-free optimizer state (optim/)")
-            logger.info("resuming step %d on a new layout: %s (optimizer state resharded)", state.step,
-                        ", ".join(change))
+            if change:
+                logger.info("resuming step %d on a new layout: %s (optimizer state resharded)", state.step,
+                            ", ".join(change))
             load_resharded(engine, cfg.model, tag_dir)
             # DeepSpeed's own counters, as its load_checkpoint would have set them.
             engine.global_steps, engine.global_samples = state.step, state.consumed_samples
             engine.skipped_steps = state.skipped_steps
-        else:
+        else:  # a checkpoint written before per-rank files, at its own layout: DeepSpeed's files
             engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
     except Exception as err:  # noqa: BLE001 - named and re-raised
         raise CheckpointError(f"loading {tag_dir} failed on rank {dist.get_rank()}: "
                               f"{type(err).__name__}: {err}") from err
-    rng_file = tag_dir / "rng" / f"rank{dist.get_rank():05d}.pt"
     # Each rank's RNG stream belongs to its place in the layout; on another layout it means nothing.
-    if rng_file.is_file() and not change and payload.get("world_size") == dist.get_world_size():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    if not change and payload.get("world_size") == dist.get_world_size():
+        _restore_rng(tag_dir, per_rank)
     if not own_run:  # a new stage: its own id, and its data and warm-up start here
         state.run_id = TrainerState().run_id
         state.stage_start_samples = state.consumed_samples
         state.stage_start_tokens = state.consumed_tokens
     return state
+
+
+def _restore_rng(tag_dir: Path, per_rank: bool) -> None:
+    import io
+
+    from megatron_tinyllama.checkpoint.engine_state import set_rng
+    from megatron_tinyllama.checkpoint.sharded import RangeReader
+
+    rank = dist.get_rank()
+    if per_rank:
+        key = rng_key(rank)
+        _, blobs = RangeReader(tag_dir).read({}, blobs=(key,))
+        set_rng(torch.load(io.BytesIO(blobs[key]), weights_only=False))
+        return
+    rng_file = tag_dir / "rng" / f"rank{rank:05d}.pt"
+    if rng_file.is_file():
+        set_rng(torch.load(rng_file, weights_only=False))
 
 
 def start_state(engine, cfg: JobConfig, plan: StartPlan) -> TrainerState:

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_tinyllama.checkpoint.hf import ConversionError, merge_tp_shards, repad_vocab, shard_for_tp
-from megatron_tinyllama.checkpoint.native import load_model_checkpoint, load_model_shard, read_model_index
+# Model directories and per-rank checkpoints alike (checkpoint.per_rank).
+from megatron_tinyllama.checkpoint.per_rank import load_model_checkpoint, load_model_shard, read_model_index
 from megatron_tinyllama.config import ModelConfig
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from megatron_tinyllama.checkpoint.lock import lock_save_dir
 from megatron_tinyllama.checkpoint.training import (
     TrainerState,
     plan_start,
-    save_training_checkpoint,
+    CheckpointSaver,
     start_state,
     step_tag,
 )
@@ -304,6 +304,7 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
     consecutive_bad = 0
     stall = cfg.train.stall_timeout_minutes
     watchdog = StallWatchdog(stall and 60 * stall, dist.get_rank(), dist.get_world_size(),
+    saver = CheckpointSaver(background=cfg.checkpoint.background_save)
                              connect_rendezvous_store)
     try:
         with StopRequest(cfg.train.stop_after_minutes, launcher_watch) as stop, watchdog:
@@ -350,7 +351,10 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
                     or (done and cfg.checkpoint.save_at_end)
                 ):
                     watchdog.progress(state.step, "checkpoint save")
-                    save_training_checkpoint(te.engine, cfg, state)
+                    saver.save(te.engine, cfg, state)
+                    if step.stop or done:  # the process is about to end: the save must be durable
+                        watchdog.progress(state.step, "checkpoint write")
+                        saver.wait()
                 if step.stop and not done:
                     result.stopped = stop.reason or "a stop request on another rank"
                     logger.warning("stopped at step %d (%s tokens) on %s%s; the same command resumes",
@@ -360,4 +364,6 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
         result.applied_updates = applied_updates(te)
     finally:
         metrics.close()
+        saver.wait()
     return result
+        saver.close()  # a save still in flight after an error finishes (it is a good checkpoint)

@@ -5,7 +5,7 @@ rank's share of the model or of the moments (4P/N and 8P/N bytes) on top of that
 in memory, and one that gathers the whole model on every rank cannot scale. Two ranks save a
 ZeRO-3 checkpoint of a model whose per-rank share (~100 MB) dwarfs its largest tensor (~8 MB):
 the peak resident memory the save adds must stay within a few tensors, and what it wrote
-(model/ and optim/, streamed in pieces) must equal DeepSpeed's own full-tensor accessors.
+(one file per rank, written a piece at a time) must equal DeepSpeed's own full-tensor accessors.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _save_worker(rank, world_size, save_dir, out):
     tag_dir = training.save_training_checkpoint(engine, cfg, training.TrainerState(step=1))
     growth = (_kib("VmHWM") - before) * 1024
 
-    reader = reshard._Reader(tag_dir)  # the files as a resume reads them
+    reader = reshard.open_source(tag_dir)  # the files as a resume reads them
     worst = 0.0
     for name, param in engine.module.named_parameters():
         expected = {"fp32": safe_get_full_fp32_param(param)}

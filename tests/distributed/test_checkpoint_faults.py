@@ -67,8 +67,8 @@ def test_damaged_or_missing_checkpoints_fall_back_and_nothing_good_is_lost(tmp_p
         "global_step000002", "global_step000004", "global_step000006"]
     good = {tag: digest(save_dir / tag) for tag in ("global_step000002", "global_step000004")}
 
-    # 1. A truncated optimizer shard in the newest checkpoint: named, set aside, step 4 used.
-    shard = next((save_dir / "global_step000006").glob("*optim_states.pt"))
+    # 1. A truncated rank file in the newest checkpoint: named, set aside, step 4 used.
+    shard = save_dir / "global_step000006" / "state" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     damaged = digest(save_dir / "global_step000006")
     log = run(save_dir, 8, tmp_path / "b.log")
@@ -91,12 +91,12 @@ def test_damaged_or_missing_checkpoints_fall_back_and_nothing_good_is_lost(tmp_p
     assert [s for s, _ in losses(save_dir)[-4:]] == [7, 8, 9, 10]
     assert {tag: digest(save_dir / tag) for tag in good} == good
 
-    # 3. The converter meets a corrupt model export: it names the file and uses the previous one.
+    # 3. The converter meets a corrupt checkpoint: it names the file and uses the previous one.
     from megatron_tinyllama.checkpoint.convert import resolve_model_dir
 
-    model_file = next((save_dir / "global_step000010" / "model").glob("*.safetensors"))
+    model_file = save_dir / "global_step000010" / "state" / "__0_0.distcp"
     model_file.write_bytes(b"\0" * model_file.stat().st_size)
-    assert resolve_model_dir(save_dir) == save_dir / "global_step000008" / "model"
+    assert resolve_model_dir(save_dir) == save_dir / "global_step000008"
 
 
 def _drift_worker(rank, world_size, tree, log_path, out):
@@ -111,16 +111,16 @@ def _drift_worker(rank, world_size, tree, log_path, out):
     from tests.distributed.synthetic import synthetic_batches
 
     _log_to(Path(f"{log_path}.rank{rank}"))
-    original = training.write_master_weights
+    original = training._replicated_fp32
 
-    def drifted(engine, write, owned):
-        state = original(engine, write, owned)
+    def drifted(engine):
+        state = original(engine)
         if parallel_state.get_tensor_model_parallel_rank() == 1:
             state["decoder.final_layernorm.weight"] = state["decoder.final_layernorm.weight"] + torch.full_like(
                 state["decoder.final_layernorm.weight"], 1e-3)
         return state
 
-    training.write_master_weights = drifted
+    training._replicated_fp32 = drifted
     try:
         train(config_from_dict(tree), batch_source=synthetic_batches)
         error = None
@@ -237,29 +237,25 @@ def test_a_second_job_on_a_save_dir_in_use_is_refused_on_every_rank(tmp_path, ca
 
 
 def _disk_full_worker(rank, world_size, tree, out):
-    """The disk fills up while step 4's checkpoint is written: every torch.save under it fails
-    as it does on a full filesystem (checked on a 1 MB tmpfs): given a path, torch's C++ writer
-    raises a RuntimeError without errno or file; given a file object, the write raises ENOSPC."""
+    """The disk fills up while step 4's checkpoint is written: every write into a file under it
+    fails with ENOSPC after a few bytes, as on a full filesystem (checked on a 1 MB tmpfs)."""
     import errno
     import os
 
-    import torch
-
+    from megatron_tinyllama.checkpoint import native
     from megatron_tinyllama.config import config_from_dict
     from megatron_tinyllama.train.loop import train
     from tests.distributed.synthetic import synthetic_batches
 
-    real_save = torch.save
+    real_write = native._WholeWrites.write
 
-    def full_disk_save(obj, f, *args, **kwargs):
-        if "global_step000004" not in str(getattr(f, "name", f)):
-            return real_save(obj, f, *args, **kwargs)
-        if isinstance(f, (str, os.PathLike)):
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
-        f.write(b"PK\x03\x04")
+    def full_disk_write(self, data):
+        if "global_step000004" not in str(self.name):
+            return real_write(self, data)
+        real_write(self, memoryview(data)[:4])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    torch.save = full_disk_save
+    native._WholeWrites.write = full_disk_write
     try:
         train(config_from_dict(tree), batch_source=synthetic_batches)
         error = None

@@ -88,16 +88,15 @@ def _kill_during_second_save_worker(rank, world_size, save_dir):
     from tests.distributed.synthetic import synthetic_batches
 
     os.environ["DS_ACCELERATOR"] = "cpu"
-    original = training.write_master_weights
-    saves = {"n": 0}
+    original = training.write_atomic
 
-    def export_then_die(*args, **kwargs):
-        saves["n"] += 1
-        if saves["n"] == 2:  # DeepSpeed has written step 4's shards; 'latest' is not yet updated
+    def write_then_die(path, text):
+        if path.name == "manifest.json" and "global_step000004" in str(path):
+            # Every rank's file of step 4 is written and synced; 'latest' is not yet updated.
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(*args, **kwargs)
+        return original(path, text)
 
-    training.write_master_weights = export_then_die
+    training.write_atomic = write_then_die
     train(_config(save_dir), batch_source=synthetic_batches)
 
 

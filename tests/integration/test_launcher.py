@@ -106,7 +106,7 @@ def test_tp2_trains_and_converts_with_parity(tmp_path, small_corpus, mcore_cpu):
     save_dir = tmp_path / "tp2"
     losses = _train_losses(_metrics(save_dir))
     assert len(losses) == 4 and losses[4] < losses[1]
-    _, shards = load_model_checkpoint(save_dir / "global_step000004" / "model")
+    _, shards = load_model_checkpoint(save_dir / "global_step000004")
     assert len(shards) == 2
     _assert_hf_parity(save_dir, tmp_path)
 

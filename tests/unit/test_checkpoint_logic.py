@@ -17,8 +17,8 @@ from megatron_tinyllama.checkpoint.training import (
     prune_checkpoints,
     resume_candidates,
     step_tag,
-    write_manifest,
 )
+from megatron_tinyllama.checkpoint.manifest import write_manifest
 from megatron_tinyllama.config import ConfigError, config_from_dict
 
 
