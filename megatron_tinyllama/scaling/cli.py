@@ -226,7 +226,8 @@ def _print_live_replay(args, burn: float, results: list) -> None:
         raise RunFileError(f"--live-every must be >= 1, got {args.live_every}")
     print(f"live check replayed (one check in {args.live_every}; burn-in {burn:g} warm-ups): "
           "final band holds the end / checks; >2% off without a caveat; false alarms")
-    total = {"checks": 0, "inside": 0, "off_2pct": 0, "off_2pct_no_caveat": 0, "warned": 0}
+    total = {"checks": 0, "inside": 0, "off_2pct": 0, "off_2pct_no_caveat": 0,
+             "within_2pct_caveat": 0, "warned": 0}
     for r in results:
         size = r["size"].rstrip("M")
         r["live"] = []
@@ -244,7 +245,8 @@ def _print_live_replay(args, burn: float, results: list) -> None:
           f"checks ({100 * total['inside'] / checks:.1f}%); more than 2% off without a caveat in "
           f"{total['off_2pct_no_caveat']} of {total['checks']} "
           f"({100 * total['off_2pct_no_caveat'] / checks:.1f}%; {total['off_2pct']} off in all); "
-          f"false alarms {total['warned']}")
+          f"within 2% but with a caveat {total['within_2pct_caveat']}; false alarms "
+          f"{total['warned']}")
 
 
 def cmd_fit(args) -> int:

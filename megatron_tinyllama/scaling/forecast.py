@@ -386,8 +386,10 @@ class Forecast:
 
     def caveats_by_key(self) -> dict[str, str]:
         """Why this forecast may miss, read off its own fit (:func:`fit_caveats`)."""
+        last = int(self.schedule.index_of([self.fitted_tokens.max()])[0])
         return fit_caveats(self.fit, self.annealing_seen, self.final_loss,
-                           float(self.band.low[-1]), self.burn_in_spread, self.holdout)
+                           float(self.band.low[-1]), self.burn_in_spread, self.holdout,
+                           float(self.areas.s2[-1] - self.areas.s2[last]))
 
     def caveats(self) -> list[str]:
         """The explanations of :meth:`caveats_by_key`."""

@@ -43,6 +43,11 @@ first 30% of a run moved its end by 54% or more this way (one landed 0.3% from t
 by luck: halving its burn-in forecast -0.81, raising it 0.99); fits on 75% moved it 0.8-4.5%."""
 BURN_IN_FACTORS = (0.5, 1.5)
 """The burn-ins tried, as multiples of the one used (:data:`BURN_IN_SPREAD_MAX`)."""
+ANNEALING_GAIN_MAX = 0.02
+"""A fit with C > 0 that has seen under :data:`ANNEALING_SEEN_MIN` of the annealing area, and
+whose annealing still to come takes more than this share of the loss off by the end, gets a
+caveat (``annealing_extrapolated``): the published warm-up-stable-decay runs forecast from the
+first steps of their cooldown were 2-4% off, without a caveat before this one."""
 HOLDOUT_SHARE = 2 / 3
 """The share of the fitted points (the earliest) refitted to measure the drift and the misfit."""
 MISFIT_RATIO = 3.0
@@ -164,8 +169,8 @@ def final_band(final_loss: float, low: float, high: float, burn_finals: Sequence
 
 
 def fit_caveats(fit, annealing_seen: float, final_loss: float, final_low: float,
-                burn_in_spread: Optional[float] = None, held: Optional[Holdout] = None
-                ) -> dict[str, str]:
+                burn_in_spread: Optional[float] = None, held: Optional[Holdout] = None,
+                annealing_to_come: float = 0.0) -> dict[str, str]:
     """Why a forecast may miss, read off its own fit: ``{key: explanation}``, empty when nothing
     stands out.
 
@@ -180,6 +185,8 @@ def fit_caveats(fit, annealing_seen: float, final_loss: float, final_low: float,
         final_loss, final_low: the forecast end and its band's lower end.
         burn_in_spread: :func:`burn_in_spread` (None: not measured).
         held: :func:`holdout` (None: not measured).
+        annealing_to_come: the schedule's annealing area after the last fitted point (S2 at the
+            end minus S2 there), for the share of the forecast that is annealing not yet seen.
     """
     law = getattr(fit, "law", fit)
     out = {}
@@ -193,6 +200,13 @@ def fit_caveats(fit, annealing_seen: float, final_loss: float, final_low: float,
             f"the fitted points reach {100 * annealing_seen:.0f}% of the schedule's annealing area "
             "and show none of its effect (C = 0): the forecast leaves out the loss the LR decay "
             "will still remove and should land above the end")
+    gain = law.C * annealing_to_come / max(abs(final_loss), 1e-12)
+    if law.C > 0.0 and annealing_seen < ANNEALING_SEEN_MIN and gain > ANNEALING_GAIN_MAX:
+        out["annealing_extrapolated"] = (
+            f"the fitted points reach {100 * annealing_seen:.0f}% of the schedule's annealing area, "
+            f"and {100 * gain:.1f}% of the loss the forecast takes off by the end is annealing "
+            "still to come, its size C read off the first of it: the cooldown's gain is "
+            "extrapolated, not measured")
     if not ALPHA_BOUNDS[0] * (1 + 1e-3) < law.alpha < ALPHA_BOUNDS[1] * (1 - 1e-3):
         out["alpha_at_bound"] = (
             f"the law's exponent alpha = {law.alpha:.3g} sits at the end of the range the fit "

@@ -188,7 +188,8 @@ class LiveForecast:
         final_low, final_high = final_band(final, float(band.low[1]), float(band.high[1]),
                                            finals, held,
                                            fit.law.C <= 0 and seen < ANNEALING_SEEN_MIN)
-        caveats = tuple(fit_caveats(fit, seen, final, final_low, spread_of(final, finals), held))
+        caveats = tuple(fit_caveats(fit, seen, final, final_low, spread_of(final, finals), held,
+                                    float(areas.s2[-1] - areas.s2[int(idx[-1])])))
         return LiveCheck(step=step, loss=loss, expected=expected, low=low, high=high,
                          final_loss=final, final_low=final_low, final_high=final_high,
                          distance=float(distance), warned=warned, caveats=caveats)

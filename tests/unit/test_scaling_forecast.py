@@ -670,6 +670,11 @@ def test_caveats_for_a_parameter_at_a_bound_and_a_misfit():
     assert held is not None and held.distance_ratio > 1
     caveats = fit_caveats(fit, 1.0, 3.0, 3.0, held=held)
     assert "misfit" in caveats and "misses the last third by" in caveats["misfit"]
+    # C read off the first tenth of a cooldown, with 5% of the loss still to come from it.
+    law = CurveLaw(L0=2.0, A=1.0, alpha=0.5, C=0.3)
+    assert "annealing_extrapolated" in fit_caveats(law, 0.1, 3.0, 3.0, annealing_to_come=0.5)
+    assert fit_caveats(law, 0.6, 3.0, 3.0, annealing_to_come=0.5) == {}
+    assert fit_caveats(law, 0.1, 3.0, 3.0, annealing_to_come=0.1) == {}  # 1% to come
     # The same curve without the turn: no misfit.
     clean = TRUE(s1, s2) + rng.normal(0, 0.002, s1.size)
     fit = fit_curve(s1, s2, clean)
