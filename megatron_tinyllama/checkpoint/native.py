@@ -6,9 +6,9 @@ Layout of a model directory::
     model-tp00-of-02.safetensors       rank 0's megatron-core state (no optimizer)
     model-tp01-of-02.safetensors
 
-The trainer writes one next to each DeepSpeed checkpoint (gathered from ZeRO-3 shards; every
-data-parallel rank writes its share of the tensors into its place of the TP rank's file), the HF
-converter reads and writes it, and ``checkpoint.init_from`` starts training from it. Directories
+The HF converter writes and reads it, ``checkpoint.init_from`` starts training from it, and
+checkpoints written before per-rank files carry one as ``model/`` (checkpoint.per_rank reads the
+same tensors from a per-rank training checkpoint). Directories
 are written under a temporary name and renamed when complete, so a crash never leaves a directory
 that looks finished.
 
@@ -24,9 +24,7 @@ import dataclasses
 import errno
 import io
 import json
-import math
 import os
-import struct
 import shutil
 import uuid
 from pathlib import Path
@@ -167,76 +165,6 @@ def write_model_files(directory: Path, model_cfg: ModelConfig, tp_rank: int, tp_
         save_file(clean_state(state), str(shard), metadata={"format": "pt"})
     if tp_rank == 0:
         write_model_index(directory, model_cfg, tp_size)
-
-
-def _layout(shapes: dict[str, tuple[int, ...]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """The safetensors header of an all-fp32 file of ``shapes`` (tensors in name order) and each
-    tensor's byte range in the data section: every rank computes the same from the shapes alone."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    spans, offset = {}, 0
-    for name in sorted(shapes):
-        size = 4 * math.prod(shapes[name])
-        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
-        spans[name] = (offset, offset + size)
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
-    return struct.pack("<Q", len(text)) + text, spans
-
-
-def create_shared_model_file(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Create a safetensors file of ``shapes`` (fp32) at full size, data still to be written by
-    :func:`fill_shared_model_file` (by several processes, each its own tensors)."""
-    head, spans = _layout(shapes)
-    with writing(path), open(path, "wb") as handle:
-        handle.write(head)
-        handle.truncate(len(head) + max((end for _, end in spans.values()), default=0))
-
-
-def fill_shared_model_file(path: Path, shapes: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` (a subset of ``shapes``) into their byte ranges of a created file."""
-    filler = SharedFileFiller(path, shapes)
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(shapes[name]):
-            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, its place {tuple(shapes[name])}")
-        filler.write(name, tensor)
-    filler.close()
-
-
-class SharedFileFiller:
-    """Writes tensors, or pieces of their flattened data, into their byte ranges of a file made by
-    :func:`create_shared_model_file`, each as soon as it is handed over: a writer keeps nothing,
-    so several processes can stream their parts of the same tensors into one file."""
-
-    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.path = Path(path)
-        head, self.spans = _layout(shapes)
-        self.data_start = len(head)
-        self.fd: Optional[int] = None
-
-    def write(self, name: str, values: torch.Tensor, first: int = 0) -> None:
-        """Write ``values`` (any shape) as elements ``first...`` of tensor ``name`` flattened."""
-        data = memoryview(values.detach().to(torch.float32).contiguous().numpy()).cast("B")
-        begin, end = self.spans[name]
-        if 4 * first + len(data) > end - begin:
-            raise ValueError(f"{self.path}: {name} elements {first}+{len(data) // 4} overrun its place "
-                             f"({(end - begin) // 4} elements)")
-        with writing(self.path):
-            if self.fd is None:
-                self.fd = os.open(self.path, os.O_WRONLY)
-            done, where = 0, self.data_start + begin + 4 * first
-            while done < len(data):  # pwrite may write less than asked (large tensors)
-                done += os.pwrite(self.fd, data[done:], where + done)
-
-    def close(self) -> None:
-        """Flush what this process wrote to the disk."""
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            with writing(self.path):
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
 
 
 def write_model_index(directory: Path, model_cfg: ModelConfig, tp_size: int) -> None:

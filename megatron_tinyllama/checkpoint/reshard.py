@@ -1,34 +1,23 @@
-"""Resume on another layout: the layout-free optimizer state every checkpoint carries, and its load.
+"""Loading the layout-free training state into an engine of any layout.
 
-This module owns the part of a training checkpoint that does not depend on how the run was laid
-out, and the load that puts it into an engine built for another layout (data-parallel size, TP
-degree, ZeRO stage, node-local sharding)::
+This module owns the load that puts fp32 master weights and AdamW moments, written at one layout
+(data-parallel size, TP degree, ZeRO stage, node-local sharding), into an engine built for
+another or the same, and the two formats they come in:
 
-    global_step000100/
-        model/                          fp32 master weights, full tensors of each TP rank
-                                        (checkpoint.native, written anyway for the converter)
-        optim/index.json                AdamW's step count, the TP degree, which file holds what
-        optim/tp00-of-02.dp001.part000.safetensors
-                                        exp_avg/<name>, exp_avg_sq/<name>: full tensors of TP
-                                        rank 0 (megatron-core's slicing, vocabulary padded for
-                                        TP=2) for the parameters data-parallel rank 1 writes
+* per-rank checkpoints (checkpoint.sharded, what every save writes now): each rank asks for the
+  ranges it holds under its layout and reads just those elements, whoever wrote them;
+* checkpoints written before them: ``model/`` (full fp32 tensors of each TP rank, safetensors)
+  and ``optim/`` (the moments, ``optim/index.json`` naming which file holds what).
 
-**Why our own copy, not DeepSpeed's universal checkpoint.** ``ds_to_universal`` is an offline
-step run by one process over every rank's files, and it merges TP slices by rules that Megatron-
+**Why our own, not DeepSpeed's universal checkpoint.** ``ds_to_universal`` is an offline step
+run by one process over every rank's files, and it merges TP slices by rules that Megatron-
 DeepSpeed passes in (``universal_checkpoint_info``); ours are megatron-core's (SwiGLU fc1 as
 ``[gate_r; up_r]`` per rank, GQA's grouped QKV, vocabulary padding that depends on the TP degree)
-and are already written once, in checkpoint.hf. So the moments are stored the way the weights
-are, in full per-TP-rank tensors, and the load slices them with the same rules, then lets
-DeepSpeed's own accessors (``safe_set_*``: ZeRO-1/2 fragments, ZeRO-3 partitions, with or
-without node-local sharding) place each rank's part. Same layout: DeepSpeed's own files load
-as before (faster, and bit-exact including RNG).
-
-**Written in parallel, streamed.** Parameters are dealt to the data-parallel ranks of each TP rank
-by size, and each rank creates the files of its parameters (parts of about 1 GiB) at full size.
-Then every rank writes into them, one parameter at a time, what it holds: under ZeRO-3 its own
-partition of every moment, in place and without any gather, so each rank writes 1/DP of the
-bytes and holds nothing extra; under ZeRO-1/2 each parameter is gathered (DeepSpeed's accessor)
-and its owner writes it whole. No rank holds more than one parameter's tensor beyond its shard.
+and are written once, in checkpoint.hf. So a tensor is stored as its TP rank holds it; at the same
+TP degree a rank reads its ZeRO-3 partition or ZeRO-1/2 fragment of the moments (the fp32 weights
+whole under ZeRO-1/2, where every rank holds them whole); across a TP change the TP ranks' full
+tensors are merged and re-split with checkpoint.hf's rules (the hand-written part: no library
+knows megatron-core's layouts). DeepSpeed's own accessors (``safe_set_*``) place each rank's part.
 """
 
 from __future__ import annotations
@@ -38,22 +27,13 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 
 from megatron_tinyllama.checkpoint.hf import ConversionError, merge_tp_shards, repad_vocab, shard_for_tp
-from megatron_tinyllama.checkpoint.native import (
-    SharedFileFiller,
-    create_shared_model_file,
-    deal_largest_first,
-    read_model_index,
-    shard_filename,
-)
+from megatron_tinyllama.checkpoint.native import read_model_index, shard_filename
 from megatron_tinyllama.checkpoint.per_rank import FORMAT as PER_RANK_FORMAT
 from megatron_tinyllama.checkpoint.per_rank import read_shapes, tensor_key
 from megatron_tinyllama.checkpoint.weights import (
-    write_pieces,
-    fp32_pieces,
     inner_optimizer,
     param_shape,
     set_optimizer_state,
@@ -72,7 +52,6 @@ OPTIM_DIR = "optim"
 OPTIM_INDEX = "index.json"
 FORMAT_VERSION = 1
 MOMENTS = ("exp_avg", "exp_avg_sq")
-PART_BYTES = 1 << 30
 
 
 class ReshardError(RuntimeError):
@@ -104,82 +83,6 @@ def adam_step(engine) -> int:
     """AdamW's step count (updates applied; it sets the bias correction)."""
     steps = [state["step"] for state in inner_optimizer(engine).state.values() if "step" in state]
     return int(max(steps)) if steps else 0
-
-
-def owned_names(shapes: dict[str, tuple[int, ...]], dp_rank: int, dp_size: int) -> set[str]:
-    """The tensors (of ``shapes``, in order) that data-parallel rank ``dp_rank`` writes."""
-    owners = deal_largest_first([int(torch.Size(shape).numel()) for shape in shapes.values()], dp_size)
-    return {name for name, owner in zip(shapes, owners) if owner == dp_rank}
-
-
-def _parts(items: list[tuple[str, tuple[int, ...]]], stem: str) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
-    """Deal one owner's tensors (key, shape), in order, into safetensors parts: a part is closed
-    once it holds ``PART_BYTES`` or more. Every rank computes the same from the shapes alone."""
-    parts: list[dict[str, tuple[int, ...]]] = []
-    current: dict[str, tuple[int, ...]] = {}
-    size = 0
-    for key, shape in items:
-        current[key] = shape
-        size += 4 * int(torch.Size(shape).numel())
-        if size >= PART_BYTES:
-            parts.append(current)
-            current, size = {}, 0
-    if current:
-        parts.append(current)
-    return [(f"{stem}.part{i:03d}.safetensors", shapes) for i, shapes in enumerate(parts)]
-
-
-def save_optimizer_state(engine, tag_dir: Path) -> None:
-    """Write this rank's share of the layout-free AdamW moments and, from rank 0, the index.
-
-    Each data-parallel rank of a TP rank creates its files (the tensors it is dealt, in parts);
-    then every rank streams what it holds into them, one parameter at a time (under ZeRO-3 its
-    own partition of every tensor, without gathering; see checkpoint.weights.fp32_pieces).
-    Collective over all ranks (every group member calls in the same order).
-    """
-    from megatron.core import parallel_state
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    optimizer = inner_optimizer(engine)
-    step = adam_step(engine)
-    params = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
-    owners = deal_largest_first([int(torch.Size(param_shape(p)).numel()) for _, p in params], dp_size)
-    directory = Path(tag_dir) / OPTIM_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    plans = {rank: _parts([(f"{key}/{name}", param_shape(p)) for (name, p), owner in zip(params, owners)
-                           if owner == rank for key in MOMENTS], f"tp{tp_rank:02d}-of-{tp_size:02d}.dp{rank:03d}")
-             for rank in range(dp_size)}
-    for file, shapes in plans[dp_rank]:
-        create_shared_model_file(directory / file, shapes)
-    dist.barrier()  # every file exists at full size before anyone writes into it
-    files = {file: SharedFileFiller(directory / file, shapes) for plan in plans.values() for file, shapes in plan}
-    fillers = {key: files[file] for plan in plans.values() for file, shapes in plan for key in shapes}
-    # Before the first update AdamW has no state: its moments are zeros, which the files already
-    # hold (created at full size, zero-filled).
-    try:
-        if step:
-            _link_fragments(engine)
-            for (name, param), owner in zip(params, owners):
-                for key in MOMENTS:
-                    write_pieces(fillers[f"{key}/{name}"].write, f"{key}/{name}",
-                                 fp32_pieces(param, key, optimizer, owner == dp_rank))
-    finally:
-        for filler in files.values():
-            filler.close()
-    written = {file: sorted(shapes) for file, shapes in plans[dp_rank]}
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (tp_rank, written))
-    if dist.get_rank() == 0:
-        tensors: dict[str, dict[str, str]] = {str(r): {} for r in range(tp_size)}
-        for rank, rank_files in everyone:
-            for file, keys in rank_files.items():
-                tensors[str(rank)].update({key: file for key in keys})
-        index = {"format_version": FORMAT_VERSION, "tensor_parallel_size": tp_size, "adam_step": step,
-                 "tensors": tensors}
-        (directory / OPTIM_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
 
 
 class _Reader:

@@ -8,20 +8,20 @@ This module owns the places where full tensors meet the engine's shards:
   matters: ZeRO builds it from the parameters at ``deepspeed.initialize`` and copies it back into
   the parameters after every step, so weights written only into the parameters are lost at the
   first step. Writing it from the fp32 source also keeps bf16 runs' master weights exact.
-* :func:`write_master_weights` / :func:`fp32_pieces`: this TP rank's fp32 weights (the master
-  copy, not the bf16 parameters) and AdamW moments streamed to the checkpoint's files one
-  parameter at a time; under ZeRO-3 each rank writes its own partition, gathering nothing.
+* the ranges of a parameter a rank holds under each ZeRO stage (:func:`zero3_partition_range`,
+  :func:`zero12_fragment_range`) and their setters, for the checkpoint's save
+  (checkpoint.engine_state) and load (checkpoint.reshard);
 * :func:`check_tp_replicas`: parameters that every TP rank holds whole (norm gains) must stay
   identical across the TP group; a drift would silently fork the model.
-* :func:`get_optimizer_state` / :func:`set_optimizer_state`: one parameter's AdamW moments as
-  this TP rank's full tensor, whatever ZeRO stage partitions them (for checkpoint.reshard).
+* :func:`set_optimizer_state`: one parameter's AdamW moments from this TP rank's full tensor,
+  whatever ZeRO stage partitions them (for checkpoint.reshard).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Collection, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -117,18 +117,6 @@ def _zero3_local_part(param: torch.nn.Parameter, value: torch.Tensor) -> torch.T
     return flat[rank * size:(rank + 1) * size].to(param.ds_tensor.device)
 
 
-def get_optimizer_state(param: torch.nn.Parameter, key: str, optimizer) -> torch.Tensor:
-    """This TP rank's full fp32 optimizer state ``key`` (``exp_avg``...) of a parameter, in its
-    shape. Collective over the data-parallel group under ZeRO (every rank gets the tensor)."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
-        value = safe_get_full_optimizer_state(param, key)
-    else:  # no ZeRO partitioning: the parameter is its own master and owns its state
-        value = optimizer.state[param][key]
-    return value.detach().float().cpu().reshape(param_shape(param)).clone()
-
-
 def set_optimizer_state(param: torch.nn.Parameter, key: str, value: torch.Tensor, optimizer) -> None:
     """Write this TP rank's full tensor into the optimizer state ``key`` of a parameter (each
     rank keeps its ZeRO partition). The state must exist (see reshard.prepare_adam_state)."""
@@ -198,78 +186,6 @@ def set_zero12_fragment(param: torch.nn.Parameter, key: str, values: torch.Tenso
     if param._hp_mapping is not None and values.numel():
         fragment = param._hp_mapping.get_hp_fragment(key)
         fragment.data.copy_(values.to(device=fragment.device, dtype=torch.float32))
-
-
-def _zero3_own_piece(param: torch.nn.Parameter, key: Optional[str]) -> tuple[int, torch.Tensor]:
-    """This rank's ZeRO-3 partition of a parameter's fp32 master weights (``key`` None) or of its
-    optimizer state ``key``, without ZeRO's padding: (its first element in the flattened tensor,
-    a view of the values). No communication."""
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-
-    first, count = zero3_partition_range(param)
-    local = safe_get_local_fp32_param(param) if key is None else safe_get_local_optimizer_state(param, key)
-    return first, local.reshape(-1)[:count].detach().cpu()
-
-
-def fp32_pieces(param: torch.nn.Parameter, key: Optional[str], optimizer,
-                owner: bool) -> list[tuple[int, torch.Tensor]]:
-    """The parts of one parameter's fp32 master weights (``key`` None) or AdamW state ``key`` that
-    this rank writes, each as (first element in the flattened tensor, values).
-
-    Under ZeRO-3 (with or without node-local sharding) every rank returns its own partition, read
-    in place: no gather, and each rank writes 1/DP of every tensor. Otherwise (ZeRO-1/2, DeepSpeed's
-    bf16 optimizer, no ZeRO) the full tensor is gathered on every rank by DeepSpeed's accessor
-    (collective over the data-parallel group: all ranks call in the same order) and only the
-    ``owner`` keeps it, so a rank holds one parameter's tensor at a time.
-    """
-    import deepspeed
-
-    if hasattr(param, "ds_id") and param.requires_grad:
-        return [_zero3_own_piece(param, key)]
-    if key is not None:
-        value = get_optimizer_state(param, key, optimizer)
-    elif param.requires_grad and (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")):
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        value = safe_get_full_fp32_param(param).detach().float().cpu()
-    else:  # frozen, or its own master copy: the parameter itself (gathered under ZeRO-3)
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None, enabled=hasattr(param, "ds_id")):
-            value = param.data.detach().float().cpu().clone() if owner else None
-    return [(0, value)] if owner else []
-
-
-def write_master_weights(engine, write: Callable[[str, torch.Tensor, int], None],
-                         owned: Collection[str]) -> dict[str, torch.Tensor]:
-    """Stream this TP rank's fp32 weights (the optimizer's master copy, not the bf16 parameters) to
-    ``write(name, values, first_element)``, one parameter at a time, as :func:`fp32_pieces` deals
-    them (``owned``: the names this rank writes whole when a tensor is gathered).
-
-    Collective over the data-parallel group. Returns the TP-replicated tensors in full (small:
-    the norm gains, for :func:`check_tp_replicas`); nothing else is kept.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    replicated: dict[str, torch.Tensor] = {}
-    for name, param in engine.module.named_parameters():
-        write_pieces(write, name, fp32_pieces(param, None, inner_optimizer(engine), name in owned))
-        if _is_tp_replicated(param):
-            full = safe_get_full_fp32_param(param) if param.requires_grad and (
-                hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")) else None
-            if full is None:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None,
-                                                       enabled=hasattr(param, "ds_id")):
-                    full = param.data.detach().float().clone()
-            replicated[name] = full.detach().float().cpu().reshape(param_shape(param)).clone()
-    return replicated
-
-
-def write_pieces(write: Callable[[str, torch.Tensor, int], None], name: str,
-                  pieces: list[tuple[int, torch.Tensor]]) -> None:
-    # A function of its own so that the pieces are freed on return, before the next gather.
-    for first, values in pieces:
-        write(name, values, first)
 
 
 def inner_optimizer(engine):

@@ -179,23 +179,3 @@ def test_tokenizer_files_load_with_autotokenizer(mcore_cpu, tmp_path, llama_spm)
     assert ids[0] == processor.bos_id() == 1
     assert ids[1:] == processor.encode(text)
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
-
-
-def test_a_model_file_written_in_shares_by_several_writers_is_plain_safetensors(tmp_path):
-    """The trainer's export: DP ranks each write their tensors into one file's byte ranges."""
-    from safetensors.torch import load_file
-
-    from megatron_tinyllama.checkpoint.native import create_shared_model_file, fill_shared_model_file
-
-    gen = torch.Generator().manual_seed(0)
-    tensors = {"b.weight": torch.randn(3, 5, generator=gen), "a.weight": torch.randn(7, generator=gen),
-               "c.weight": torch.randn(2, 2, 2, generator=gen)}
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    path = tmp_path / "model-tp00-of-01.safetensors"
-    create_shared_model_file(path, shapes)
-    fill_shared_model_file(path, shapes, {"c.weight": tensors["c.weight"]})  # "rank 1"
-    fill_shared_model_file(path, shapes, {k: tensors[k] for k in ("a.weight", "b.weight")})  # "rank 0"
-    loaded = load_file(str(path))
-    assert set(loaded) == set(tensors)
-    for name, tensor in tensors.items():
-        assert torch.equal(loaded[name], tensor), name
