@@ -31,6 +31,7 @@ from megatron_tinyllama.checkpoint.training import (
 )
 from megatron_tinyllama.config import ConfigError, JobConfig, save_config
 from megatron_tinyllama.data.provenance import check_data_vocab
+from megatron_tinyllama.elastic import record_world
 from megatron_tinyllama.engine.engine import TrainingEngine, build_engine
 from megatron_tinyllama.model.build import forward_logits, language_model_loss
 from megatron_tinyllama.parallel.init import (
@@ -297,6 +298,8 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
     resumed_from = str(Path(cfg.checkpoint.save_dir) / step_tag(state.step)) if plan.kind == "resume" else None
     metrics = MetricsWriter(cfg, dist.get_rank(), dist.get_world_size(),
                             start=RunStart(plan.kind, state.step, state.consumed_tokens, resumed_from))
+    # Under torchrun's elastic agent: a line and a metrics event naming each world change (collective).
+    record_world(cfg.checkpoint.save_dir, resumed_step=state.step, resumed_from=resumed_from, metrics=metrics)
     # Rank 0 alone forecasts: the validation loss is already the same on every rank.
     live = (LiveForecast.for_run(cfg, state.consumed_tokens)
             if cfg.logging.forecast and cfg.data.valid_blend and metrics.enabled else None)

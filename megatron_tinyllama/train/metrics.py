@@ -108,13 +108,17 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def supersede_records_after(path: Path, step: int, reason: str) -> int:
+def supersede_records_after(path: Path, step: int, reason: str, seen: Optional[dict] = None) -> int:
     """Move the records of ``path`` logged after ``step``, and unreadable lines, aside.
 
     They are appended (and synced) to :data:`SUPERSEDED` beside ``path`` under a header record
     ``{"event": "superseded", "after_step": step, "reason": reason, ...}`` before ``path`` is
     replaced atomically by the records kept: a kill in between leaves a line in both files, never
     in neither.
+
+    Args:
+        seen: when given, ``seen["last_step"]`` is set to the highest step of a record moved
+            (where the interrupted run had got to).
 
     Returns:
         How many lines were moved (0 leaves both files untouched).
@@ -133,6 +137,8 @@ def supersede_records_after(path: Path, step: int, reason: str) -> int:
             continue
         late = isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] > step
         (moved if late else kept).append(line)
+        if late and seen is not None:
+            seen["last_step"] = max(seen.get("last_step", step), int(record["step"]))
     if not moved:
         return 0
     header = json.dumps({"event": "superseded", "after_step": step, "reason": reason, "lines": len(moved),
@@ -166,6 +172,8 @@ class MetricsWriter:
         self._jsonl = None
         self._interval_start = time.perf_counter()
         self._interval_tokens = 0
+        self.superseded_last_step: Optional[int] = None
+        """The last step the interrupted run had logged past this start (None: none)."""
         if not self.enabled:
             return
         resume = start is not None and start.kind == "resume"
@@ -182,7 +190,9 @@ class MetricsWriter:
             if start is not None:
                 reason = (f"resumed from {start.checkpoint or f'step {start.step}'}" if resume
                           else f"restarted ({start.kind}) at step {start.step}")
-                moved = supersede_records_after(path, start.step, reason)
+                seen: dict = {}
+                moved = supersede_records_after(path, start.step, reason, seen)
+                self.superseded_last_step = seen.get("last_step")
                 if moved:
                     logger.warning("%s: %d line(s) logged after step %d by the interrupted run moved to %s",
                                    path, moved, start.step, SUPERSEDED)
@@ -231,6 +241,12 @@ class MetricsWriter:
         else:
             logger.info("step %d | validation loss %.4f", step, valid_loss)
         self._emit(step, {"tokens": tokens, "valid_loss": valid_loss, **(extra or {})})
+
+    def log_event(self, record: dict) -> None:
+        """Append an event record (``{"event": ..., "step": ...}``) to ``metrics.jsonl`` (rank 0)."""
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({**record, "time": _now()}) + "\n")
+            self._jsonl.flush()
 
     def _emit(self, step: int, record: dict) -> None:
         if self._tb is not None:

@@ -1,7 +1,13 @@
-"""Pretraining entry point, started by the ``deepspeed`` launcher on every rank.
+"""Pretraining entry point, started on every rank by the ``deepspeed`` launcher (fixed size) or by
+torchrun's elastic agent (a run that goes on when a node is lost; see the README and
+:mod:`megatron_tinyllama.elastic`).
 
     deepspeed --hostfile hostfile --module megatron_tinyllama.train.pretrain --config recipe.yaml \
         parallel.expected_world_size=16 train.micro_batch_size=4 checkpoint.save_dir=runs/v1
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1:2 --nproc-per-node=8 \
+        --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=v1 --max-restarts=100 \
+        -m megatron_tinyllama.train.pretrain --config recipe.yaml checkpoint.save_dir=runs/v1
 
 Overrides are ``section.field=value`` (also accepted as ``--override section.field=value``).
 """
@@ -9,6 +15,7 @@ Overrides are ``section.field=value`` (also accepted as ``--override section.fie
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -47,13 +54,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging()
     from megatron_tinyllama.parallel.init import (check_launched_world, set_collective_env,
                                                   set_thread_env_defaults, shutdown_distributed)
+    from megatron_tinyllama.elastic import ElasticEnvError, read_elastic_env, setup_problems
 
     try:
         cfg = load_config(args.config, list(args.override) + list(args.overrides))
-        check_launched_world(cfg.parallel)
-    except ConfigError as err:
+        elastic = read_elastic_env()
+        # Under the elastic agent the world is whatever the rendezvous formed: a fixed size
+        # would refuse the very restarts the agent is there for.
+        check_launched_world(cfg.parallel if elastic is None
+                             else dataclasses.replace(cfg.parallel, expected_world_size=None))
+    except (ConfigError, ElasticEnvError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if elastic is not None and int(os.environ.get("RANK", "0")) == 0:
+        for problem in setup_problems(elastic, cfg.checkpoint.save_dir):
+            logging.getLogger(__name__).warning("elastic run: %s", problem)
     from megatron_tinyllama.checkpoint.hf import ConversionError
     from megatron_tinyllama.checkpoint.native import CheckpointWriteError
     from megatron_tinyllama.checkpoint.training import CheckpointError

@@ -72,6 +72,11 @@ def _is_deepspeed_runner(cmdline: list[str]) -> bool:
                for arg in cmdline[:3])
 
 
+def _is_torchrun_agent(cmdline: list[str]) -> bool:
+    return any(os.path.basename(arg) == "torchrun" or arg in ("torch.distributed.run", "torch.distributed.launch")
+               for arg in cmdline[:3])
+
+
 def _is_pipeline(cmdline: list[str]) -> bool:
     return any(os.path.basename(arg) == "tinyllama-pipeline" or arg == "megatron_tinyllama.pipeline"
                for arg in cmdline[:3])
@@ -120,8 +125,8 @@ class LauncherWatch:
     @staticmethod
     def launcher_processes() -> list:
         """deepspeed's per-node ``launch`` (this rank's parent), the ``deepspeed`` runner above it
-        and ``tinyllama-pipeline`` above that (a stage run on this machine), as
-        (``psutil.Process``, name); [] when this rank was not started by them.
+        and ``tinyllama-pipeline`` above that (a stage run on this machine), or torchrun's agent,
+        as (``psutil.Process``, name); [] when this rank was not started by them.
 
         The pipeline counts as a launcher: SIGKILL of its PID alone (not its process group)
         leaves the stage's runner alive, so the ranks would train on to the end of the stage."""
@@ -130,6 +135,10 @@ class LauncherWatch:
         found: list = []
         try:
             parent = psutil.Process(os.getppid())
+            if _is_torchrun_agent(parent.cmdline()):
+                # torchrun starts its ranks in sessions of their own: SIGKILL of the agent alone
+                # leaves them training, and its peers' agents wait for it at their exit barrier.
+                return [(parent, "torchrun's elastic agent")]
             if not _is_deepspeed_launch(parent.cmdline()):
                 return []
             found.append((parent, "deepspeed's per-node launcher (deepspeed.launcher.launch)"))
@@ -393,7 +402,13 @@ class StallWatchdog:
         first_line = first_line.split(". ")[0][:300] or type(error).__name__
         lines = [f"rank {self.rank}: a peer is gone, in {where}: {first_line}"]
         store = self._store
-        if store is None:
+        if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+            # Under torchrun's elastic agent every second here delays the restart (telling the
+            # lost from the living takes two heartbeat intervals, up to a minute); the restart
+            # names the lost node instead (megatron_tinyllama.elastic.record_world).
+            lines.append("torchrun's elastic agent restarts the ranks on the nodes left; the "
+                         "restart names the node lost")
+        elif store is None:
             lines.append("no heartbeats tell which rank (the stall watchdog is off: "
                          f"{self.setting} is null, or the rendezvous store was never reached)")
         else:
