@@ -53,34 +53,6 @@ def file_fingerprint(path: Optional[str]) -> Optional[str]:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def layout_differences(saved: dict[str, Any], cfg: JobConfig, world_size: int) -> list[str]:
-    """Tensor-parallel degree, data-parallel size and ZeRO stage: DeepSpeed's shards depend on them."""
-    saved_cfg = saved.get("config", {})
-    saved_tp = saved_cfg.get("parallel", {}).get("tensor_parallel_size")
-    saved_world = saved.get("world_size")
-    diffs = []
-    if saved_tp != cfg.parallel.tensor_parallel_size:
-        diffs.append(f"parallel.tensor_parallel_size: checkpoint {saved_tp}, recipe "
-                     f"{cfg.parallel.tensor_parallel_size}")
-    if saved_world is not None and saved_tp:
-        saved_dp, dp = saved_world // saved_tp, world_size // cfg.parallel.tensor_parallel_size
-        if saved_dp != dp:
-            diffs.append(f"data-parallel size: checkpoint {saved_dp} ({saved_world} ranks), this job "
-                         f"{dp} ({world_size} ranks)")
-    saved_stage = saved_cfg.get("parallel", {}).get("zero_stage")
-    if saved_stage is not None and saved_world is not None and saved_tp:
-        from megatron_tinyllama.engine.ds_config import auto_zero_stage
-
-        # Compared as run ('auto' resolved for each side's data-parallel size): the shards differ
-        # by stage, not by how the recipe spelled it.
-        ran = auto_zero_stage(saved_stage, saved_world // saved_tp)
-        runs = auto_zero_stage(cfg.parallel.zero_stage, world_size // cfg.parallel.tensor_parallel_size)
-        if ran != runs:
-            diffs.append(f"ZeRO stage: checkpoint {ran} (parallel.zero_stage={saved_stage!r}), this "
-                         f"job {runs} (parallel.zero_stage={cfg.parallel.zero_stage!r})")
-    return diffs
-
-
 def tokenizer_differences(saved: dict[str, Any], cfg: JobConfig) -> list[str]:
     """The tokenizer the checkpoint was trained with against the recipe's, by content."""
     theirs = saved.get("tokenizer_fingerprint")

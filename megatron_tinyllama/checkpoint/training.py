@@ -64,7 +64,6 @@ from megatron_tinyllama.checkpoint.compat import (
     data_order_differences,
     file_fingerprint,
     layout_change,
-    layout_differences,
     model_differences,
     other_differences,
     saved_layout,
@@ -83,7 +82,6 @@ from megatron_tinyllama.checkpoint.native import MODEL_INDEX, CheckpointWriteErr
 from megatron_tinyllama.checkpoint.per_rank import FORMAT as PER_RANK_FORMAT
 from megatron_tinyllama.checkpoint.per_rank import is_per_rank_checkpoint, read_model_index, rng_key, shapes_key
 from megatron_tinyllama.checkpoint.reshard import (
-    ReshardError,
     adam_step,
     engine_layout,
     has_layout_free_state,
@@ -98,6 +96,7 @@ from megatron_tinyllama.checkpoint.weights import (
     read_shard_for_rank,
 )
 from megatron_tinyllama.config import ConfigError, JobConfig
+from megatron_tinyllama.engine.ds_config import Layout, planned_layout
 
 logger = logging.getLogger(__name__)
 
@@ -446,13 +445,20 @@ def prune_checkpoints(save_dir: Path, keep: int, run_id: str, current: str) -> l
 
 @dataclass
 class StartPlan:
-    """Decided before anything is built; carried out by :func:`start_state`."""
+    """Decided before anything is built, from the recipe, the world and what the checkpoints say
+    (:func:`plan_start`); carried out by :func:`start_state`."""
 
     kind: Literal["resume", "continue", "init", "fresh"]
     candidates: list[Path] = field(default_factory=list)
-    """Checkpoint directories to try in order (resume, continue)."""
+    """Checkpoint directories to try in order (resume, continue): each one checked to fit."""
     init_dir: Optional[Path] = None
     """Model directory (init)."""
+    target: Optional[Layout] = None
+    """The layout the engine will run (engine/ds_config.planned_layout); checked once built."""
+    methods: dict[Path, str] = field(default_factory=dict)
+    """How each candidate loads: ``per-rank`` (any layout), ``deepspeed`` (an older checkpoint at
+    its own layout and precision: DeepSpeed's files) or ``layout-free`` (an older checkpoint
+    elsewhere: its model/ + optim/)."""
 
 
 def _refuse(what: str, where: Path, diffs: list[str]) -> None:
@@ -460,15 +466,34 @@ def _refuse(what: str, where: Path, diffs: list[str]) -> None:
         raise ConfigError(f"{what} {where} does not fit this recipe: " + "; ".join(diffs))
 
 
-def _check_checkpoint_fits(tag_dir: Path, cfg: JobConfig, world_size: int, *, resume: bool) -> None:
+def _load_method(payload: dict, tag_dir: Path, cfg: JobConfig, target: Layout) -> tuple[str, list[str]]:
+    """How a checkpoint loads into ``target`` and, when it cannot, why (the differences)."""
+    if payload.get("checkpoint_format") == PER_RANK_FORMAT:
+        return "per-rank", []
+    change = layout_change(saved_layout(payload), target.as_dict())
+    saved_precision = payload.get("config", {}).get("train", {}).get("precision")
+    if saved_precision is not None and saved_precision != cfg.train.precision:
+        # DeepSpeed's optimizer files are named and laid out by precision (bf16_zero_pp_rank...).
+        change.append(f"train.precision {saved_precision} -> {cfg.train.precision}")
+    if not change:
+        return "deepspeed", []
+    if has_layout_free_state(tag_dir):
+        return "layout-free", []
+    return "", change + ["the checkpoint has no layout-free optimizer state to load them from (optim/: "
+                         "written by checkpoints before per-rank files when checkpoint.reshardable was true)"]
+
+
+def _check_checkpoint_fits(tag_dir: Path, cfg: JobConfig, target: Layout, *, resume: bool,
+                           quiet: bool = False) -> str:
+    """Refuse a checkpoint that does not fit the recipe on ``target`` (every difference named);
+    return how it loads. ``quiet``: a fallback, checked by the same rule without the log lines."""
     payload = read_trainer_state(tag_dir) or {}
     saved_model = payload.get("config", {}).get("model", {})
     diffs = model_differences(saved_model, cfg.model, include_seq_length=resume) + tokenizer_differences(payload, cfg)
-    layout = layout_differences(payload, cfg, world_size)
-    if layout and not has_layout_free_state(tag_dir):
-        diffs += layout + ["the checkpoint has no layout-free optimizer state to reshard (optim/: written "
-                           "when checkpoint.reshardable is true)"]
-    _refuse("resuming from" if resume else "continuing from", tag_dir, diffs)
+    method, layout = _load_method(payload, tag_dir, cfg, target)
+    _refuse("resuming from" if resume else "continuing from", tag_dir, diffs + layout)
+    if quiet:
+        return method
     saved_cfg = payload.get("config", {})
     # A new stage (continue_from) may change its data; a resume of the same run that does reads
     # other samples than the run had planned from here on, so it is a warning.
@@ -481,6 +506,19 @@ def _check_checkpoint_fits(tag_dir: Path, cfg: JobConfig, world_size: int, *, re
     if changed:
         logger.info("%s %s with these recipe changes: %s", "resuming" if resume else "continuing from",
                     tag_dir, "; ".join(changed))
+    return method
+
+
+def _fitting(candidates: list[Path], cfg: JobConfig, target: Layout, *, resume: bool) -> dict[Path, str]:
+    """Each candidate's load method, the first checked loudly (it refuses the run when it does
+    not fit); a fallback that does not fit is left out, said."""
+    methods = {candidates[0]: _check_checkpoint_fits(candidates[0], cfg, target, resume=resume)}
+    for tag_dir in candidates[1:]:
+        try:
+            methods[tag_dir] = _check_checkpoint_fits(tag_dir, cfg, target, resume=resume, quiet=True)
+        except ConfigError as err:
+            logger.warning("%s is not a fallback for this run: %s", tag_dir, err)
+    return methods
 
 
 def _continue_candidates(source: Path) -> list[Path]:
@@ -493,19 +531,22 @@ def _continue_candidates(source: Path) -> list[Path]:
     return candidates
 
 
-def plan_start(cfg: JobConfig, world_size: int) -> StartPlan:
-    """Decide where the run starts and refuse a checkpoint that does not fit, before any build.
+def plan_start(cfg: JobConfig, world_size: int, local_world_size: Optional[int] = None) -> StartPlan:
+    """Decide where the run starts, on which layout and how each candidate checkpoint loads, and
+    refuse a checkpoint that does not fit, before any build. A pure function of the recipe, the
+    world (``local_world_size`` ranks per node; default: one node) and the save_dir's small files.
 
     Raises:
         ConfigError: the chosen checkpoint's model, layout or tokenizer differs (all named).
         CheckpointError: ``save_dir`` has a ``latest`` but no complete checkpoint to resume from.
     """
     ckpt = cfg.checkpoint
+    target = planned_layout(cfg, world_size, local_world_size or world_size)
     if ckpt.save_dir:
         save_dir = Path(ckpt.save_dir)
         candidates = resume_candidates(save_dir)
         if candidates:
-            _check_checkpoint_fits(candidates[0], cfg, world_size, resume=True)
+            methods = _fitting(candidates, cfg, target, resume=True)
             if ckpt.continue_from or ckpt.init_from:
                 # The same command restarts a stage after a preemption, so this is the usual case,
                 # not an error; but the recipe names another source, so say which one is used.
@@ -513,7 +554,7 @@ def plan_start(cfg: JobConfig, world_size: int) -> StartPlan:
                 logger.info("start: resuming from %s in checkpoint.save_dir; checkpoint.%s=%s is not "
                             "used (a run's own save_dir always wins once it holds a checkpoint)",
                             candidates[0], field_name, getattr(ckpt, field_name))
-            return StartPlan("resume", candidates)
+            return StartPlan("resume", list(methods), target=target, methods=methods)
         if (save_dir / "latest").is_file():
             named = (save_dir / "latest").read_text().strip()
             raise CheckpointError(
@@ -521,34 +562,31 @@ def plan_start(cfg: JobConfig, world_size: int) -> StartPlan:
                 "start from scratch over it. Restore the checkpoint, or remove 'latest' to start anew")
     if ckpt.continue_from:
         candidates = _continue_candidates(Path(ckpt.continue_from))
-        _check_checkpoint_fits(candidates[0], cfg, world_size, resume=False)
+        methods = _fitting(candidates, cfg, target, resume=False)
         payload = read_trainer_state(candidates[0])
         if payload["consumed_tokens"] >= cfg.train.train_tokens:
             raise ConfigError(
                 f"train.train_tokens={cfg.train.train_tokens:,} is not beyond the {payload['consumed_tokens']:,} "
                 f"tokens already consumed at {candidates[0]} (checkpoint.continue_from)")
-        return StartPlan("continue", candidates)
+        return StartPlan("continue", list(methods), target=target, methods=methods)
     if ckpt.init_from:
         directory = resolve_model_dir(ckpt.init_from)
         saved_model, _ = read_model_index(directory)
         _refuse("checkpoint.init_from", directory, model_differences(dataclasses.asdict(saved_model), cfg.model))
-        return StartPlan("init", init_dir=directory)
-    return StartPlan("fresh")
+        return StartPlan("init", init_dir=directory, target=target)
+    return StartPlan("fresh", target=target)
 
 
-def _load_full_state(engine, cfg: JobConfig, tag_dir: Path, *, own_run: bool) -> TrainerState:
+def _load_full_state(engine, cfg: JobConfig, tag_dir: Path, method: str, *, own_run: bool) -> TrainerState:
     payload = read_trainer_state(tag_dir)
     known = {k: payload[k] for k in asdict(TrainerState()) if k in payload}
     state = TrainerState(**known)
-    per_rank = payload.get("checkpoint_format") == PER_RANK_FORMAT
+    per_rank = method == "per-rank"
     change = layout_change(saved_layout(payload), engine_layout(engine))
     try:
-        if per_rank or change:
+        if method in ("per-rank", "layout-free"):
             # The layout-free state: a per-rank checkpoint at any layout, or an older checkpoint's
-            # model/ + optim/ on another layout than its DeepSpeed files were written at.
-            if not per_rank and not has_layout_free_state(tag_dir):
-                raise ReshardError(f"written at another layout ({', '.join(change)}) without the "
-                                   "layout-free optimizer state (optim/)")
+            # model/ + optim/ on another layout or precision than its DeepSpeed files were written at.
             if change:
                 logger.info("resuming step %d on a new layout: %s (optimizer state resharded)", state.step,
                             ", ".join(change))
@@ -601,12 +639,18 @@ def start_state(engine, cfg: JobConfig, plan: StartPlan) -> TrainerState:
     """
     from megatron.core import parallel_state
 
+    running = engine_layout(engine)
+    if plan.target is not None and running != plan.target.as_dict():
+        raise CheckpointError(f"the engine was built for {running}, the start plan for "
+                              f"{plan.target.as_dict()}: report this (the layout is decided in "
+                              "engine/ds_config.planned_layout alone)")
     if plan.kind in ("resume", "continue"):
         rejected = []
         for tag_dir in plan.candidates:
             problems = checkpoint_problems(tag_dir)
             if not problems:
-                state = _load_full_state(engine, cfg, tag_dir, own_run=plan.kind == "resume")
+                state = _load_full_state(engine, cfg, tag_dir, plan.methods.get(tag_dir, "per-rank"),
+                                         own_run=plan.kind == "resume")
                 if rejected:
                     logger.warning("fell back to %s", tag_dir)
                 logger.info("%s from %s: step %d, %s tokens", "resumed" if plan.kind == "resume" else

@@ -1,13 +1,16 @@
 """The DeepSpeed config dict: a base JSON from ds_configs/ plus what the recipe decides.
 
 Batch geometry, precision, gradient clipping and the ZeRO stage are set once in the recipe and
-copied here, so the JSON files carry only ZeRO tuning. The global batch is given in tokens and
+copied here, so the JSON files carry only ZeRO tuning. The layout a job runs (data-parallel size,
+TP degree, ZeRO stage, node-local sharding) is decided here once, by :func:`planned_layout`, for
+the DeepSpeed config and for the start plan's comparison with a checkpoint. The global batch is given in tokens and
 split as ``micro_batch_size x accumulation x data_parallel x seq_length``; a batch that does not
 split is an error naming the numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -133,6 +136,35 @@ def node_local_block_size(cfg: JobConfig, data_parallel_size: int, local_world_s
     return block
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a job's ranks hold the training state: what DeepSpeed's shards and a checkpoint's
+    ranges depend on. Decided once, by :func:`planned_layout`, for the DeepSpeed config, the
+    start plan's comparison with a checkpoint, and the check of the built engine."""
+
+    data_parallel_size: int
+    tensor_parallel_size: int
+    zero_stage: int
+    node_local_ranks: int
+    """Data-parallel ranks per node-local sharding group (DeepSpeed's ``zero_hpz_partition_size``);
+    1 = off."""
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def planned_layout(cfg: JobConfig, world_size: int, local_world_size: int) -> Layout:
+    """The layout this recipe runs on ``world_size`` ranks, ``local_world_size`` per node.
+
+    Raises:
+        ConfigError: a ZeRO stage or node-local sharding that cannot run here (named).
+    """
+    tp = cfg.parallel.tensor_parallel_size
+    dp = world_size // tp
+    block = node_local_block_size(cfg, dp, local_world_size)
+    return Layout(dp, tp, resolve_zero_stage(cfg, dp), block // tp if block > 1 else 1)
+
+
 def build_ds_config(cfg: JobConfig, data_parallel_size: int, local_world_size: int,
                     global_batch_tokens: Optional[int] = None) -> dict:
     """The full DeepSpeed config for this job and world.
@@ -149,8 +181,8 @@ def build_ds_config(cfg: JobConfig, data_parallel_size: int, local_world_size: i
         ConfigError: for batch geometry or node-local sharding that does not fit the world.
     """
     par = cfg.parallel
-    block = node_local_block_size(cfg, data_parallel_size, local_world_size)
-    default_json = "zero3_node_local.json" if block > 1 else "zero3.json"
+    layout = planned_layout(cfg, data_parallel_size * par.tensor_parallel_size, local_world_size)
+    default_json = "zero3_node_local.json" if layout.node_local_ranks > 1 else "zero3.json"
     ds = load_base_ds_config(par.ds_config, default_json)
     geometry = batch_geometry(cfg, data_parallel_size, global_batch_tokens)
     ds["train_batch_size"] = geometry.global_batch_size
@@ -159,7 +191,7 @@ def build_ds_config(cfg: JobConfig, data_parallel_size: int, local_world_size: i
     ds["gradient_clipping"] = cfg.optimizer.grad_clip
     ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16}
-    stage = resolve_zero_stage(cfg, data_parallel_size)
+    stage = layout.zero_stage
     if cfg.train.precision != "fp32" and stage > 0:
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
         ds["communication_data_type"] = "fp32"
@@ -170,10 +202,10 @@ def build_ds_config(cfg: JobConfig, data_parallel_size: int, local_world_size: i
     throughput.update(enabled=False, synchronized=False)
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = stage
-    if block > 1:
+    if layout.node_local_ranks > 1:
         # DeepSpeed's value counts data-parallel ranks per group; the group itself is built by
         # parallel.init.initialize_node_local_group, TP-aware.
-        zero["zero_hpz_partition_size"] = block // par.tensor_parallel_size
+        zero["zero_hpz_partition_size"] = layout.node_local_ranks
     else:
         zero.pop("zero_hpz_partition_size", None)
     return ds

@@ -280,7 +280,7 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
                             launcher_watch: Optional[LauncherWatch]) -> TrainResult:
     from megatron.core import parallel_state
 
-    plan = plan_start(cfg, dist.get_world_size())  # refuses a checkpoint that does not fit, early
+    plan = plan_start(cfg, dist.get_world_size(), env.local_world_size)  # refuses a misfit, early
     te = build_engine(cfg, env)
     state = start_state(te.engine, cfg, plan)
     if cfg.checkpoint.save_dir and dist.get_rank() == 0:

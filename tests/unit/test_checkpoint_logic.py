@@ -120,8 +120,7 @@ def test_resume_refuses_another_parallel_layout_or_tokenizer(tmp_path):
     with pytest.raises(ConfigError) as err:
         plan_start(cfg, world_size=2)
     message = str(err.value)
-    assert "parallel.tensor_parallel_size: checkpoint 1, recipe 2" in message
-    assert "data-parallel size: checkpoint 4 (4 ranks), this job 1 (2 ranks)" in message
+    assert "DP 4 -> 1" in message and "TP 1 -> 2" in message and "no layout-free optimizer state" in message
     assert "a different tokenizer" in message
 
 
@@ -219,7 +218,7 @@ def test_zero_stage_is_compared_as_it_ran(tmp_path):
     assert plan_start(job(tmp_path / "a", parallel={"zero_stage": 3}), world_size=2).kind == "resume"
     # Written with 'auto' on 1 rank (ZeRO-1): ZeRO-3 shards are another layout.
     fake_checkpoint(tmp_path / "b", 2, world_size=1, cfg=job(tmp_path / "b", parallel={"zero_stage": "auto"}))
-    with pytest.raises(ConfigError, match=r"ZeRO stage: checkpoint 1 \(parallel.zero_stage='auto'\), this job 3"):
+    with pytest.raises(ConfigError, match=r"ZeRO 1 -> 3; the checkpoint has no layout-free"):
         plan_start(job(tmp_path / "b", parallel={"zero_stage": 3}), world_size=1)
 
 
@@ -327,3 +326,39 @@ def test_a_layout_change_is_named_field_by_field():
                                  "node_local_ranks": None}
     assert layout_change(saved_layout(old), {**now, "data_parallel_size": 1, "zero_stage": 1,
                                              "tensor_parallel_size": 1}) == ["DP 4 -> 1", "ZeRO 3 -> 1"]
+
+
+def test_the_start_plan_decides_the_layout_and_each_candidates_load_before_anything_is_built(tmp_path):
+    """One pure rule, before the build: node-local sharding and precision count as changes for a
+    checkpoint of the previous format (DeepSpeed's files depend on them), a per-rank checkpoint
+    loads at any layout, and every fallback is checked by the same rule."""
+    layout = {"data_parallel_size": 4, "tensor_parallel_size": 1, "zero_stage": 3, "node_local_ranks": 2}
+    old = fake_checkpoint(tmp_path / "a", 2, world_size=4, layout=layout,
+                          cfg=job(tmp_path / "a", parallel={"hpz_partition_size": 2}))
+    # The same 4 ranks on one node (node-local sharding off): refused before the build, named;
+    # before, the start plan let it pass and the load failed after the engine was built.
+    with pytest.raises(ConfigError, match=r"node-local sharding 2 -> off.*no layout-free optimizer state"):
+        plan_start(job(tmp_path / "a"), world_size=4, local_world_size=4)
+    plan = plan_start(job(tmp_path / "a", parallel={"hpz_partition_size": 2}), world_size=4, local_world_size=2)
+    assert plan.methods == {old: "deepspeed"} and plan.target.node_local_ranks == 2
+    # A precision change: DeepSpeed's fp32 files are another set; refused without optim/ ...
+    with pytest.raises(ConfigError, match=r"train.precision bf16 -> fp32"):
+        plan_start(job(tmp_path / "a", parallel={"hpz_partition_size": 2}, train={"precision": "fp32"}),
+                   world_size=4, local_world_size=2)
+    # ... loaded from the layout-free state with it.
+    (old / "optim").mkdir()
+    (old / "optim" / "index.json").write_text("{}")
+    plan = plan_start(job(tmp_path / "a", parallel={"hpz_partition_size": 2}, train={"precision": "fp32"}),
+                      world_size=4, local_world_size=2)
+    assert plan.methods == {old: "layout-free"}
+    # A per-rank checkpoint loads at any layout; a fallback that does not fit is left out.
+    newer = fake_checkpoint(tmp_path / "b", 4, world_size=4, layout=layout, checkpoint_format=2)
+    older = fake_checkpoint(tmp_path / "b", 2, world_size=4, layout=layout, model={"hidden_size": 1})
+    payload = json.loads((older / "trainer_state.json").read_text())
+    payload["config"]["model"]["hidden_size"] = 1
+    (older / "trainer_state.json").write_text(json.dumps(payload))
+    (tmp_path / "b" / "latest").write_text(newer.name)
+    plan = plan_start(job(tmp_path / "b", parallel={"tensor_parallel_size": 2}), world_size=2)
+    assert plan.candidates == [newer] and plan.methods == {newer: "per-rank"}
+    assert plan.target.as_dict() == {"data_parallel_size": 1, "tensor_parallel_size": 2, "zero_stage": 1,
+                                     "node_local_ranks": 1}
