@@ -248,17 +248,18 @@ def identifiability(cos_hist, cc_hist, v11_hist) -> dict:
 
 def live_caveat_counts(run: Path, off: float = 0.02) -> dict:
     """A run's validation losses replayed through the live check (the forecasts this code would
-    have logged at each evaluation): how many forecast the final loss off by more than ``off`` of
-    the measured end and how many of those carried no caveat; how many within ``off`` carried
-    one. ``*_without_burn_in`` leaves out ``burn_in_sensitive``."""
+    have logged at each evaluation): how many held the measured end inside their final band,
+    how many forecast the final loss off by more than ``off`` of the measured end and how many of
+    those carried no caveat; how many within ``off`` carried one. ``*_without_burn_in`` leaves out ``burn_in_sensitive``."""
     from megatron_tinyllama.config import load_config
     from megatron_tinyllama.scaling.forecast import build_schedule, segment_of
     from megatron_tinyllama.train.forecast_live import LiveForecast
 
     tok, loss, steps = valid_points(run)
     live = LiveForecast(build_schedule([segment_of(load_config(run / "config.yaml"))]))
-    out = dict.fromkeys(("checks", "off", "off_no_caveat", "off_no_caveat_without_burn_in",
-                         "within", "within_caveat", "within_caveat_without_burn_in"), 0)
+    out = dict.fromkeys(("checks", "inside_band", "off", "off_no_caveat",
+                         "off_no_caveat_without_burn_in", "within", "within_caveat",
+                         "within_caveat_without_burn_in"), 0)
     for s, t, v in zip(steps, tok, loss):
         check = live.observe(int(s), int(t), float(v))
         if check is None:
@@ -266,6 +267,7 @@ def live_caveat_counts(run: Path, off: float = 0.02) -> dict:
         others = [k for k in check.caveats if k != "burn_in_sensitive"]
         bad = abs(check.final_loss - loss[-1]) > off * loss[-1]
         out["checks"] += 1
+        out["inside_band"] += check.final_low <= loss[-1] <= check.final_high  # the 95% band
         out["off" if bad else "within"] += 1
         if bad:
             out["off_no_caveat"] += not check.caveats
