@@ -173,7 +173,7 @@ def warnings_in(log: Path) -> list[tuple[int, str]]:
 
 
 def valid_points(run: Path):
-    from megatron_tinyllama.scaling.forecast import read_points
+    from megatron_tinyllama.scaling.forecast.history import read_points
 
     v, _ = read_points(run / "metrics.jsonl")
     return np.array(v.tokens, dtype=float), np.array(v.loss), np.array(v.steps)
@@ -189,7 +189,8 @@ def cross_schedule(fc, fit_pts, target_run: Path, ref_tokens: float, from_tokens
                    batch_exponent: float = 1.0) -> dict:
     """The law fitted on one run against another run's measured validation curve: errors over
     the points from ``from_tokens`` (the range the law was fitted on), and over all past warm-up."""
-    from megatron_tinyllama.scaling.forecast import build_schedule, load_history, predict_schedule
+    from megatron_tinyllama.scaling.forecast.history import build_schedule, load_history
+    from megatron_tinyllama.scaling.forecast.predict import predict_schedule
 
     history = load_history(target_run)
     schedule = build_schedule(history.segments)
@@ -215,8 +216,9 @@ def identifiability(cos_hist, cc_hist, v11_hist) -> dict:
     and its error on the constant + cooldown run, over lambda and the burn-in (the two choices
     the fit cannot settle from one curve), and the law fitted on both curves at once (can it
     describe them at all?)."""
-    from megatron_tinyllama.scaling.curve import fit_curve, lr_areas
-    from megatron_tinyllama.scaling.forecast import build_schedule, fit_points
+    from megatron_tinyllama.scaling.forecast.history import build_schedule
+    from megatron_tinyllama.scaling.forecast.law import fit_curve, lr_areas
+    from megatron_tinyllama.scaling.forecast.predict import fit_points
 
     def pts(h, decay, burn):
         sch = build_schedule(h.segments)
@@ -252,7 +254,7 @@ def live_caveat_counts(run: Path, off: float = 0.02) -> dict:
     how many forecast the final loss off by more than ``off`` of the measured end and how many of
     those carried no caveat; how many within ``off`` carried one. ``*_without_burn_in`` leaves out ``burn_in_sensitive``."""
     from megatron_tinyllama.config import load_config
-    from megatron_tinyllama.scaling.forecast import build_schedule, segment_of
+    from megatron_tinyllama.scaling.forecast.history import build_schedule, segment_of
     from megatron_tinyllama.train.forecast_live import LiveForecast
 
     tok, loss, steps = valid_points(run)
@@ -313,7 +315,8 @@ def schedule_runs(work: Path, corpus: Path, seed: int) -> dict:
 
 def schedule_checks(runs: dict, replicates: int) -> tuple[dict, object]:
     """The law fitted on one seed's cosine run against its other schedules and its own tail."""
-    from megatron_tinyllama.scaling.forecast import fit_points, forecast_history, load_history
+    from megatron_tinyllama.scaling.forecast.history import load_history
+    from megatron_tinyllama.scaling.forecast.predict import fit_points, forecast_history
 
     hist = load_history(runs["cosine"])
     fc = forecast_history(hist, replicates=replicates)
@@ -433,7 +436,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from megatron_tinyllama.data.demo_corpus import build_demo_corpus
-    from megatron_tinyllama.scaling.forecast_plan import forecast_plan
+    from megatron_tinyllama.scaling.forecast.plan import forecast_plan
     from megatron_tinyllama.scaling.protocol import fit_laws
     from megatron_tinyllama.scaling.runs import STACK_EVAL, load_runs
 
@@ -507,7 +510,7 @@ def main(argv=None) -> int:
     # 4. Across sizes: L(C, M) on five small runs -> the held-out bigger run.
     small = [sizes[k] for k in sizes if not k.startswith("size_h96")]
     law_fit = fit_laws(load_runs(small), STACK_EVAL, description="small CPU runs")
-    from megatron_tinyllama.scaling.curve import lr_areas
+    from megatron_tinyllama.scaling.forecast.law import lr_areas
     decay = early.decay
     held_out = []
     for held in (sizes[k] for k in sizes if k.startswith("size_h96")):

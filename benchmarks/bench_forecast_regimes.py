@@ -76,13 +76,9 @@ def train_setup(work: Path, corpus: Path, name: str, seed: int) -> dict:
 
 
 def checks(runs: dict, steps: int) -> dict:
-    from megatron_tinyllama.scaling.curve import fit_curve, lr_areas
-    from megatron_tinyllama.scaling.forecast import (
-        build_schedule,
-        fit_points,
-        forecast_history,
-        load_history,
-    )
+    from megatron_tinyllama.scaling.forecast.history import build_schedule, load_history
+    from megatron_tinyllama.scaling.forecast.law import fit_curve, lr_areas
+    from megatron_tinyllama.scaling.forecast.predict import fit_points, forecast_history
 
     def points(run: Path):
         h = load_history(run)

@@ -178,7 +178,8 @@ class DemoResult:
     train_seconds: float
     total_seconds: float
     forecast: Optional[dict] = None
-    """:func:`~megatron_tinyllama.scaling.forecast.hindsight_check` of the run (None: not made)."""
+    """:func:`~megatron_tinyllama.scaling.forecast.predict.hindsight_check` of the run (None: not
+    made)."""
     forecast_problem: Optional[str] = None
 
 
@@ -199,7 +200,7 @@ def _forecast_check(save_dir: Path) -> tuple[Optional[dict], Optional[str]]:
     """(the forecast of the final loss from the first 70% of the run against its measured end,
     None) or (None, why it could not be made): a forecast must never fail the demo."""
     from megatron_tinyllama.scaling.fit import ScalingError
-    from megatron_tinyllama.scaling.forecast import hindsight_check
+    from megatron_tinyllama.scaling.forecast.predict import hindsight_check
 
     try:
         return hindsight_check(save_dir, 0.7, replicates=50), None

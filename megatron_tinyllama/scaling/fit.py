@@ -28,13 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
-
-class ScalingError(ValueError):
-    """Base of every error the scaling toolkit reports to a user (bad input, failed fit)."""
-
-
-class FitError(ScalingError):
-    """Too few or invalid points, or a fit that did not converge to finite parameters."""
+from megatron_tinyllama.scaling.errors import FitError, ScalingError  # noqa: F401 - also the API here
 
 
 # Eq. 4 starts: the grid of the paper's released fitting code (mlfoundations/scaling), written in

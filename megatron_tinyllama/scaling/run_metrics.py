@@ -18,14 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
-from megatron_tinyllama.scaling.fit import ScalingError
+from megatron_tinyllama.scaling.errors import RunFileError
 
 METRICS_FILE = "metrics.jsonl"
-
-
-class RunFileError(ScalingError):
-    """A run file that is missing, unreadable, or lacks a field the fits need (file and line
-    named)."""
 
 
 @dataclass

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from megatron_tinyllama.scaling.run_metrics import RunFileError, iter_records
+from megatron_tinyllama.scaling.errors import RunFileError
+from megatron_tinyllama.scaling.run_metrics import iter_records
 
 PACKAGED_TESTBED = Path(__file__).resolve().parent / "testbed_data" / "exp_data"
 """The released testbed results shipped with the package (the default of ``--testbed-dir``)."""

@@ -1,7 +1,7 @@
 """This module owns the live check of a run against its own loss-curve forecast.
 
 At every evaluation (``logging.forecast``, on by default) the curve law of
-:mod:`megatron_tinyllama.scaling.curve` is refitted on the validation losses measured *before*
+:mod:`megatron_tinyllama.scaling.forecast.law` is refitted on the validation losses measured *before*
 this one, over the run's whole planned schedule (earlier stages included, through
 ``checkpoint.continue_from``), and the new loss is checked against the law's bootstrap band at
 this step, widened by ``logging.forecast_tolerance`` on each side. The forecast final loss, its
@@ -22,18 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, bootstrap_band, fit_curve, lr_areas
-from megatron_tinyllama.scaling.fit import ScalingError
-from megatron_tinyllama.scaling.forecast import (
-    BURN_IN_WARMUPS,
+from megatron_tinyllama.scaling.errors import ScalingError
+from megatron_tinyllama.scaling.forecast.history import (
     Points,
     Schedule,
     build_schedule,
-    fit_points,
     load_history,
     segment_of,
 )
-from megatron_tinyllama.scaling.forecast_trust import (
+from megatron_tinyllama.scaling.forecast.law import (
+    DEFAULT_DECAY,
+    bootstrap_band,
+    fit_curve,
+    lr_areas,
+)
+from megatron_tinyllama.scaling.forecast.predict import BURN_IN_WARMUPS, fit_points
+from megatron_tinyllama.scaling.forecast.trust import (
     ANNEALING_SEEN_MIN,
     annealing_share,
     burn_in_finals,
@@ -68,7 +72,7 @@ class LiveCheck:
     """0 inside the band; else loss - high (above) or loss - low (below, negative)."""
     warned: bool
     caveats: tuple[str, ...] = ()
-    """Keys of :func:`~megatron_tinyllama.scaling.forecast.fit_caveats`: why the forecast final
+    """Keys of :func:`~megatron_tinyllama.scaling.forecast.trust.fit_caveats`: why the forecast final
     loss is not to be trusted yet (the log line and ``forecast_caveats`` say so)."""
 
     def record(self) -> dict:
@@ -93,7 +97,7 @@ class LiveForecast:
         decay: lambda of the annealing area.
         batch_exponent: how a step of another batch counts (``lr_areas``).
         burn_in_warmups: points before this many warm-ups are not fitted (see
-            :data:`~megatron_tinyllama.scaling.forecast.BURN_IN_WARMUPS`).
+            :data:`~megatron_tinyllama.scaling.forecast.predict.BURN_IN_WARMUPS`).
     """
 
     def __init__(self, schedule: Schedule, points: Optional[Points] = None, *, min_points: int = 8,
@@ -179,7 +183,7 @@ class LiveForecast:
                 "%.4f from the %d evaluations before it): a loss spike, a data problem or a bad "
                 "restart? Forecast final loss was %.4f [%.4f, %.4f]", step, loss, low, high,
                 expected, idx.size, band.estimate[1], band.low[1], band.high[1])
-        # The final band adds the law's own uncertainty to the bootstrap's (forecast_trust.py);
+        # The final band adds the law's own uncertainty to the bootstrap's (forecast/trust.py);
         # the band at this step, which raises the alarm, stays the bootstrap's.
         final = float(band.estimate[1])
         finals = burn_in_finals(self._refit_final, self.burn_in_warmups)

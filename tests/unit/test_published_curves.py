@@ -1,6 +1,6 @@
 """The loss-curve forecast on runs this repo did not train: the curves released with Luo et al.
 (2025), 25M-400M models over 16k-72k steps under nine LR schedules (scaling/curves_data/, MIT).
-Fitted on one cosine run, the law (scaling/curve.py) must predict the other schedules as the
+Fitted on one cosine run, the law (scaling/forecast/law.py) must predict the other schedules as the
 issue asks (mean error within 1% for constant + linear cooldown); the loader must refuse a file
 whose LR column is not the schedule it claims."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from megatron_tinyllama.scaling.cli import main
-from megatron_tinyllama.scaling.published_curves import (
+from megatron_tinyllama.scaling.forecast.published import (
     CURVES_DIR,
     SCHEDULES,
     check_size,
@@ -96,9 +96,9 @@ def test_forecast_published_cli_prints_the_table_and_writes_json(tmp_path, capsy
 def test_the_live_band_holds_the_end_of_a_long_published_run():
     """The 25M cosine run of 72,000 steps replayed through the trainer's live check (one check in
     ten): with the bootstrap band alone the true end was inside the final "95%" band in 13 of 47
-    checks; with the law's own uncertainty added (scaling/forecast_trust.py) in 36. The checks
+    checks; with the law's own uncertainty added (scaling/forecast/trust.py) in 36. The checks
     more than 2% off all carry a caveat, and a released run raises no alarm."""
-    from megatron_tinyllama.scaling.published_curves import replay_live
+    from megatron_tinyllama.scaling.forecast.published import replay_live
 
     r = replay_live("25", "cosine_72000", every=10)
     assert r["checks"] == 47 and r["warned"] == 0

@@ -1,4 +1,4 @@
-"""The loss-curve law (scaling/curve.py): areas against the paper's recursion written out, batch
+"""The loss-curve law (scaling/forecast/law.py): areas against the paper's recursion written out, batch
 changes against the per-token curve, parameter recovery, cross-schedule prediction, band coverage."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from megatron_tinyllama.scaling.curve import (
+from megatron_tinyllama.scaling.forecast.law import (
     CurveLaw,
     bootstrap_band,
     fit_curve,

@@ -1,4 +1,4 @@
-"""Forecasting a run's loss curve (scaling/forecast.py, ``tinyllama-scaling forecast``) and the live
+"""Forecasting a run's loss curve (scaling/forecast/, ``tinyllama-scaling forecast``) and the live
 check (train/forecast_live.py), on synthetic run folders whose losses follow the paper's law over
 the trainer's own LR schedule, with the areas computed by the paper's recursion written out in
 tests/unit/test_scaling_curve.py (not by the code under test)."""
@@ -14,15 +14,10 @@ import pytest
 
 from megatron_tinyllama.config import ConfigError, config_from_dict, load_config, save_config
 from megatron_tinyllama.scaling.cli import main
-from megatron_tinyllama.scaling.curve import CurveLaw, lr_areas
-from megatron_tinyllama.scaling.forecast import (
-    BURN_IN_SPREAD_MAX,
-    BURN_IN_WARMUPS,
-    build_schedule,
-    forecast_history,
-    load_history,
-    segment_of,
-)
+from megatron_tinyllama.scaling.forecast.history import build_schedule, load_history, segment_of
+from megatron_tinyllama.scaling.forecast.law import CurveLaw, lr_areas
+from megatron_tinyllama.scaling.forecast.predict import BURN_IN_WARMUPS, forecast_history
+from megatron_tinyllama.scaling.forecast.trust import BURN_IN_SPREAD_MAX
 from megatron_tinyllama.train.forecast_live import LiveForecast
 from megatron_tinyllama.train.schedule import learning_rate
 
@@ -555,7 +550,7 @@ def test_a_burn_in_of_zero_still_measures_the_burn_in_spread():
     run's first 30% that lands by luck is flagged as with the default."""
     cfg = config_from_dict({**recipe(128 * BATCH), "optimizer": {
         "lr": 8e-3, "min_lr": 8e-4, "warmup_tokens": 4 * BATCH}})
-    from megatron_tinyllama.scaling.forecast import RunHistory
+    from megatron_tinyllama.scaling.forecast.history import RunHistory
     from megatron_tinyllama.scaling.run_metrics import Points
 
     steps = list(range(2, 129, 2))
@@ -648,8 +643,8 @@ def test_caveats_for_a_parameter_at_a_bound_and_a_misfit():
     """Three fits the issue found without a caveat: alpha at the end of the fitting grid (4.0),
     a forward term A that explains less than the scatter, and a law that misses its own last
     third (the curve turns up: a loss rising after a data change)."""
-    from megatron_tinyllama.scaling.curve import fit_curve
-    from megatron_tinyllama.scaling.forecast_trust import fit_caveats, holdout
+    from megatron_tinyllama.scaling.forecast.law import fit_curve
+    from megatron_tinyllama.scaling.forecast.trust import fit_caveats, holdout
 
     s1 = np.linspace(0.05, 0.6, 40)
     s2 = np.zeros_like(s1)
@@ -688,7 +683,7 @@ def test_the_forecast_plot_shows_the_run_not_the_law_in_the_warm_up(tmp_path):
     from the first fitted point, and the caveats are in the title."""
     import matplotlib.pyplot as plt
 
-    from megatron_tinyllama.scaling.plots import forecast_figure
+    from megatron_tinyllama.scaling.forecast.plots import forecast_figure
 
     total = 128 * BATCH
     cfg = {**recipe(total, save_dir=str(tmp_path / "run")),
@@ -719,7 +714,7 @@ def test_few_evaluations_fall_back_to_the_training_loss_said(tmp_path, capsys):
     fitted on it, a note says so, and the demo's summary line (hindsight check from the first
     70%) gives the forecast and how far it was off."""
     from megatron_tinyllama.demo import forecast_line
-    from megatron_tinyllama.scaling.forecast import hindsight_check
+    from megatron_tinyllama.scaling.forecast.predict import hindsight_check
 
     run = tmp_path / "run"
     total = 300 * BATCH

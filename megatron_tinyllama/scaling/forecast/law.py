@@ -51,7 +51,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy.optimize import minimize_scalar, nnls
 
-from megatron_tinyllama.scaling.fit import FitError
+from megatron_tinyllama.scaling.errors import FitError
 
 DEFAULT_DECAY = 0.999
 """The paper's lambda, per reference step."""

@@ -1,7 +1,7 @@
 """This module owns how far a loss-curve forecast can be trusted: the caveats read off its fit,
 and the final band that adds the law's own uncertainty to the bootstrap's resampled residuals.
 
-The bootstrap band of :func:`~.curve.bootstrap_band` says how much the evaluation noise moves the
+The bootstrap band of :func:`~.law.bootstrap_band` says how much the evaluation noise moves the
 fit. It does not say how much the law itself is wrong for this run, and on curves as clean as the
 published ones (residuals of 0.01%) it was a few hundredths of a percent wide while the forecasts
 missed by 0.3-4%: the true end was inside the "95%" band in 46% of the live checks replayed on
@@ -29,8 +29,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from megatron_tinyllama.scaling.curve import ALPHA_GRID, fit_curve
-from megatron_tinyllama.scaling.fit import FitError
+from megatron_tinyllama.scaling.errors import FitError
+from megatron_tinyllama.scaling.forecast.law import ALPHA_GRID, fit_curve
 
 ANNEALING_SEEN_MIN = 0.5
 """Below this share of the final annealing area seen, a fit with C = 0 gets a caveat: most of the
@@ -62,7 +62,7 @@ NO_ANNEALING_LOW = 0.05
 runs (docs/forecast.md) removed 2.4-4.0% of the loss the stable phase forecast, and nothing in
 the fitted points bounds it."""
 ALPHA_BOUNDS = (float(ALPHA_GRID[0]), float(ALPHA_GRID[-1]))
-"""The exponents the fit may take (:data:`~.curve.ALPHA_GRID`'s ends)."""
+"""The exponents the fit may take (:data:`~.law.ALPHA_GRID`'s ends)."""
 
 
 def annealing_share(areas, step_index: int) -> float:
@@ -179,7 +179,7 @@ def fit_caveats(fit, annealing_seen: float, final_loss: float, final_low: float,
     centre).
 
     Args:
-        fit: the :class:`~.curve.CurveFit` (or only its law: then the checks that need its points,
+        fit: the :class:`~.law.CurveFit` (or only its law: then the checks that need its points,
             A near 0, are skipped).
         annealing_seen: the share of the schedule's final S2 reached by the last fitted point.
         final_loss, final_low: the forecast end and its band's lower end.

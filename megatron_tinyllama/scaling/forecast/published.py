@@ -7,7 +7,7 @@ These are runs in the regime the curve law of Tissue et al. was written for (tho
 of models far bigger than a CPU trains), so they measure the forecast where the CPU benchmark's
 tiny models cannot. The LR of every step is rebuilt from the release's description (the table in
 PROVENANCE.md) and checked against each file's ``lr`` column; the law, its areas, its fit and its
-caveats are this stack's own (:mod:`.curve`, :mod:`.forecast`), exactly as a run's forecast uses
+caveats are this stack's own (:mod:`.law`, :mod:`.predict`, :mod:`.trust`), exactly as a run's forecast uses
 them.
 """
 
@@ -20,18 +20,20 @@ from typing import Optional, Union
 
 import numpy as np
 
-from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, fit_curve, lr_areas
-from megatron_tinyllama.scaling.forecast import BURN_IN_WARMUPS, check_burn_in
-from megatron_tinyllama.scaling.forecast_trust import (
+from megatron_tinyllama.scaling.errors import RunFileError
+from megatron_tinyllama.scaling.forecast.law import DEFAULT_DECAY, fit_curve, lr_areas
+from megatron_tinyllama.scaling.forecast.predict import BURN_IN_WARMUPS, check_burn_in
+from megatron_tinyllama.scaling.forecast.trust import (
     annealing_share,
     burn_in_spread,
     fit_caveats,
     holdout,
     refit_final_loss,
 )
-from megatron_tinyllama.scaling.runs import RunFileError
 
-CURVES_DIR = Path(__file__).resolve().parent / "curves_data"
+CURVES_DIR = Path(__file__).resolve().parents[1] / "curves_data"
+"""The release's curves, shipped with the package beside the testbed's data (setup.py's
+package_data of ``megatron_tinyllama.scaling``)."""
 SIZES = ("25", "100", "400")
 """Model sizes of the release, in millions of parameters (folders ``csv_<size>``)."""
 SCHEDULES = ("cosine_24000", "cosine_72000", "constant_24000", "constant_72000",
@@ -205,7 +207,7 @@ def replay_live(size: str, name: str, *, every: int = 1, curves_dir: Union[str, 
         2% that carry a caveat anyway, and false alarms (a released run has no fault, so every
         warning is one).
     """
-    from megatron_tinyllama.scaling.forecast import Schedule, Segment
+    from megatron_tinyllama.scaling.forecast.history import Schedule, Segment
     from megatron_tinyllama.train.forecast_live import LiveForecast
 
     curve = load_curve(size, name, curves_dir)

@@ -1,8 +1,9 @@
 """This module owns ``tinyllama-scaling forecast --plan``: the loss curve of a planned (bigger) run
 before it is trained, from small finished runs of the same data and tokenizer. L(C, M) of
-:mod:`.fit` gives the planned run's final loss at its N and D; the curve law of :mod:`.curve`
-fitted on the largest small run gives the curve's shape over the planned schedule, shifted to end
-at that loss (the over-training paper's workflow, with the whole curve).
+:mod:`megatron_tinyllama.scaling.fit` (the over-training tool) gives the planned run's final loss
+at its N and D; the curve law of :mod:`.law` fitted on the largest small run gives the curve's
+shape over the planned schedule, shifted to end at that loss (the over-training paper's workflow,
+with the whole curve).
 """
 
 from __future__ import annotations
@@ -13,19 +14,16 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from megatron_tinyllama.scaling.curve import DEFAULT_DECAY, CurveBand, lr_areas
-from megatron_tinyllama.scaling.fit import FitError
-from megatron_tinyllama.scaling.forecast import (
-    Forecast,
+from megatron_tinyllama.scaling.errors import FitError
+from megatron_tinyllama.scaling.forecast.history import (
     Schedule,
     build_schedule,
-    curve_indices,
-    forecast_history,
     load_history,
     load_recipes,
     segment_of,
 )
-
+from megatron_tinyllama.scaling.forecast.law import DEFAULT_DECAY, CurveBand, lr_areas
+from megatron_tinyllama.scaling.forecast.predict import Forecast, curve_indices, forecast_history
 
 
 @dataclass(frozen=True)
