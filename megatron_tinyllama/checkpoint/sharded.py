@@ -39,6 +39,7 @@ import json
 import os
 import pickle
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -90,18 +91,38 @@ class Range:
 
 
 class _DigestingFile(_WholeWrites):
-    """A file that writes everything it is given (or raises) and hashes it on the way."""
+    """A file that writes everything it is given (or raises) and hashes it on the way.
+
+    The hashing runs on a thread of its own, in order, beside the writes (both release the GIL):
+    a save costs the longer of the two, not their sum. The caller keeps the data alive until the
+    file is closed (the staged tensors outlive the save)."""
 
     def __init__(self, path, mode: str) -> None:
         super().__init__(path, mode)
         self.sha256 = hashlib.sha256()
         self.bytes = 0
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-digest")
+        self._hashed: list = []
 
     def write(self, data) -> int:
-        total = super().write(data)
-        self.sha256.update(memoryview(data).cast("B"))
+        view = memoryview(data).cast("B")
+        self._hashed.append(self._hasher.submit(self.sha256.update, view))
+        total = super().write(view)
         self.bytes += total
         return total
+
+    def hexdigest(self) -> str:
+        """The digest of everything written (waits for the hashing to catch up)."""
+        for future in self._hashed:
+            future.result()
+        self._hashed.clear()
+        return self.sha256.hexdigest()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._hasher.shutdown(wait=True)
 
 
 class _DigestingFileSystem(FileSystem):
@@ -121,9 +142,10 @@ class _DigestingFileSystem(FileSystem):
             handle = _DigestingFile(str(path), "wb")
             try:
                 yield handle
+                handle.hexdigest()  # every byte hashed before the file counts as written
             finally:
                 handle.close()
-        self.written[Path(path).name] = (handle.bytes, handle.sha256.hexdigest())
+        self.written[Path(path).name] = (handle.bytes, handle.hexdigest())
 
     def rename(self, path, new_path) -> None:
         super().rename(path, new_path)

@@ -292,7 +292,9 @@ class CheckpointSaver:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[Future] = None
         self._group = None
+        self._staging: Optional[torch.Tensor] = None  # the rank's share in host memory, reused
         self.last_staging_bytes = 0
+        self.last_staging_seconds = 0.0
 
     def _process_group(self):
         # DCP's planning and the writers' report are collectives: a group of their own, so that
@@ -331,7 +333,8 @@ class CheckpointSaver:
         if step:
             _link_fragments(engine)  # DeepSpeed links ZeRO-1/2 moment fragments lazily
         if self.background:  # training goes on while the write runs: it writes copies
-            staged, self.last_staging_bytes = stage(held_ranges(engine, step))
+            staged, self._staging = stage(held_ranges(engine, step), self._staging)
+            self.last_staging_bytes = self._staging.numel() * self._staging.element_size()
         else:  # written before training goes on: the engine's own tensors, a piece at a time
             staged, self.last_staging_bytes = held_ranges(engine, step), 0
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -342,7 +345,9 @@ class CheckpointSaver:
             payload = {**asdict(state), "checkpoint_format": PER_RANK_FORMAT, "adam_step": step, "config": cfg.to_dict(),
                        "world_size": dist.get_world_size(), "layout": engine_layout(engine),
                        "tokenizer_fingerprint": file_fingerprint(cfg.data.tokenizer_model)}
-        waited = time.perf_counter() - clock
+        waited = self.last_staging_seconds = time.perf_counter() - clock
+        logger.info("checkpoint %s: staged %s bytes of this rank's state in %.2f s; writing %s", tag,
+                    f"{self.last_staging_bytes:,}", waited, "in the background" if self.background else "now")
         keep, run_id = cfg.checkpoint.keep_last, state.run_id
 
         def write() -> Path:
