@@ -45,13 +45,52 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# What a trainer_state.json must hold, and of which type (unknown fields stay allowed: a later
+# version may add some). A field missing or of another type makes the checkpoint unusable: it is
+# named, never read as something else (a missing ``step`` once resumed "from step 0").
+_REQUIRED = {"step": int, "consumed_samples": int, "consumed_tokens": int, "config": dict}
+_OPTIONAL = {"skipped_steps": int, "stage_start_samples": int, "stage_start_tokens": int, "run_id": str,
+             "world_size": int, "layout": dict, "checkpoint_format": int, "adam_step": int}
+
+
+def trainer_state_problems(payload) -> list[str]:
+    """Each field of a trainer_state.json payload that is missing or malformed, named; []
+    when it holds what a resume needs."""
+    if not isinstance(payload, dict):
+        return [f"not a JSON object ({type(payload).__name__})"]
+    problems = [f"field {name!r} is missing" for name in _REQUIRED if name not in payload]
+    for name, kind in {**_REQUIRED, **_OPTIONAL}.items():
+        value = payload.get(name)
+        if name in payload and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            problems.append(f"field {name!r} is {value!r}, not {kind.__name__}")
+        elif kind is int and isinstance(value, int) and value < 0:
+            problems.append(f"field {name!r} is {value}, below 0")
+    if isinstance(payload.get("config"), dict) and not isinstance(payload["config"].get("model"), dict):
+        problems.append("field 'config.model' is missing or not an object")
+    return problems
+
+
+def read_trainer_state_problems(tag_dir: Path) -> list[str]:
+    """Why a checkpoint's trainer_state.json cannot be used (file and field named); [] when it
+    can, or when there is none (an incomplete checkpoint: nothing to name)."""
+    path = Path(tag_dir) / TRAINER_STATE
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        return [f"{path}: unreadable ({err})"]
+    return [f"{path}: {problem}" for problem in trainer_state_problems(payload)]
+
+
 def read_trainer_state(tag_dir: Path) -> Optional[dict]:
-    """The trainer_state.json payload of a checkpoint directory, None if absent or unreadable."""
+    """The trainer_state.json payload of a checkpoint directory; None if absent, unreadable, or
+    missing a field a resume needs (:func:`read_trainer_state_problems` names it)."""
     try:
         payload = json.loads((Path(tag_dir) / TRAINER_STATE).read_text())
     except (OSError, ValueError):
         return None
-    return payload if isinstance(payload, dict) and "consumed_tokens" in payload else None
+    return payload if not trainer_state_problems(payload) else None
 
 
 # 256 MiB: large enough that the per-piece overhead (a seek, a digest, a few bytes of JSON) is

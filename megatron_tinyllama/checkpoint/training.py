@@ -76,6 +76,7 @@ from megatron_tinyllama.checkpoint.manifest import (
     checkpoint_problems,
     rank_world,
     read_trainer_state,
+    read_trainer_state_problems,
     write_atomic,
 )
 from megatron_tinyllama.checkpoint.native import MODEL_INDEX, CheckpointWriteError
@@ -149,12 +150,18 @@ def read_latest(save_dir: Path) -> Optional[str]:
 
 
 def complete_checkpoints(save_dir: Path) -> list[Path]:
-    """Complete checkpoint directories of ``save_dir``, newest step first."""
+    """Complete checkpoint directories of ``save_dir``, newest step first. One whose
+    trainer_state.json is there but malformed is not used, and the log names the file and field."""
     found = []
     for path in Path(save_dir).glob("global_step*"):
         step = tag_step(path.name)
-        if step is not None and path.is_dir() and read_trainer_state(path) is not None:
+        if step is None or not path.is_dir():
+            continue
+        if read_trainer_state(path) is not None:
             found.append((step, path))
+        elif problems := read_trainer_state_problems(path):
+            if rank_world()[0] == 0:
+                logger.error("checkpoint %s is not used: %s", path.name, "; ".join(problems))
     return [path for _, path in sorted(found, reverse=True)]
 
 
@@ -173,7 +180,8 @@ def resume_candidates(save_dir: Path) -> list[Path]:
         step = tag_step(named)
         return [save_dir / named] + [p for p in complete if step is not None and tag_step(p.name) < step]
     if complete and named:
-        state = "is missing" if not (save_dir / named).exists() else "is incomplete"
+        state = ("is missing" if not (save_dir / named).exists() else "is not usable (named above)"
+                 if read_trainer_state_problems(save_dir / named) else "is incomplete")
         logger.warning("%s: 'latest' names %s, which %s; using the newest complete checkpoint %s",
                        save_dir, named, state, complete[0].name)
     elif complete:

@@ -33,6 +33,9 @@ def job(save_dir=None, **sections):
     return config_from_dict(tree)
 
 
+MINIMAL_STATE = {"step": 2, "consumed_samples": 0, "consumed_tokens": 0, "config": {"model": {}}}
+
+
 def fake_checkpoint(save_dir: Path, step: int, cfg=None, *, run_id="run-a", world_size=2,
                     complete=True, **extra) -> Path:
     """A checkpoint directory with a few payload files and (if complete) its trainer state."""
@@ -161,7 +164,7 @@ def test_manifest_hashes_large_files_in_pieces_shared_across_ranks(tmp_path):
     big = tag_dir / "model" / "model-tp00-of-01.safetensors"
     big.write_bytes(bytes(range(256)) * 4000)  # 1,024,000 bytes: 16 pieces of 64 KiB
     manifest_module.write_manifest(tag_dir, chunk_bytes=64 << 10)
-    (tag_dir / "trainer_state.json").write_text(json.dumps({"consumed_tokens": 0}))
+    (tag_dir / "trainer_state.json").write_text(json.dumps(MINIMAL_STATE))
     entry = json.loads((tag_dir / "manifest.json").read_text())["files"]["model/model-tp00-of-01.safetensors"]
     assert entry["bytes"] == 1_024_000 and len(entry["sha256_chunks"]) == 16
     assert checkpoint_problems(tag_dir) == []
@@ -197,7 +200,7 @@ def test_manifest_written_before_pieces_still_verifies(tmp_path):
                                            "blake2b": hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()}
              for p in tag_dir.rglob("*") if p.is_file()}
     (tag_dir / "manifest.json").write_text(json.dumps({"files": files}))
-    (tag_dir / "trainer_state.json").write_text(json.dumps({"consumed_tokens": 0}))
+    (tag_dir / "trainer_state.json").write_text(json.dumps(MINIMAL_STATE))
     assert checkpoint_problems(tag_dir) == []
     data = bytearray(big.read_bytes())
     data[-1] ^= 1
@@ -362,3 +365,28 @@ def test_the_start_plan_decides_the_layout_and_each_candidates_load_before_anyth
     assert plan.candidates == [newer] and plan.methods == {newer: "per-rank"}
     assert plan.target.as_dict() == {"data_parallel_size": 1, "tensor_parallel_size": 2, "zero_stage": 1,
                                      "node_local_ranks": 1}
+
+
+@pytest.mark.parametrize("field", ["step", "consumed_tokens", "config"])
+def test_a_trainer_state_without_a_field_is_named_and_never_read_as_something_else(tmp_path, caplog, field):
+    """A hand-edited trainer_state.json (or one from another tool) that lacks a field a resume
+    needs: before, a missing ``step`` resumed "from step 0" with rc 0, a missing ``consumed_tokens``
+    called the checkpoint incomplete without a word, a missing ``config`` reported every model
+    field as "checkpoint None". Now the file and the field are named and the previous checkpoint
+    is used; with none before it, the run refuses to start from scratch over it."""
+    fake_checkpoint(tmp_path, 2)
+    broken = fake_checkpoint(tmp_path, 4)
+    payload = json.loads((broken / "trainer_state.json").read_text())
+    del payload[field]
+    (broken / "trainer_state.json").write_text(json.dumps(payload))
+    (tmp_path / "latest").write_text(broken.name)
+    with caplog.at_level(logging.WARNING):
+        plan = plan_start(job(tmp_path), world_size=2)
+    assert plan.candidates == [tmp_path / "global_step000002"]
+    assert f"checkpoint global_step000004 is not used: {broken / 'trainer_state.json'}: field {field!r} is missing" in caplog.text
+    assert "'latest' names global_step000004, which is not usable" in caplog.text
+    # A field of the wrong type is named the same way; nothing usable left: refused, not restarted.
+    (tmp_path / "global_step000002" / "trainer_state.json").write_text(json.dumps({**payload, "step": "2"}))
+    with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError, match="no complete checkpoint is there"):
+        plan_start(job(tmp_path), world_size=2)
+    assert "checkpoint global_step000002 is not used" in caplog.text and "field 'step' is '2', not int" in caplog.text
