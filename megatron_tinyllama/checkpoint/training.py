@@ -176,7 +176,9 @@ def resume_candidates(save_dir: Path) -> list[Path]:
     complete = complete_checkpoints(save_dir)
     latest_file = save_dir / "latest"
     named = latest_file.read_text().strip() if latest_file.is_file() else None
-    if named and read_trainer_state(save_dir / named) is not None:
+    # (A run saving beside this reader may have made the named checkpoint complete since the
+    # listing: then it is the newest complete one, and not "missing".)
+    if named and (read_trainer_state(save_dir / named) is not None or (complete and complete[0].name == named)):
         step = tag_step(named)
         return [save_dir / named] + [p for p in complete if step is not None and tag_step(p.name) < step]
     if complete and named:
@@ -206,6 +208,24 @@ def resolve_model_dir(source: Union[str, Path]) -> Path:
         return source
     if (source / "model" / MODEL_INDEX).is_file():
         return source / "model"
+    # A run that trains on prunes its old checkpoints: one may vanish while it is read. That is
+    # not damage: the checkpoints are listed anew and the newest complete one taken again.
+    for _ in range(_VANISHED_RETRIES):
+        try:
+            return _resolve_in(source)
+        except _Vanished as gone:
+            logger.info("%s: %s was pruned while it was read; looking again", source, gone)
+    return _resolve_in(source)
+
+
+_VANISHED_RETRIES = 5
+
+
+class _Vanished(Exception):
+    """A checkpoint directory disappeared while it was checked (pruned by the run that wrote it)."""
+
+
+def _resolve_in(source: Path) -> Path:
     if is_per_rank_checkpoint(source):
         candidates = [source]
     else:
@@ -224,6 +244,8 @@ def resolve_model_dir(source: Union[str, Path]) -> Path:
             if skipped:
                 logger.warning("%s: using %s instead (%s)", source, tag_dir.name, "; ".join(skipped))
             return tag_dir if per_rank else tag_dir / "model"
+        if not tag_dir.exists() and source != tag_dir:
+            raise _Vanished(tag_dir.name)
         skipped.append(f"{tag_dir.name} is damaged: {problems[0]}")
     raise ConversionError(f"{source}: no intact model export: " + "; ".join(skipped))
 

@@ -4,6 +4,7 @@ what retention deletes, and how damaged files are found. Each fault is reproduce
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 from pathlib import Path
 
@@ -390,3 +391,32 @@ def test_a_trainer_state_without_a_field_is_named_and_never_read_as_something_el
     with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError, match="no complete checkpoint is there"):
         plan_start(job(tmp_path), world_size=2)
     assert "checkpoint global_step000002 is not used" in caplog.text and "field 'step' is '2', not int" in caplog.text
+
+
+def test_a_checkpoint_pruned_while_the_converter_reads_it_is_not_called_damaged(tmp_path, caplog, monkeypatch):
+    """``tinyllama-convert-to-hf`` on a run that trains on with ``keep_last``: the checkpoint
+    ``latest`` named is pruned while it is checked (a newer one saved meanwhile). Before, 5 of
+    1,871 tries failed calling it damaged; now the checkpoints are listed again and the newest
+    complete one is taken."""
+    from megatron_tinyllama.checkpoint import training
+    from megatron_tinyllama.checkpoint.native import MODEL_INDEX
+
+    for step in (2, 4):
+        tag_dir = fake_checkpoint(tmp_path, step)
+        (tag_dir / "model" / MODEL_INDEX).write_text("{}")
+    (tmp_path / "latest").write_text("global_step000004")
+    real = training.checkpoint_problems
+
+    def pruned_meanwhile(tag_dir, only=None):
+        if tag_dir.name == "global_step000004" and tag_dir.exists():  # the trainer saves 6, prunes 4
+            newer = fake_checkpoint(tmp_path, 6)
+            (newer / "model" / MODEL_INDEX).write_text("{}")
+            (tmp_path / "latest").write_text("global_step000006")
+            shutil.rmtree(tag_dir)
+            return [f"{tag_dir}/model/model-tp00-of-01.safetensors: missing"]
+        return real(tag_dir, only=only)
+
+    monkeypatch.setattr(training, "checkpoint_problems", pruned_meanwhile)
+    with caplog.at_level(logging.INFO):
+        assert training.resolve_model_dir(tmp_path) == tmp_path / "global_step000006" / "model"
+    assert "damaged" not in caplog.text and "was pruned while it was read" in caplog.text
