@@ -16,7 +16,8 @@ import yaml
 
 from megatron_tinyllama.checkpoint.convert import convert_to_hf
 from megatron_tinyllama.checkpoint.hf import merge_tp_shards
-from megatron_tinyllama.checkpoint.native import load_into_model, load_model_checkpoint
+from megatron_tinyllama.checkpoint.native import load_into_model
+from megatron_tinyllama.checkpoint.per_rank import load_model_checkpoint
 from megatron_tinyllama.launch import launch_local
 from megatron_tinyllama.model.build import build_model, forward_logits, padded_vocab_size
 from tests.hf_helpers import hf_logits
