@@ -75,3 +75,34 @@ def test_the_world_file_round_trips_and_a_bad_one_is_named(tmp_path, caplog):
     assert read_world_file(tmp_path) is None
     assert WORLD_FILE in caplog.text and "'nodes'" in caplog.text
     assert read_world_file(tmp_path / "absent") is None
+
+
+def test_the_readmes_torchrun_lines_parse_with_torchrun_and_our_entry():
+    """The README's elastic commands, as torchrun's own parser and our entry read them."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from torch.distributed.run import get_args_parser
+
+    from megatron_tinyllama.train.pretrain import build_parser
+
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    section = text.split("### Elastic runs", 1)[1].split("\n### ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].replace("\\\n", " ")
+    lines = [line.split("torchrun ", 1)[1].rstrip().rstrip('"') for line in block.splitlines()
+             if "torchrun " in line and not line.lstrip().startswith("#")]
+    assert len(lines) == 2  # SLURM and pdsh
+    for line in lines:
+        for var, value in (("$(wc -l < hostfile)", "4"), ("$SLURM_NNODES", "4"),
+                           ("$STORE", "login-01:29400"), ("$SLURM_JOB_ID", "7")):
+            line = line.replace(var, value)
+        args = get_args_parser().parse_args(shlex.split(line))
+        assert args.rdzv_backend == "c10d" and ":" in args.nnodes and args.max_restarts >= 1
+        keys = dict(kv.split("=") for kv in args.rdzv_conf.split(","))
+        # The keys the c10d rendezvous reads (torch/distributed/elastic/rendezvous/dynamic_rendezvous.py).
+        assert set(keys) <= {"join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout",
+                             "keep_alive_interval", "keep_alive_max_attempt"}
+        assert args.module and args.training_script == "megatron_tinyllama.train.pretrain"
+        ours = build_parser().parse_args(args.training_script_args)
+        assert ours.config.endswith(".yaml") and ours.overrides
