@@ -106,3 +106,24 @@ def test_the_readmes_torchrun_lines_parse_with_torchrun_and_our_entry():
         assert args.module and args.training_script == "megatron_tinyllama.train.pretrain"
         ours = build_parser().parse_args(args.training_script_args)
         assert ours.config.endswith(".yaml") and ours.overrides
+
+
+def test_the_step_the_previous_world_reached_and_the_world_event_reach_metrics(tmp_path):
+    """What :func:`record_world` reads and writes through the metrics writer (rank 0)."""
+    from megatron_tinyllama.config import config_from_dict
+    from megatron_tinyllama.train.metrics import MetricsWriter, RunStart
+
+    cfg = config_from_dict({"name": "e", "model": {"preset": "tinyllama-debug"},
+                            "checkpoint": {"save_dir": str(tmp_path)}})
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "train_loss": 5.0}) + "\n" for s in range(1, 10)) + '{"step": 10, "tr')
+    writer = MetricsWriter(cfg, 0, 1, start=RunStart("resume", 6, 6 * 1024, "global_step000006"))
+    assert writer.superseded_last_step == 9  # the cut line is moved aside too, but names no step
+    change = compare_worlds({"world_size": 2, "nodes": ["a", "b"]}, ["a"], 1, resumed_step=6,
+                            last_step=writer.superseded_last_step, checkpoint_world_size=2,
+                            restart_count=1)
+    writer.log_event(change.record())
+    writer.close()
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "world" and last["message"].startswith("world 2 -> 1: node b lost after step 9")
+    assert MetricsWriter(cfg, 0, 1, start=RunStart("resume", 9, 9 * 1024)).superseded_last_step is None
