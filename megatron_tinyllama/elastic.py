@@ -111,12 +111,13 @@ def setup_problems(env: ElasticEnv, save_dir: Optional[str]) -> list[str]:
         # torchelastic/role_info); the job exits 1.
         problems.append(
             "the ranks share torchrun's rendezvous store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE is not "
-            "1): a node lost can be left behind, but one that comes back cannot rejoin (the next "
-            f"rendezvous times out on torchelastic/role_info, {SHARED_STORE_ISSUE}); export "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun on every node")
+            "1): if this run is elastic (--nnodes=MIN:MAX), a node lost can be left behind but one "
+            "that comes back cannot rejoin (the next rendezvous times out on torchelastic/role_info, "
+            f"{SHARED_STORE_ISSUE}); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun on "
+            "every node")
     if env.max_restarts < 1:
-        problems.append("torchrun --max-restarts=0: the first failure ends the job (a lost node "
-                        "costs the nodes left one restart each time)")
+        problems.append("torchrun --max-restarts=0: the first failure ends the job (for an elastic "
+                        "run give it room: a lost node costs the nodes left one restart each time)")
     if not save_dir:
         problems.append("checkpoint.save_dir is not set: every restart begins again from step 0")
     return problems
