@@ -104,7 +104,8 @@ def _timed(fn, results: dict, name: str) -> None:
 
 
 def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, preset: str, phase: str,
-               out: str, load_stage: int, ds_load: bool, precision: str, load_tp: int, save_stage: int) -> None:
+               out: str, load_stage: int, ds_load: bool, precision: str, load_tp: int, save_stage: int,
+               background: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(ranks))
     import torch
@@ -150,7 +151,7 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
             logging.getLogger(training.__name__).setLevel(logging.INFO)
             import dataclasses
 
-            saver = training.CheckpointSaver(background=True)
+            saver = training.CheckpointSaver(background=background)
             # The first save of a run maps its staging memory; the ones after copy into it. Two
             # saves: the first's numbers as ours_first_*, the second's (what a long run pays at
             # every save) as ours_*. Each waits for its write before the next is timed.
@@ -163,12 +164,21 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
                 results[f"{name}_save_complete"] = time.perf_counter() - began
             results["ours_staging_bytes"] = saver.last_staging_bytes
             saver.close()
-            sync = config_from_dict(_tree(Path(save_dir) / "sync", ranks, layers, save_stage, preset, precision))
-            _timed(lambda: training.save_training_checkpoint(te.engine, sync, state), results, "ours_sync_save")
+            if background:  # the same save written before training goes on, for comparison
+                sync = config_from_dict(_tree(Path(save_dir) / "sync", ranks, layers, save_stage, preset, precision))
+                _timed(lambda: training.save_training_checkpoint(te.engine, sync, state), results, "ours_sync_save")
         else:
             plan = training.plan_start(cfg, ranks)
             name = "ours_load" if phase == "same-layout load" else "reshard_load"
+            if os.environ.get("BENCH_PROFILE"):  # where a load's time goes, per rank
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
             _timed(lambda: training.start_state(te.engine, cfg, plan), results, name)
+            if os.environ.get("BENCH_PROFILE"):
+                profiler.disable()
+                profiler.dump_stats(f"{os.environ['BENCH_PROFILE']}.{name}.rank{rank}")
     everyone = [None] * ranks
     dist.all_gather_object(everyone, results)
     if rank == 0:  # times are the same on every rank (barriers); memory is per rank
@@ -207,23 +217,27 @@ def main(argv=None) -> int:
     parser.add_argument("--ds-load", action=argparse.BooleanOptionalAction, default=True,
                         help="time DeepSpeed's load_checkpoint (--no-ds-load where its extra 12P/N bytes "
                              "per rank do not fit)")
+    parser.add_argument("--background", action=argparse.BooleanOptionalAction, default=True,
+                        help="ours_save in the background (the default); --no-background where the "
+                             "staging copy (12P/N bytes per rank) does not fit beside the engine: "
+                             "ours_* are then synchronous saves")
     parser.add_argument("--dir", help="where the checkpoints go (default: a temporary directory)")
     parser.add_argument("--out", default="checkpoint_bench.json")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        results = {"ranks": args.ranks, "layers": args.layers, "preset": args.preset,
+        results = {"background": args.background, "ranks": args.ranks, "layers": args.layers, "preset": args.preset,
                    "save_zero_stage": args.save_zero_stage, "load_zero_stage": args.load_zero_stage, "load_tp": args.load_tp, "precision": args.precision}
         for phase in ("save", "same-layout load", "load"):
             out = Path(tmp) / f"{phase.replace(' ', '-')}.json"
             mp.spawn(_rank_main, args=(args.ranks, free_port(), tmp, args.layers, args.preset, phase, str(out),
                                                    args.load_zero_stage, args.ds_load, args.precision,
-                                                   args.load_tp, args.save_zero_stage),
+                                                   args.load_tp, args.save_zero_stage, args.background),
                      nprocs=args.ranks, join=True)
             results.update(json.loads(out.read_text()))
             if phase == "save":  # counted; then only the checkpoint the load reads is kept (disk)
                 results.update(_bytes(Path(tmp)))
                 shutil.rmtree(Path(tmp) / "plain")
-                shutil.rmtree(Path(tmp) / "sync")
+                shutil.rmtree(Path(tmp) / "sync", ignore_errors=True)
                 results["ours_total_over_ds_plain"] = results["ours_total"] / results["ds_plain_total"]
                 results["ours_save_over_ds_save"] = results["ours_save"] / results["ds_save"]
                 results["ours_save_complete_over_ds_save"] = results["ours_save_complete"] / results["ds_save"]

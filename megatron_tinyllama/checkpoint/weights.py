@@ -158,8 +158,13 @@ def set_zero3_partition(param: torch.nn.Parameter, key: Optional[str], values: t
     drops the secondary copies (DeepSpeed's ``invalidate_secondary_tensor``)."""
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
-    padded = torch.zeros(param.ds_tensor.ds_numel, dtype=torch.float32)
-    padded[: values.numel()] = values.reshape(-1).to(torch.float32)
+    count = values.numel()
+    if count == param.ds_tensor.ds_numel and values.dtype == torch.float32:  # no padding: as read
+        padded = values.reshape(-1)
+    else:  # zeros only where ZeRO pads (filling the whole partition first cost a second pass)
+        padded = torch.empty(param.ds_tensor.ds_numel, dtype=torch.float32)
+        padded[:count] = values.reshape(-1)
+        padded[count:] = 0
     padded = padded.to(param.ds_tensor.device)
     if key is None:
         safe_set_local_fp32_param(param, padded)
