@@ -120,11 +120,15 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert (save_dir / "latest").read_text().strip() == "global_step000002"
     assert (save_dir / "global_step000004").is_dir()  # the interrupted save
     assert not (save_dir / "global_step000004" / "trainer_state.json").exists()
+    killed = {r["step"]: r["train_loss"] for r in map(json.loads, (save_dir / "metrics.jsonl").read_text().splitlines())
+              if "train_loss" in r}
+    assert sorted(killed) == [1, 2, 3, 4]  # the killed run trained step 4, then died in its save
     # The converter and a restart both use step 2; the restart then finishes the run.
     convert_to_hf(save_dir, tmp_path / "hf")
     run_on_ranks(_resume_worker, 1, save_dir, tmp_path)
     resumed = json.loads((tmp_path / "resume.json").read_text())
     assert resumed["step"] == 4 and len(resumed["losses"]) == 2
+    assert resumed["losses"] == [killed[3], killed[4]]  # exact: from step 2, as if never killed
     assert (save_dir / "latest").read_text().strip() == "global_step000004"
     assert (save_dir / "global_step000004" / "trainer_state.json").is_file()
 
