@@ -151,6 +151,8 @@ def test_a_lost_node_is_left_behind_and_taken_back_and_the_run_ends_as_a_fault_f
     losses = _train_losses(records)
     assert sorted(losses) == list(range(1, STEPS + 1))  # each step once: the redone ones superseded
     assert [r["step"] for r in records if "train_loss" in r] == list(range(1, STEPS + 1))
+    # The recipe's global batch at every world: 4 x 2 accumulation at DP 2, 4 x 4 at DP 1.
+    assert {r["global_batch_size"] for r in records if "train_loss" in r} == {16}
 
     # The same recipe without a fault, on one rank: the same global batches in the same order.
     reference = _recipe(tmp_path, small_corpus, "fault_free")
