@@ -83,20 +83,21 @@ def test_consecutive_nan_steps_halt_with_a_clear_message(tmp_path):
 
 
 def _kill_during_second_save_worker(rank, world_size, save_dir):
-    from megatron_tinyllama.checkpoint import training
+    from megatron_tinyllama.checkpoint import sharded
     from megatron_tinyllama.train.loop import train
     from tests.distributed.synthetic import synthetic_batches
 
     os.environ["DS_ACCELERATOR"] = "cpu"
-    original = training.write_atomic
 
-    def write_then_die(path, text):
-        if path.name == "manifest.json" and "global_step000004" in str(path):
-            # Every rank's file of step 4 is written and synced; 'latest' is not yet updated.
+    original = sharded._DigestingFile.write
+
+    def write_then_die(self, data):
+        if "global_step000004" in str(self.name) and self.bytes > 0:
+            # In the middle of the rank's file of step 4, on the background save's thread.
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(path, text)
+        return original(self, data)
 
-    training.write_atomic = write_then_die
+    sharded._DigestingFile.write = write_then_die
     train(_config(save_dir), batch_source=synthetic_batches)
 
 
