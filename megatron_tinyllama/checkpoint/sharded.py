@@ -46,6 +46,7 @@ from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter, _StorageInfo
 from torch.distributed.checkpoint.metadata import (
@@ -255,6 +256,18 @@ class RangeSavePlanner(DefaultSavePlanner):
         return data.detach().to(torch.float32).contiguous()
 
 
+def first_failure(err: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (which wraps every rank's
+    as (exception, traceback)), else ``err``."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict):
+        for failure in failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, BaseException):
+                return inner
+    return err
+
+
 def save_ranges(directory: Path, ranges: list[Range], blobs: dict[str, bytes],
                 process_group=None) -> dict[str, dict]:
     """Write this rank's ``ranges`` and ``blobs`` into ``directory/state`` (collective over
@@ -291,6 +304,14 @@ class CountingReader(FileSystemReader):
             self.opens += 1
         return self._metadata
 
+    def _stored_elements(self, index: MetadataIndex) -> int:
+        """Elements of the stored chunk ``index`` names (DCP's metadata)."""
+        if not hasattr(self, "_chunk_sizes"):
+            self._chunk_sizes = {(fqn, tuple(chunk.offsets)): chunk.sizes.numel()
+                                 for fqn, entry in self.read_metadata().state_dict_metadata.items()
+                                 if not isinstance(entry, BytesStorageMetadata) for chunk in entry.chunks}
+        return self._chunk_sizes.get((index.fqn, tuple(index.offset or ())), -1)
+
     def read_data(self, plan: LoadPlan, planner):
         """Read just the asked elements of each stored range (raw fp32, see DigestingWriter)
         straight into the planner's buffers; blobs whole. One open per file."""
@@ -310,6 +331,12 @@ class CountingReader(FileSystemReader):
                         continue
                     target = planner.resolve_tensor(item)
                     size = target.element_size()
+                    if info.length != self._stored_elements(item.storage_index) * size:
+                        # Not raw fp32 of the stored range (DCP's own torch.save framing, or
+                        # another writer): reading offsets into it would load garbage.
+                        raise OSError(f"{path}: {item.storage_index.fqn} is stored in {info.length} bytes, "
+                                      f"not {self._stored_elements(item.storage_index)} raw "
+                                      f"{target.dtype} elements: not a checkpoint this version wrote")
                     handle.seek(info.offset + item.storage_offsets[0] * size)
                     view = memoryview(target.numpy()).cast("B")
                     if handle.readinto(view) != len(view):
@@ -397,7 +424,10 @@ class RangeReader:
     def read(self, wants: dict[str, tuple[int, int]], blobs: tuple[str, ...] = ()):
         """{key: 1-D tensor of the asked range}, and {blob key: bytes} when ``blobs`` are named."""
         planner = RangeLoadPlanner(wants, blobs)
-        dcp.load({}, storage_reader=self.storage, planner=planner, no_dist=True)
+        try:
+            dcp.load({}, storage_reader=self.storage, planner=planner, no_dist=True)
+        except CheckpointException as err:  # one process: its own error, as raised (file named)
+            raise first_failure(err) from err
         return (planner.buffers, planner.blobs) if blobs else planner.buffers
 
     @property

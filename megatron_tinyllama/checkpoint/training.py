@@ -88,7 +88,7 @@ from megatron_tinyllama.checkpoint.reshard import (
     has_layout_free_state,
     load_resharded,
 )
-from megatron_tinyllama.checkpoint.sharded import manifest_json, save_ranges
+from megatron_tinyllama.checkpoint.sharded import first_failure, manifest_json, save_ranges
 from megatron_tinyllama.checkpoint.weights import (
     ReplicaDriftError,
     check_tp_replicas,
@@ -293,18 +293,6 @@ def _replicated_fp32(engine) -> dict[str, torch.Tensor]:
     return out
 
 
-def _unwrap_write_error(err: BaseException) -> BaseException:
-    """The first rank's own error inside DCP's CheckpointException (a CheckpointWriteError names
-    the file and the errno), else ``err``."""
-    failures = getattr(err, "failures", None)
-    if isinstance(failures, dict):
-        for failure in failures.values():  # rank -> (exception, traceback summary)
-            inner = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(inner, BaseException):
-                return inner
-    return err
-
-
 class CheckpointSaver:
     """Saves training checkpoints, in the background: one copy, one file per rank, no read-back.
 
@@ -422,7 +410,7 @@ class CheckpointSaver:
         try:
             return pending.result()
         except BaseException as err:  # noqa: BLE001
-            inner = _unwrap_write_error(err)
+            inner = first_failure(err)
             if isinstance(inner, (CheckpointWriteError, ReplicaDriftError)):
                 raise inner from err
             raise CheckpointError(f"saving a checkpoint failed: {type(inner).__name__}: {inner}") from err
