@@ -304,10 +304,10 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
     live = (LiveForecast.for_run(cfg, state.consumed_tokens)
             if cfg.logging.forecast and cfg.data.valid_blend and metrics.enabled else None)
     result = TrainResult(state=state)
+    saver = CheckpointSaver(background=cfg.checkpoint.background_save)
     consecutive_bad = 0
     stall = cfg.train.stall_timeout_minutes
     watchdog = StallWatchdog(stall and 60 * stall, dist.get_rank(), dist.get_world_size(),
-    saver = CheckpointSaver(background=cfg.checkpoint.background_save)
                              connect_rendezvous_store)
     try:
         with StopRequest(cfg.train.stop_after_minutes, launcher_watch) as stop, watchdog:
@@ -354,19 +354,18 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
                     or (done and cfg.checkpoint.save_at_end)
                 ):
                     watchdog.progress(state.step, "checkpoint save")
-                    saver.save(te.engine, cfg, state)
-                    if step.stop or done:  # the process is about to end: the save must be durable
-                        watchdog.progress(state.step, "checkpoint write")
-                        saver.wait()
+                    # The process ends after a stop or the last step: that save is written now,
+                    # durable on return, without a staging copy.
+                    saver.save(te.engine, cfg, state, last=step.stop or done)
                 if step.stop and not done:
                     result.stopped = stop.reason or "a stop request on another rank"
                     logger.warning("stopped at step %d (%s tokens) on %s%s; the same command resumes",
                                    state.step, f"{state.consumed_tokens:,}", result.stopped,
                                    ", checkpoint saved" if cfg.checkpoint.save_dir else "")
                     break
+        saver.wait()
         result.applied_updates = applied_updates(te)
     finally:
-        metrics.close()
-        saver.wait()
-    return result
         saver.close()  # a save still in flight after an error finishes (it is a good checkpoint)
+        metrics.close()
+    return result
