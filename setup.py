@@ -101,6 +101,7 @@ setup(
             "tinyllama-pipeline=megatron_tinyllama.pipeline:main",
             "tinyllama-generate=megatron_tinyllama.generate:main",
             "tinyllama-check-hostfile=megatron_tinyllama.launch:check_hostfile_main",
+            "tinyllama-layout=megatron_tinyllama.parallel.layout_plan:main",
         ]
     },
 )

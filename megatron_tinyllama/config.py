@@ -194,7 +194,9 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     """megatron-core tensor parallelism; ranks of one TP group are consecutive (same node)."""
     zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
-    """DeepSpeed ZeRO stage. 'auto': ZeRO-1 when the data-parallel size is 1, else ZeRO-3. With one
+    """DeepSpeed ZeRO stage. 'auto': ZeRO-1 when the data-parallel size is 1, else the stage with
+    the shortest predicted step among those predicted to fit the device's memory
+    (engine/ds_config.choose_auto_stage; ``tinyllama-layout`` prints the comparison). With one
     data-parallel rank there is nothing to shard, and ZeRO-1 under bf16 is DeepSpeed's
     BF16_Optimizer (fp32 master weights, fp32 gradient accumulation, as ZeRO-3) without ZeRO-3's
     per-layer parameter hooks; tests/distributed/test_zero_stages.py checks that they train alike.

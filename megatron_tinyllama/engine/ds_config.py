@@ -3,9 +3,11 @@
 Batch geometry, precision, gradient clipping and the ZeRO stage are set once in the recipe and
 copied here, so the JSON files carry only ZeRO tuning. The layout a job runs (data-parallel size,
 TP degree, ZeRO stage, node-local sharding) is decided here once, by :func:`planned_layout`, for
-the DeepSpeed config and for the start plan's comparison with a checkpoint. The global batch is given in tokens and
-split as ``micro_batch_size x accumulation x data_parallel x seq_length``; a batch that does not
-split is an error naming the numbers.
+the DeepSpeed config and for the start plan's comparison with a checkpoint; there
+``parallel.zero_stage: auto`` becomes the fastest stage predicted to fit the device
+(:func:`choose_auto_stage`, by parallel/memory_model.py and parallel/comm_model.py). The global
+batch is given in tokens and split as ``micro_batch_size x accumulation x data_parallel x
+seq_length``; a batch that does not split is an error naming the numbers.
 """
 
 from __future__ import annotations
@@ -77,22 +79,104 @@ def load_base_ds_config(name_or_path: Optional[str], default: str) -> dict:
 
 
 def auto_zero_stage(stage, data_parallel_size: int) -> int:
-    """``parallel.zero_stage`` as a number: 'auto' is 1 at one data-parallel rank, else 3."""
+    """``parallel.zero_stage`` as the rule before the memory model (issue 29) resolved it: 'auto' was
+    1 at one data-parallel rank, else 3. Only for checkpoints saved without a ``layout`` record
+    (checkpoint/compat.py), which ran by that rule; a run resolves 'auto' by :func:`resolve_zero_stage`."""
     if stage == "auto":
         return 1 if data_parallel_size == 1 else 3
     return int(stage)
 
 
-def resolve_zero_stage(cfg: JobConfig, data_parallel_size: int) -> int:
-    """The ZeRO stage this job runs: ``parallel.zero_stage``, with 'auto' resolved.
+@dataclass(frozen=True)
+class AutoStage:
+    """What ``parallel.zero_stage: auto`` resolves to, and the one line that says why."""
 
-    'auto' is ZeRO-1 at one data-parallel rank (nothing to shard: ZeRO-1 keeps fp32 master weights
-    and fp32 accumulation, without ZeRO-3's parameter hooks) and ZeRO-3 otherwise.
+    stage: int
+    hpz_ranks: int
+    reason: str
+    fits: bool = True
+    """False when no stage is predicted to fit (then the one needing least memory)."""
+
+
+def choose_auto_stage(cfg: JobConfig, world_size: int, local_world_size: int, device=None, *,
+                      inter_node_gbytes_per_s: Optional[float] = None) -> AutoStage:
+    """The ZeRO stage 'auto' gives this recipe on ``world_size`` ranks, ``local_world_size`` per node.
+
+    * One data-parallel rank: ZeRO-1 (nothing to shard; ZeRO-1 under bf16 is DeepSpeed's
+      BF16_Optimizer: fp32 masters and fp32 accumulation without ZeRO-3's parameter hooks).
+    * Otherwise, of ZeRO-1, -2 and -3 (with the recipe's node-local sharding, where in effect: a
+      ZeRO-3 setting), the one with the shortest predicted step (parallel/layout_plan.py: compute
+      at each stage's measured efficiency + the communication model's bytes over the links) among
+      those whose predicted memory (parallel/memory_model.py), 10% added, fits the device; on a
+      tie the lower stage. ZeRO-1 sends ~5x fewer bytes than ZeRO-3 at v1's 8 accumulation steps
+      (it reduces gradients once per step, ZeRO-3 after every micro-batch) and computes without
+      hooks. When none fits, the one that needs least memory, with a warning.
+
+    Args:
+        device: a :class:`~megatron_tinyllama.parallel.memory_model.Device`; default: this
+            machine's (its GPU's memory; on the CPU the host's memory divided among its ranks).
+        inter_node_gbytes_per_s: link between nodes (default: layout_plan's, one HDR NIC).
+    """
+    tp = cfg.parallel.tensor_parallel_size
+    dp = world_size // tp
+    if dp == 1:
+        return AutoStage(1, 1, "ZeRO-1: one data-parallel rank, nothing to shard")
+    hpz = node_local_block_size(cfg, dp, local_world_size) > 1
+    from megatron_tinyllama.parallel.layout_plan import layout_option
+    from megatron_tinyllama.parallel.memory_model import GIB, this_device
+
+    device = device or this_device(local_world_size)
+    options = [layout_option(cfg, world_size, local_world_size, device, stage, hpz=hpz and stage == 3,
+                             inter_node_gbytes_per_s=inter_node_gbytes_per_s) for stage in (1, 2, 3)]
+    fitting = [o for o in options if o.fits]
+    best = (min(fitting, key=lambda o: (o.step_seconds, o.stage)) if fitting
+            else min(options, key=lambda o: (o.memory.total, o.stage)))
+    others = []
+    for o in options:
+        if o is best:
+            continue
+        note = f"ZeRO-{o.stage} would move {o.wire_gbytes:.1f} ({o.tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
+        note += ")" if o.fits else f", {o.memory.total / GIB:.1f} GiB: does not fit)"
+        others.append(note)
+    reason = f"{best.summary()}, {best.tokens_per_s_per_gpu:,.0f} tokens/s per GPU predicted; " + ", ".join(others)
+    if not fitting:
+        reason = f"no stage is predicted to fit {device.name}; the smallest: {reason}"
+    return AutoStage(best.stage, best.hpz_ranks, reason, bool(fitting))
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(line: str, level: int = logging.INFO) -> None:
+    """Log ``line`` the first time only: the start plan and the DeepSpeed config both plan the layout."""
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        logger.log(level, line)
+
+
+def resolve_zero_stage(cfg: JobConfig, data_parallel_size: int, local_world_size: Optional[int] = None,
+                       device=None) -> int:
+    """The ZeRO stage this job runs: ``parallel.zero_stage``, with 'auto' resolved by
+    :func:`choose_auto_stage` (logged once per process: ``zero_stage auto -> ZeRO-1: ...``).
+
+    Args:
+        local_world_size: ranks per node (default: all on one node).
+        device: see :func:`choose_auto_stage`.
 
     Raises:
         ConfigError: stage 0 with bf16 (DeepSpeed would train bf16 weights without fp32 masters).
     """
-    stage = auto_zero_stage(cfg.parallel.zero_stage, data_parallel_size)
+    stage = cfg.parallel.zero_stage
+    if stage == "auto":
+        world = data_parallel_size * cfg.parallel.tensor_parallel_size
+        choice = choose_auto_stage(cfg, world, local_world_size or world, device)
+        line = f"zero_stage auto -> {choice.reason}"
+        if choice.fits:
+            _log_once(line)
+        else:
+            _log_once(f"{line}; lower train.micro_batch_size, set model.activation_checkpointing or use more "
+                      "GPUs", logging.WARNING)
+        stage = choice.stage
     if stage == 0 and cfg.train.precision == "bf16":
         raise ConfigError("parallel.zero_stage=0 with train.precision=bf16: DeepSpeed's stage 0 keeps no "
                           "fp32 master weights in bf16; use zero_stage 1 (the same memory on one GPU)")
@@ -153,8 +237,11 @@ class Layout:
         return dataclasses.asdict(self)
 
 
-def planned_layout(cfg: JobConfig, world_size: int, local_world_size: int) -> Layout:
+def planned_layout(cfg: JobConfig, world_size: int, local_world_size: int, device=None) -> Layout:
     """The layout this recipe runs on ``world_size`` ranks, ``local_world_size`` per node.
+
+    Args:
+        device: what 'auto' fits the layout to (:func:`choose_auto_stage`); default: this machine's.
 
     Raises:
         ConfigError: a ZeRO stage or node-local sharding that cannot run here (named).
@@ -162,7 +249,12 @@ def planned_layout(cfg: JobConfig, world_size: int, local_world_size: int) -> La
     tp = cfg.parallel.tensor_parallel_size
     dp = world_size // tp
     block = node_local_block_size(cfg, dp, local_world_size)
-    return Layout(dp, tp, resolve_zero_stage(cfg, dp), block // tp if block > 1 else 1)
+    stage = resolve_zero_stage(cfg, dp, local_world_size, device)
+    if block > 1 and stage != 3:  # only 'auto' gets here: an explicit stage below 3 was refused
+        _log_once(f"node-local sharding off: zero_stage auto picked ZeRO-{stage}, and "
+                  f"parallel.hpz_partition_size is a ZeRO-3 setting")
+        block = 1
+    return Layout(dp, tp, stage, block // tp if block > 1 else 1)
 
 
 def build_ds_config(cfg: JobConfig, data_parallel_size: int, local_world_size: int,

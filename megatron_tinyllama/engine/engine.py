@@ -22,7 +22,6 @@ from megatron_tinyllama.engine.ds_config import (
     BatchGeometry,
     batch_geometry,
     build_ds_config,
-    resolve_zero_stage,
 )
 from megatron_tinyllama.model.build import build_model, use_fp32_rotary_frequencies
 from megatron_tinyllama.model.kernels import KernelPlan, resolve_kernels
@@ -106,7 +105,7 @@ def build_engine(cfg: JobConfig, env: DistributedEnv) -> TrainingEngine:
     dp_size = parallel_state.get_data_parallel_world_size()
     ds_config = build_ds_config(cfg, dp_size, env.local_world_size)
     geometry = batch_geometry(cfg, dp_size)
-    zero_stage = resolve_zero_stage(cfg, dp_size)
+    zero_stage = ds_config["zero_optimization"]["stage"]  # planned_layout's, 'auto' resolved
     zero3 = zero_stage == 3
     node_local_group = None
     hpz_members = ds_config["zero_optimization"].get("zero_hpz_partition_size", 1)

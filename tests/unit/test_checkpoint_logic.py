@@ -37,10 +37,21 @@ def job(save_dir=None, **sections):
 MINIMAL_STATE = {"step": 2, "consumed_samples": 0, "consumed_tokens": 0, "config": {"model": {}}}
 
 
+RAN_AS_PLANNED = object()
+
+
 def fake_checkpoint(save_dir: Path, step: int, cfg=None, *, run_id="run-a", world_size=2,
-                    complete=True, **extra) -> Path:
-    """A checkpoint directory with a few payload files and (if complete) its trainer state."""
+                    complete=True, layout=RAN_AS_PLANNED, **extra) -> Path:
+    """A checkpoint directory with a few payload files and (if complete) its trainer state, which
+    records the layout the recipe ran on ``world_size`` ranks of one node, as a save does
+    (``layout=None``: a checkpoint from before that record)."""
+    from megatron_tinyllama.engine.ds_config import planned_layout
+
     cfg = cfg or job(save_dir)
+    if layout is RAN_AS_PLANNED:
+        layout = planned_layout(cfg, world_size, world_size).as_dict()
+    if layout is not None:
+        extra = {"layout": layout, **extra}
     tag_dir = save_dir / step_tag(step)
     (tag_dir / "model").mkdir(parents=True)
     (tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(bytes(range(256)) * 40)
@@ -217,13 +228,20 @@ def test_stage_sizes_its_data_from_where_it_started():
 
 
 def test_zero_stage_is_compared_as_it_ran(tmp_path):
-    # Written with 'auto' on 2 ranks (ZeRO-3): resuming with an explicit 3 fits.
+    # 'auto' on 2 ranks of a tiny model: ZeRO-1 (it fits anywhere, and is the faster), recorded as
+    # such; resuming with an explicit 1 fits, with an explicit 3 is another layout.
     fake_checkpoint(tmp_path / "a", 2, cfg=job(tmp_path / "a", parallel={"zero_stage": "auto"}))
-    assert plan_start(job(tmp_path / "a", parallel={"zero_stage": 3}), world_size=2).kind == "resume"
-    # Written with 'auto' on 1 rank (ZeRO-1): ZeRO-3 shards are another layout.
-    fake_checkpoint(tmp_path / "b", 2, world_size=1, cfg=job(tmp_path / "b", parallel={"zero_stage": "auto"}))
+    assert plan_start(job(tmp_path / "a", parallel={"zero_stage": 1}), world_size=2).kind == "resume"
     with pytest.raises(ConfigError, match=r"ZeRO 1 -> 3; the checkpoint has no layout-free"):
-        plan_start(job(tmp_path / "b", parallel={"zero_stage": 3}), world_size=1)
+        plan_start(job(tmp_path / "a", parallel={"zero_stage": 3}), world_size=2)
+    # A checkpoint from before the layout record ran 'auto' by the rule of its day (ZeRO-3 above
+    # one data-parallel rank): resuming with an explicit 3 fits.
+    fake_checkpoint(tmp_path / "b", 2, cfg=job(tmp_path / "b", parallel={"zero_stage": "auto"}), layout=None)
+    assert plan_start(job(tmp_path / "b", parallel={"zero_stage": 3}), world_size=2).kind == "resume"
+    # Written with 'auto' on 1 rank (ZeRO-1): ZeRO-3 shards are another layout.
+    fake_checkpoint(tmp_path / "c", 2, world_size=1, cfg=job(tmp_path / "c", parallel={"zero_stage": "auto"}))
+    with pytest.raises(ConfigError, match=r"ZeRO 1 -> 3; the checkpoint has no layout-free"):
+        plan_start(job(tmp_path / "c", parallel={"zero_stage": 3}), world_size=1)
 
 
 def test_save_dir_with_a_checkpoint_wins_over_continue_from_and_says_so(tmp_path, caplog):
@@ -338,21 +356,22 @@ def test_the_start_plan_decides_the_layout_and_each_candidates_load_before_anyth
     loads at any layout, and every fallback is checked by the same rule."""
     layout = {"data_parallel_size": 4, "tensor_parallel_size": 1, "zero_stage": 3, "node_local_ranks": 2}
     old = fake_checkpoint(tmp_path / "a", 2, world_size=4, layout=layout,
-                          cfg=job(tmp_path / "a", parallel={"hpz_partition_size": 2}))
+                          cfg=job(tmp_path / "a", parallel={"hpz_partition_size": 2, "zero_stage": 3}))
     # The same 4 ranks on one node (node-local sharding off): refused before the build, named;
     # before, the start plan let it pass and the load failed after the engine was built.
     with pytest.raises(ConfigError, match=r"node-local sharding 2 -> off.*no layout-free optimizer state"):
-        plan_start(job(tmp_path / "a"), world_size=4, local_world_size=4)
-    plan = plan_start(job(tmp_path / "a", parallel={"hpz_partition_size": 2}), world_size=4, local_world_size=2)
+        plan_start(job(tmp_path / "a", parallel={"zero_stage": 3}), world_size=4, local_world_size=4)
+    zero3_hpz = {"hpz_partition_size": 2, "zero_stage": 3}
+    plan = plan_start(job(tmp_path / "a", parallel=zero3_hpz), world_size=4, local_world_size=2)
     assert plan.methods == {old: "deepspeed"} and plan.target.node_local_ranks == 2
     # A precision change: DeepSpeed's fp32 files are another set; refused without optim/ ...
     with pytest.raises(ConfigError, match=r"train.precision bf16 -> fp32"):
-        plan_start(job(tmp_path / "a", parallel={"hpz_partition_size": 2}, train={"precision": "fp32"}),
+        plan_start(job(tmp_path / "a", parallel=zero3_hpz, train={"precision": "fp32"}),
                    world_size=4, local_world_size=2)
     # ... loaded from the layout-free state with it.
     (old / "optim").mkdir()
     (old / "optim" / "index.json").write_text("{}")
-    plan = plan_start(job(tmp_path / "a", parallel={"hpz_partition_size": 2}, train={"precision": "fp32"}),
+    plan = plan_start(job(tmp_path / "a", parallel=zero3_hpz, train={"precision": "fp32"}),
                       world_size=4, local_world_size=2)
     assert plan.methods == {old: "layout-free"}
     # A per-rank checkpoint loads at any layout; a fallback that does not fit is left out.

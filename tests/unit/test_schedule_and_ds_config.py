@@ -50,7 +50,7 @@ def test_batch_that_does_not_split_names_the_numbers():
 
 def test_ds_config_copies_the_recipe_and_sets_hpz_from_the_local_world():
     cfg = config_from_dict({"model": {"preset": "tinyllama-1.1b"},
-                            "parallel": {"hpz_partition_size": 0},
+                            "parallel": {"hpz_partition_size": 0, "zero_stage": 3},
                             "train": {"global_batch_tokens": 1835008, "micro_batch_size": 7, "precision": "bf16"}})
     ds = build_ds_config(cfg, data_parallel_size=64, local_world_size=4)
     assert ds["train_batch_size"] == 896 and ds["train_micro_batch_size_per_gpu"] == 7
@@ -63,7 +63,7 @@ def test_ds_config_copies_the_recipe_and_sets_hpz_from_the_local_world():
 
 def _hpz_cfg(hpz: int, tp: int):
     return config_from_dict({"model": {"preset": "tinyllama-1.1b"},
-                             "parallel": {"hpz_partition_size": hpz, "tensor_parallel_size": tp},
+                             "parallel": {"hpz_partition_size": hpz, "tensor_parallel_size": tp, "zero_stage": 3},
                              "train": {"global_batch_tokens": 2097152, "micro_batch_size": 8,
                                        "precision": "bf16"}})
 
@@ -109,7 +109,7 @@ def test_node_local_groups_are_per_node_and_tp_rank():
 
 
 def test_plain_zero3_has_no_hpz():
-    ds = build_ds_config(_cfg(global_batch_tokens=2097152, micro_batch_size=8), 64, 4)
+    ds = build_ds_config(_hpz_cfg(1, 1), 64, 4)
     assert "zero_hpz_partition_size" not in ds["zero_optimization"]
 
 
