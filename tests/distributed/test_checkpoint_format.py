@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.test_reference_equivalence import assert_weights_match_reference, step_records
-from tests.distributed.test_reshard import DP2, STEPS, Layout, _gaps, _log, _run, source  # noqa: F401
+from tests.distributed.test_reshard import STEPS, Layout, _gaps, _log, _run, source  # noqa: F401
 
 pytestmark = pytest.mark.distributed
 
@@ -31,7 +31,9 @@ def _resume_fixture(source, layout: Layout, name: str) -> Path:  # noqa: F811 - 
     return save_dir
 
 
-@pytest.mark.parametrize("layout, change", [(DP2, None), (Layout(1), "DP 2 -> 1, ZeRO 3 -> 1")],
+# The fixture ran ZeRO-3 at DP 2; each layout names its stage (what 'auto' picks may change).
+@pytest.mark.parametrize("layout, change", [(Layout(2, zero_stage=3), None),
+                                            (Layout(1, zero_stage=1), "DP 2 -> 1, ZeRO 3 -> 1")],
                          ids=["same-layout", "dp2-to-dp1"])
 def test_a_checkpoint_of_the_previous_format_resumes_exactly(source, layout, change):  # noqa: F811
     before = {p: p.read_bytes() for p in FIXTURE.rglob("*") if p.is_file()}

@@ -65,7 +65,8 @@ def models(tmp_path_factory, llama_spm):
     run = root / "run"
     tag = run / "global_step000010"
     shutil.copytree(ours, tag / "model")
-    (tag / "trainer_state.json").write_text(json.dumps({"step": 10, "consumed_tokens": 20480}))
+    (tag / "trainer_state.json").write_text(json.dumps(
+        {"step": 10, "consumed_samples": 160, "consumed_tokens": 20480, "config": {"model": {}}}))
     (run / "latest").write_text("global_step000010")
     save_config(config_from_dict({"model": {"preset": "tinyllama-debug"},
                                   "data": {"tokenizer_model": str(llama_spm)}}), run / "config.yaml")

@@ -113,7 +113,8 @@ def test_forecast_follows_stages_and_a_batch_change(tmp_path, capsys):
               eval_records(tokens[:130], loss[:130], every=5))  # ran past where stage 2 left it
     ckpt = first / "global_step000100"
     ckpt.mkdir()
-    (ckpt / "trainer_state.json").write_text(json.dumps({"consumed_tokens": 100 * BATCH}))
+    (ckpt / "trainer_state.json").write_text(json.dumps(
+        {"step": 100, "consumed_samples": 100, "consumed_tokens": 100 * BATCH, "config": {"model": {}}}))
     second = tmp_path / "stage2"
     write_run(second, recipe(end2, save_dir=str(second), decay_tokens=end3,
                              continue_from=str(ckpt)),
@@ -620,7 +621,8 @@ def test_a_stage_on_another_validation_set_starts_a_new_curve(tmp_path, capsys):
     write_run(first, d1, eval_records(tokens[:100], loss[:100], every=5))
     ckpt = first / "global_step000100"
     ckpt.mkdir()
-    (ckpt / "trainer_state.json").write_text(json.dumps({"consumed_tokens": end1}))
+    (ckpt / "trainer_state.json").write_text(json.dumps(
+        {"step": 100, "consumed_samples": 100, "consumed_tokens": end1, "config": {"model": {}}}))
     second = tmp_path / "stage2"
     d2 = recipe(total, save_dir=str(second), decay_tokens=total, continue_from=str(ckpt))
     d2["data"] = {"valid_blend": "data/valid_b"}
