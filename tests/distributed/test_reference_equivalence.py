@@ -108,7 +108,10 @@ def _train_worker(rank, world_size, tree, out):
 
 def run_stack(tmp: Path, name: str, world_size: int, ranks_per_node: int = 0, **kwargs) -> Path:
     save_dir = tmp / name
-    run_on_ranks(_train_worker, world_size, recipe(save_dir, **kwargs), str(tmp), ranks_per_node=ranks_per_node)
+    tree = recipe(save_dir, **kwargs)
+    # ZeRO-3 over the data-parallel ranks, ZeRO-1 at one ('auto' depends on the device; name it).
+    tree["parallel"]["zero_stage"] = 3 if world_size // kwargs.get("tp", 1) > 1 else 1
+    run_on_ranks(_train_worker, world_size, tree, str(tmp), ranks_per_node=ranks_per_node)
     return save_dir
 
 
@@ -291,7 +294,9 @@ def test_bf16_dp2_matches_the_reference_within_bf16_rounding(source):
     delta = max(abs(a - b) for a, b in zip(bf16_ref.losses, fp32_ref.losses))
     assert 0 < delta < 0.05, delta  # bf16 changes the losses, by a little
     save_dir = tmp / "bf16"
-    run_on_ranks(_bf16_worker, 2, recipe(save_dir, precision="bf16", init_from=source["converted"][1]), str(tmp))
+    tree = recipe(save_dir, precision="bf16", init_from=source["converted"][1])
+    tree["parallel"]["zero_stage"] = 3
+    run_on_ranks(_bf16_worker, 2, tree, str(tmp))
     records = step_records(save_dir)
     ours = [records[s]["train_loss"] for s in range(1, STEPS + 1)]
     gap = max(abs(a - b) for a, b in zip(ours, bf16_ref.losses))

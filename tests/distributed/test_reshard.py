@@ -43,14 +43,20 @@ SIX = dataclasses.replace(SETTINGS, decay_tokens=STEPS * STEP_TOKENS)
 class Layout:
     ranks: int
     tp: int = 1
-    zero_stage: object = "auto"
+    zero_stage: object = None
+    """None: 3 above one data-parallel rank, else 1 (what 'auto' gave when these cases were written;
+    it now depends on the device, so each layout names its stage)."""
     ranks_per_node: int = 0
     hpz: int = 1
     micro_batch: int = 2
     precision: str = "fp32"
 
+    @property
+    def stage(self) -> int:
+        return self.zero_stage if self.zero_stage is not None else (3 if self.ranks // self.tp > 1 else 1)
+
     def __str__(self) -> str:
-        text = f"TP{self.tp}xDP{self.ranks // self.tp}-Z{self.zero_stage}-mb{self.micro_batch}"
+        text = f"TP{self.tp}xDP{self.ranks // self.tp}-Z{self.stage}-mb{self.micro_batch}"
         text += "-bf16" if self.precision == "bf16" else ""
         return text + (f"-hpZ{self.ranks // self.ranks_per_node}nodes" if self.ranks_per_node else "")
 
@@ -58,7 +64,7 @@ class Layout:
 def _tree(save_dir: Path, layout: Layout, steps: int, init_from) -> dict:
     tree = recipe(save_dir, tp=layout.tp, steps=steps, init_from=init_from, save_interval=SWITCH, hpz=layout.hpz)
     tree["optimizer"]["decay_tokens"] = SIX.decay_tokens
-    tree["parallel"]["zero_stage"] = layout.zero_stage
+    tree["parallel"]["zero_stage"] = layout.stage
     tree["train"]["micro_batch_size"] = layout.micro_batch
     tree["train"]["precision"] = layout.precision
     return tree

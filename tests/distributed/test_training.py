@@ -19,7 +19,7 @@ def _config(save_dir=None, **train):
 
     train_section = {"train_tokens": 64 * 8 * 4, "global_batch_tokens": 64 * 8, "micro_batch_size": 2,
                      "precision": "fp32", **train}
-    tree = {"model": {"preset": "tinyllama-debug"}, "train": train_section,
+    tree = {"model": {"preset": "tinyllama-debug"}, "parallel": {"zero_stage": 3}, "train": train_section,
             "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_tokens": 512},
             "logging": {"log_interval_steps": 1}}
     if save_dir:

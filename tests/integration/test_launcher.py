@@ -75,7 +75,7 @@ def _assert_hf_parity(save_dir: Path, tmp_path: Path, mcore_cpu_ready: None = No
 
 def test_dp2_zero3_learns_validates_resumes_exactly_and_converts(tmp_path, small_corpus, mcore_cpu):
     steps = 12
-    recipe = _recipe(tmp_path, small_corpus, "dp2", steps)
+    recipe = _recipe(tmp_path, small_corpus, "dp2", steps, parallel={"zero_stage": 3})
     save_dir = tmp_path / "dp2"
     launch_local(recipe, nodes=1, ranks_per_node=2, work_dir=tmp_path, timeout_s=600)
     first = _metrics(save_dir)
@@ -118,7 +118,7 @@ def test_node_local_sharding_takes_its_group_from_the_launcher_on_two_simulated_
     such a run trains exactly as the reference trainer is shown on gloo ranks, at TP=2 on two
     simulated nodes of four (tests/distributed/test_reference_equivalence.py); a second launch of
     plain ZeRO-3 to compare with cost a minute and showed nothing more."""
-    hpz = _recipe(tmp_path, small_corpus, "hpz", 4, parallel={"hpz_partition_size": 0},
+    hpz = _recipe(tmp_path, small_corpus, "hpz", 4, parallel={"hpz_partition_size": 0, "zero_stage": 3},
                   data={"valid_blend": ""}, logging={"eval_interval_steps": 100})
     log = tmp_path / "hpz_launch"
     launch_local(hpz, nodes=2, ranks_per_node=2, work_dir=tmp_path / "hpz_launcher", timeout_s=600,
