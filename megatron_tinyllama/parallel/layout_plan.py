@@ -154,28 +154,70 @@ def format_options(options: list[LayoutOption], chosen: Optional[LayoutOption] =
     return "\n".join(lines)
 
 
+def bench_memory_check(results: dict) -> list[dict]:
+    """Predicted against measured peak memory for each ``stack-*`` entry of a
+    ``benchmarks/bench_throughput.py`` results.json (one GPU, DP 1): the entry's own peak is
+    ``peak_memory_gb`` less ``memory_before_gb`` (what earlier entries of its process left
+    allocated; recorded since 2026-12-05). An entry without that record is compared only when it is
+    the file's first stack entry (``comparable`` False otherwise)."""
+    from megatron_tinyllama.config import config_from_dict
+    from megatron_tinyllama.engine.ds_config import build_ds_config
+
+    rows, first = [], True
+    for r in results.get("results", []):
+        if not str(r.get("config", "")).startswith("stack-") or r.get("peak_memory_gb") is None:
+            continue
+        kernels = r.get("kernels") or {}
+        cfg = config_from_dict({
+            "model": {"preset": results["preset"], "seq_length": results["seq_length"]},
+            "parallel": {"zero_stage": r["zero_stage"]},
+            "train": {"global_batch_tokens": r["micro_batch"] * results["accumulation"] * results["seq_length"],
+                      "micro_batch_size": r["micro_batch"], "precision": results.get("precision", "bf16")}})
+        predicted = estimate_memory(cfg.model, build_ds_config(cfg, 1, 1), data_parallel_size=1,
+                                    cross_entropy_backend=kernels.get("cross_entropy"))
+        before = r.get("memory_before_gb")
+        rows.append({"config": r["config"], "micro_batch": r["micro_batch"], "zero_stage": r["zero_stage"],
+                     "measured_gib": r["peak_memory_gb"] - (before or 0.0),
+                     "predicted_gib": predicted.peak_allocated / GIB, "comparable": before is not None or first})
+        first = False
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """``tinyllama-layout RECIPE --device D --nodes N --gpus-per-node G``: each layout's memory,
     bytes on the wire, predicted tokens/s, which fit, and what ``zero_stage: auto`` picks."""
     import argparse
     import json
     import sys
+    from pathlib import Path
 
     from megatron_tinyllama.config import load_config
     from megatron_tinyllama.engine.ds_config import batch_geometry, choose_auto_stage
     from megatron_tinyllama.parallel.memory_model import DEVICES, device_by_name
 
     parser = argparse.ArgumentParser(prog="tinyllama-layout", description=(main.__doc__ or "").split("\n")[0])
-    parser.add_argument("recipe", help="recipe YAML")
+    parser.add_argument("recipe", nargs="?", help="recipe YAML")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
-    parser.add_argument("--device", required=True, help=f"one of {sorted(DEVICES)} or a memory size in GB")
+    parser.add_argument("--device", help=f"one of {sorted(DEVICES)} or a memory size in GB")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--inter-node-gbps", type=float, default=None,
                         help=f"bandwidth between nodes per node, GB/s (default {INTER_NODE_GBYTES_PER_S:g}: "
                              "one HDR NIC)")
     parser.add_argument("--json", help="also write the table here")
+    parser.add_argument("--bench", help="instead: a bench_throughput.py results.json, each stack entry's measured "
+                                        "peak memory against the prediction")
     args = parser.parse_args(argv)
+    if args.bench:
+        rows = bench_memory_check(json.loads(Path(args.bench).read_text()))
+        for row in rows:
+            off = row["predicted_gib"] / row["measured_gib"] - 1
+            print(f"{row['config']:28s} mb {row['micro_batch']:3d} ZeRO-{row['zero_stage']}  measured "
+                  f"{row['measured_gib']:6.1f} GiB  predicted {row['predicted_gib']:6.1f} ({off:+.1%})"
+                  + ("" if row["comparable"] else "  (after earlier entries, no memory_before_gb: not comparable)"))
+        return 0
+    if not args.recipe or not args.device:
+        parser.error("RECIPE and --device are required (or --bench)")
     try:
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise ConfigError("--nodes and --gpus-per-node must be >= 1")
@@ -200,8 +242,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if named != "auto":
         print(f"the recipe names zero_stage {named}, which it keeps; zero_stage: auto would pick ZeRO-{auto.stage}")
     if args.json:
-        from pathlib import Path
-
         Path(args.json).write_text(json.dumps({
             "device": dataclasses.asdict(device), "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
             "auto": {"stage": auto.stage, "hpz_ranks": auto.hpz_ranks, "reason": auto.reason},
