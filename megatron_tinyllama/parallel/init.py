@@ -38,6 +38,10 @@ class DistributedEnv:
     def num_nodes(self) -> int:
         return max(1, self.world_size // max(1, self.local_world_size))
 
+    def node_of(self, rank: int) -> int:
+        """The node of ``rank`` (launchers number ranks node by node, local_world_size each)."""
+        return rank // max(1, self.local_world_size)
+
 
 def read_launcher_env() -> DistributedEnv:
     """Read rank and sizes from the launcher's environment (single process when absent)."""

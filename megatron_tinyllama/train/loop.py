@@ -80,14 +80,29 @@ def _all_reduce_mean(value: float, group=None) -> float:
     return tensor.item() / dist.get_world_size(group)
 
 
-def _agree(finite: bool, stop: bool) -> tuple[bool, bool]:
-    """(finite on every rank, stop asked on any rank), in one all-reduce per step."""
-    tensor = torch.tensor([0 if finite else 1, 1 if stop else 0], dtype=torch.int32)
+# Why a rank asks the run to stop, as it travels in the step's all-reduce (the highest wins).
+STOP_KINDS = {1: "the time limit (train.stop_after_minutes)", 2: "a signal", 3: "its launcher is gone"}
+
+
+def _agree(finite: bool, stop_kind: int) -> tuple[bool, Optional[tuple[int, int]]]:
+    """(finite on every rank, (the lowest rank asking to stop, why) or None), in the one
+    all-reduce per step. A rank's request is sent as ``world - rank`` so MAX finds the lowest."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    tensor = torch.tensor([0 if finite else 1, world - rank if stop_kind else 0, stop_kind], dtype=torch.int32)
     if torch.cuda.is_available():
         tensor = tensor.cuda()
-    dist.all_reduce(tensor)
-    not_finite, stops = tensor.tolist()
-    return not_finite == 0, stops > 0
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    not_finite, asker, kind = tensor.tolist()
+    return not_finite == 0, ((world - asker, kind) if asker else None)
+
+
+def stop_kind(stop: Optional["StopRequest"]) -> int:
+    """This rank's reason to stop as a :data:`STOP_KINDS` code (0: none)."""
+    if stop is None or not stop.requested:
+        return 0
+    if stop.reason.startswith("signal"):
+        return 2
+    return 1 if "stop_after_minutes" in stop.reason else 3
 
 
 class StopRequest:
@@ -169,7 +184,14 @@ def train_step(te: TrainingEngine, cfg: JobConfig, batches: Iterator[dict], lr: 
         te.engine.backward(loss)
         te.engine.step()
         loss_sum = metrics["lm_loss"] if loss_sum is None else loss_sum + metrics["lm_loss"]
-    finite, stop_now = _agree(bool(finite_all.item()), stop is not None and stop.requested)
+    finite, asked = _agree(bool(finite_all.item()), stop_kind(stop))
+    stop_now = asked is not None
+    if asked is not None and stop is not None and stop.reason is None:
+        # Said once, on the ranks that were not asked: which rank asked, on which node, and why.
+        from megatron_tinyllama.parallel.init import read_launcher_env
+
+        stop.reason = (f"a stop request from rank {asked[0]} (node {read_launcher_env().node_of(asked[0])}): "
+                       f"{STOP_KINDS.get(asked[1], 'a request')}")
     grad_norm = te.engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     mean_loss = _all_reduce_mean(loss_sum.item() / te.geometry.gradient_accumulation_steps,
@@ -358,7 +380,7 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
                     # durable on return, without a staging copy.
                     saver.save(te.engine, cfg, state, last=step.stop or done)
                 if step.stop and not done:
-                    result.stopped = stop.reason or "a stop request on another rank"
+                    result.stopped = stop.reason
                     logger.warning("stopped at step %d (%s tokens) on %s%s; the same command resumes",
                                    state.step, f"{state.consumed_tokens:,}", result.stopped,
                                    ", checkpoint saved" if cfg.checkpoint.save_dir else "")

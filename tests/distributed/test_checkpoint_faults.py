@@ -194,7 +194,9 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint(
     run_on_ranks(_stop_worker, 2, tree, str(tmp_path))
     outcomes = [json.loads((tmp_path / f"stop{r}.json").read_text()) for r in range(2)]
     assert outcomes[1] == {"stopped": "signal SIGUSR1", "step": 2}
-    assert outcomes[0] == {"stopped": "a stop request on another rank", "step": 2}
+    # The rank that was not signalled names who asked and why (before: "a stop request on
+    # another rank", which told an operator nothing when a node's launcher had died).
+    assert outcomes[0] == {"stopped": "a stop request from rank 1 (node 0): a signal", "step": 2}
     assert (save_dir / "latest").read_text() == "global_step000002"
     assert (save_dir / "global_step000002" / "trainer_state.json").is_file()
     # The same recipe resumes and finishes; a time limit stops it again after one step.

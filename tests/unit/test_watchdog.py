@@ -180,3 +180,21 @@ def test_a_rank_under_the_pipeline_stops_when_the_pipeline_alone_is_killed(tmp_p
     assert ("watching: deepspeed's per-node launcher (deepspeed.launcher.launch); the deepspeed "
             "launcher; tinyllama-pipeline") in text
     assert f"reason: tinyllama-pipeline (pid {head.pid}) exited" in text
+
+
+def test_a_stop_says_which_rank_asked_and_why():
+    """What travels in the step's all-reduce when one rank asks to stop: its reason as a code, so
+    the others can say 'a stop request from rank 3 (node 1): its launcher is gone' (before: 'a
+    stop request on another rank', for a node whose launcher had died)."""
+    from types import SimpleNamespace
+
+    from megatron_tinyllama.train.loop import STOP_KINDS, StopRequest, stop_kind
+
+    assert stop_kind(None) == 0 and stop_kind(StopRequest()) == 0
+    gone = StopRequest(launcher=SimpleNamespace(reason="the deepspeed launcher (pid 7) exited"))
+    assert STOP_KINDS[stop_kind(gone)] == "its launcher is gone"
+    timed = StopRequest(stop_after_minutes=1e-9)
+    assert STOP_KINDS[stop_kind(timed)] == "the time limit (train.stop_after_minutes)"
+    signalled = StopRequest()
+    signalled.reason = "signal SIGTERM"
+    assert STOP_KINDS[stop_kind(signalled)] == "a signal"
