@@ -116,10 +116,34 @@ def this_device(local_world_size: int) -> Device:
     """The device this rank trains on: its GPU, or its share of the host's memory on the CPU.
 
     On the CPU (gloo) "fits" means fits in the host's physical memory divided among the ranks on
-    it (``MemTotal / local ranks``): a fixed number, the same on every rank of a node, so every
-    rank decides the same layout. On a GPU it is the device's total memory; ranks of a job are
-    taken to have the same GPU (as DeepSpeed's partitioning does).
+    it (``MemTotal / local ranks``). On a GPU it is the device's total memory. Every rank must
+    decide the same layout, or the job hangs in its first collective: under torch.distributed
+    the smallest memory of any rank is taken (one all-reduce, once per process), so a job on
+    nodes of mixed GPUs (40 and 80 GB) plans for the 40.
     """
+    import dataclasses
+
+    import torch.distributed as dist
+
+    own = _own_device(local_world_size)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return own
+    key = (local_world_size, dist.get_world_size())
+    if key not in _AGREED:
+        import torch
+
+        memory = torch.tensor([own.memory_gib], dtype=torch.float64,
+                              device="cuda" if own.kind == "cuda" else "cpu")
+        dist.all_reduce(memory, op=dist.ReduceOp.MIN)
+        _AGREED[key] = float(memory.item())
+    return dataclasses.replace(own, memory_gib=_AGREED[key])
+
+
+# The job's smallest device memory, per (local world, world): agreed once per process.
+_AGREED: dict[tuple[int, int], float] = {}
+
+
+def _own_device(local_world_size: int) -> Device:
     import torch
 
     if torch.cuda.is_available():

@@ -19,6 +19,7 @@ measured from its own start.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -95,3 +96,20 @@ def test_model_states_predicted_within_two_percent_of_resident_memory_at_zero_1_
                 f"rank {rank}, ZeRO-{stage}: {r['measured'] / MIB:.1f} MiB resident after one step, "
                 f"predicted {r['predicted'] / MIB:.1f} +- {tolerance / MIB:.1f} (DeepSpeed's estimate "
                 f"{r['deepspeed'] / MIB:.1f}; all: {results})")
+
+
+def _agree_worker(rank, world_size, out):
+    from megatron_tinyllama.parallel import memory_model
+
+    own = memory_model._own_device
+    # Rank 1 on a bigger card: left to itself it could pick a layout rank 0 cannot hold.
+    memory_model._own_device = lambda local: dataclasses.replace(own(local), memory_gib=40.0 + 40.0 * rank)
+    device = memory_model.this_device(world_size)
+    Path(out, f"agreed{rank}.json").write_text(json.dumps({"memory_gib": device.memory_gib}))
+
+
+def test_ranks_on_devices_of_different_memory_plan_for_the_smallest(tmp_path):
+    """Every rank must decide the same layout or the job hangs in its first collective: the
+    device memory the plan uses is the smallest of the job's (one all-reduce per process)."""
+    run_on_ranks(_agree_worker, 2, str(tmp_path))
+    assert [json.loads((tmp_path / f"agreed{r}.json").read_text())["memory_gib"] for r in range(2)] == [40.0, 40.0]
