@@ -247,6 +247,27 @@ def _is_fc1(rule: Rule) -> bool:
     return rule.split is _fc1_split
 
 
+def tp_layout(key: str) -> tuple[str, bool]:
+    """How TP ranks hold tensor ``key``: ``"replicated"``, ``"rows"`` (split along dim 0, in
+    rank order), ``"fc1"`` (rows, each rank ``[gate_r; up_r]``) or ``"columns"`` (dim 1); and
+    whether its rows are the vocabulary (padded for the TP degree). The rules of
+    :func:`shard_for_tp` and :func:`merge_tp_shards`, for readers that fetch only a rank's rows.
+
+    Raises:
+        ConversionError: no rule for ``key``.
+    """
+    rule = _rule_for(key)
+    if rule is None:
+        raise ConversionError(f"no sharding rule for tensor {key!r}")
+    if rule.tp_dim is None:
+        kind = "replicated"
+    elif _is_fc1(rule):
+        kind = "fc1"
+    else:
+        kind = "rows" if rule.tp_dim == 0 else "columns"
+    return kind, rule.split is _vocab_cut
+
+
 def shard_for_tp(full: dict[str, torch.Tensor], tp_size: int) -> list[dict[str, torch.Tensor]]:
     """Split a merged megatron-core state into ``tp_size`` rank states (fc1 as [gate_r; up_r])."""
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]

@@ -204,6 +204,54 @@ class _PerRankSource(_Reader):
         shape = self.shape(tp_rank, name)
         return self.get_flat_range(tp_rank, kind, name, 0, int(torch.Size(shape).numel()))[1].reshape(shape)
 
+    def for_rank(self, kind: str, name: str, model_cfg: ModelConfig, tp_rank: int, tp_size: int) -> torch.Tensor:
+        """As :meth:`_Reader.for_rank`, reading only what TP rank ``tp_rank`` of ``tp_size``
+        holds where the TP rules allow: a replicated tensor from one saved rank; a tensor split by
+        rows (QKV, fc1's gate and up, the vocabulary) just its rows, from the saved ranks that hold
+        them. A tensor split by columns is still merged whole (its rows interleave the ranks)."""
+        from megatron_tinyllama.checkpoint.hf import tp_layout
+        from megatron_tinyllama.model.build import padded_vocab_size
+
+        if tp_size == self.tp_size:
+            return self.get(tp_rank, kind, name)
+        layout, vocab = tp_layout(name)
+        if layout == "replicated":
+            return self.get(0, kind, name)
+        if layout == "columns":
+            return super().for_rank(kind, name, model_cfg, tp_rank, tp_size)
+        shapes = [self.shape(r, name) for r in range(self.tp_size)]
+        row = int(torch.Size(shapes[0][1:]).numel())
+        # The merged tensor as runs of saved rows: (saved rank, first local row, rows), in order;
+        # fc1 is two such tensors (all gates, then all ups), each split the same way.
+        if layout == "fc1":
+            parts = [[(r, 0, s[0] // 2) for r, s in enumerate(shapes)],
+                     [(r, s[0] // 2, s[0] // 2) for r, s in enumerate(shapes)]]
+        else:
+            parts = [[(r, 0, s[0]) for r, s in enumerate(shapes)]]
+        pieces = []
+        for runs in parts:
+            total = sum(n for _, _, n in runs)
+            valid = total
+            if vocab:  # rows past the vocabulary are padding: zeros, re-padded for tp_size
+                valid = model_cfg.vocab_size
+                total = padded_vocab_size(model_cfg.vocab_size, tp_size)
+            first, count = tp_rank * total // tp_size, total // tp_size
+            pieces.append(self._rows(kind, name, runs, first, min(first + count, valid), count, row, shapes[0][1:]))
+        return torch.cat(pieces, dim=0)
+
+    def _rows(self, kind, name, runs, start, stop, count, row, tail) -> torch.Tensor:
+        """Rows ``[start, start + count)`` of the merged tensor that ``runs`` describe; those at or
+        past ``stop`` are zeros (vocabulary padding)."""
+        out = torch.zeros((count, *tail), dtype=torch.float32)
+        offset = 0
+        for rank, local, n in runs:
+            lo, hi = max(start, offset), min(stop, offset + n)
+            if lo < hi:
+                _, values = self.get_flat_range(rank, kind, name, (local + lo - offset) * row, (hi - lo) * row)
+                out[lo - start:hi - start] = values.reshape(hi - lo, *tail)
+            offset += n
+        return out
+
 
 def open_source(tag_dir: Path) -> _Reader:
     """The reader of a checkpoint's layout-free state: per-rank files (format 2) or, for
