@@ -378,16 +378,20 @@ class CheckpointSaver:
             began = time.perf_counter()
             files = save_ranges(tag_dir, staged, blobs, process_group=group)
             staged.clear()
-            if rank == 0:
-                write_atomic(tag_dir / MANIFEST, manifest_json(files))
-                write_atomic(tag_dir / TRAINER_STATE, json.dumps(payload, indent=2))
-                write_atomic(save_dir / "latest", tag)
-                prune_checkpoints(save_dir, keep=keep, run_id=run_id, current=tag)
-                logger.info("saved checkpoint %s: %s bytes in %d files; training waited %.2f s, the "
-                            "write took %.1f s%s", tag_dir, f"{sum(f['bytes'] for f in files.values()):,}",
-                            len(files), waited, time.perf_counter() - began,
-                            " in the background" if background else "")
-            dist.barrier(group=group)  # every rank's save ends when 'latest' names it
+            try:
+                if rank == 0:
+                    write_atomic(tag_dir / MANIFEST, manifest_json(files))
+                    write_atomic(tag_dir / TRAINER_STATE, json.dumps(payload, indent=2))
+                    write_atomic(save_dir / "latest", tag)
+                    prune_checkpoints(save_dir, keep=keep, run_id=run_id, current=tag)
+                    logger.info("saved checkpoint %s: %s bytes in %d files; training waited %.2f s, the "
+                                "write took %.1f s%s", tag_dir, f"{sum(f['bytes'] for f in files.values()):,}",
+                                len(files), waited, time.perf_counter() - began,
+                                " in the background" if background else "")
+            finally:
+                # Every rank's save ends when 'latest' names it; a failure on rank 0 here still
+                # releases the others (its error reaches its own wait(), and the job ends there).
+                dist.barrier(group=group)
             return tag_dir
 
         if not background:
