@@ -354,6 +354,8 @@ class StallWatchdog:
         self._last_step_done: Optional[tuple[int, float]] = None
         self._beat = 0
         self._store = None
+        self._beat_stored: Optional[float] = None
+        """When the store last took one of this rank's heartbeats (monotonic): it answers."""
         self._previous_status: Optional[dict] = None
         self._done = threading.Event()
         self._exiting = False
@@ -490,6 +492,7 @@ class StallWatchdog:
             self._beat += 1
             try:
                 store.set(self._KEY.format(self.rank), json.dumps(self.heartbeat(last)))
+                self._beat_stored = time.monotonic()
             except Exception:  # noqa: BLE001 (the store's host may be the stalled one)
                 pass
 
@@ -562,6 +565,15 @@ class StallWatchdog:
         meanwhile (the reporter tells a live rank from a stopped one by them)."""
         if store is None:
             return "the other ranks cannot be asked (no rendezvous store)"
+        stored = self._beat_stored
+        quiet_s = None if stored is None else time.monotonic() - stored
+        if quiet_s is not None and quiet_s > 2 * self.interval_s + self._store_timeout_s:
+            # The store took none of this rank's heartbeats lately: its host (rank 0) is the one
+            # stalled, and no report can come through it. Waiting report_s for one only delayed
+            # the exit (under torchrun's elastic agent, the restart: 25 s at a 15 s stall timeout).
+            return (f"the rendezvous store (hosted by rank 0's process) does not answer: rank 0 is "
+                    f"stalled, or its machine is unreachable (it took no heartbeat of this rank for "
+                    f"{quiet_s:.0f} s; no report can come from it)")
 
         def wait() -> bool:
             own = self._connect_store(self.report_s)

@@ -4,8 +4,10 @@ tests/integration/test_launcher.py, a stopped rank in tests/distributed/test_pro
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,6 +108,48 @@ def test_one_rank_reports_with_a_few_store_calls_whatever_the_world_size(world_s
     other = StallWatchdog(3.0, 1, world_size, connect_store=lambda timeout_s: store)
     assert other._await_report(store) == "rank 0's log names the ranks that stalled"
     assert store.calls == 1  # one wait for rank 0's report, no heartbeat read
+
+
+class FreezingStore(CountingStore):
+    """A store whose host stops (SIGSTOP of rank 0, which serves it): from ``frozen`` on, a call
+    never returns (a TCPStore client's calls to a stopped server outlive their timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.frozen = threading.Event()
+
+    def set(self, key, value):
+        if self.frozen.is_set():
+            time.sleep(3600)
+        super().set(key, value)
+
+    def wait(self, keys, timeout=None):
+        time.sleep(3600)  # the report never comes: its writer is the stopped rank
+
+
+def test_a_rank_whose_store_took_no_heartbeat_lately_does_not_wait_for_the_report():
+    """Rank 0 stopped: it hosts the store, so the others' heartbeats stop going through and its
+    report cannot come. A waiting rank says so at once instead of waiting report_s for it (9 s
+    here; 25 s at a 15 s stall timeout, which delayed the elastic agent's restart past 60 s)."""
+    store = FreezingStore()
+    other = StallWatchdog(3.0, 1, 2, connect_store=lambda timeout_s: store)
+    threading.Thread(target=other._heartbeats, daemon=True).start()
+    try:
+        other.progress(3, "step")
+        deadline = time.monotonic() + 5
+        while StallWatchdog._KEY.format(1) not in store.values and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert StallWatchdog._KEY.format(1) in store.values  # the store answered so far
+        store.frozen.set()
+        time.sleep(2 * other.interval_s + other._store_timeout_s + 0.5)
+        began = time.monotonic()
+        said = other._await_report(other._store)
+        assert time.monotonic() - began < 1.0, said
+        assert re.fullmatch(r"the rendezvous store \(hosted by rank 0's process\) does not answer: "
+                            r"rank 0 is stalled, or its machine is unreachable \(it took no "
+                            r"heartbeat of this rank for \d+ s; no report can come from it\)", said), said
+    finally:
+        other._done.set()
 
 
 def test_the_ranks_the_others_wait_for_are_named_from_the_collective_sequence_numbers():
