@@ -38,6 +38,7 @@ import io
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -425,7 +426,9 @@ class RangeReader:
         """{key: 1-D tensor of the asked range}, and {blob key: bytes} when ``blobs`` are named."""
         planner = RangeLoadPlanner(wants, blobs)
         try:
-            dcp.load({}, storage_reader=self.storage, planner=planner, no_dist=True)
+            with warnings.catch_warnings():  # one process by design: DCP's notice says so to users
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load({}, storage_reader=self.storage, planner=planner, no_dist=True)
         except CheckpointException as err:  # one process: its own error, as raised (file named)
             raise first_failure(err) from err
         return (planner.buffers, planner.blobs) if blobs else planner.buffers
