@@ -307,10 +307,10 @@ def forecast_line(check: Optional[dict], problem: Optional[str] = None) -> str:
     it was off the measured end, on which loss, and its caveats."""
     if check is None:
         return f"loss-curve forecast: not made ({problem})"
-    kind = "validation" if check["loss_kind"] == "valid_loss" else \
-        "training (too few validation points; see tinyllama-scaling forecast)"
+    kind = ("validation loss" if check["loss_kind"] == "valid_loss" else
+            "training loss: too few validation points; see tinyllama-scaling forecast")
     caveats = f"; caveats: {', '.join(check['caveat_keys'])}" if check["caveat_keys"] else ""
-    return (f"loss-curve forecast from the first {check['fit_until_step']} steps ({kind} loss): "
+    return (f"loss-curve forecast from the first {check['fit_until_step']} steps ({kind}): "
             f"final loss {check['final_loss']:.3f} [{check['band'][0]:.3f}, "
             f"{check['band'][1]:.3f}], measured {check['measured_end']:.3f} at step "
             f"{check['measured_end_step']}: {100 * check['error']:+.1f}%{caveats}")
