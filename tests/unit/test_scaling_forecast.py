@@ -738,7 +738,7 @@ def test_few_evaluations_fall_back_to_the_training_loss_said(tmp_path, capsys):
     assert check["loss_kind"] == "train_loss" and check["fit_until_step"] == 210
     assert abs(check["error"]) < 0.01 and check["band"][0] <= check["measured_end"]
     line = forecast_line(check)
-    assert line.startswith("loss-curve forecast from the first 210 steps (training (too few "
+    assert line.startswith("loss-curve forecast from the first 210 steps (training loss: too few "
                            "validation points")
     assert f"measured {check['measured_end']:.3f} at step 300" in line
     assert forecast_line(None, "no metrics") == "loss-curve forecast: not made (no metrics)"
