@@ -354,8 +354,6 @@ class StallWatchdog:
         self._last_step_done: Optional[tuple[int, float]] = None
         self._beat = 0
         self._store = None
-        self._beat_stored: Optional[float] = None
-        """When the store last took one of this rank's heartbeats (monotonic): it answers."""
         self._previous_status: Optional[dict] = None
         self._done = threading.Event()
         self._exiting = False
@@ -492,7 +490,6 @@ class StallWatchdog:
             self._beat += 1
             try:
                 store.set(self._KEY.format(self.rank), json.dumps(self.heartbeat(last)))
-                self._beat_stored = time.monotonic()
             except Exception:  # noqa: BLE001 (the store's host may be the stalled one)
                 pass
 
@@ -565,23 +562,30 @@ class StallWatchdog:
         meanwhile (the reporter tells a live rank from a stopped one by them)."""
         if store is None:
             return "the other ranks cannot be asked (no rendezvous store)"
-        stored = self._beat_stored
-        quiet_s = None if stored is None else time.monotonic() - stored
-        if quiet_s is not None and quiet_s > 2 * self.interval_s + self._store_timeout_s:
-            # The store took none of this rank's heartbeats lately: its host (rank 0) is the one
-            # stalled, and no report can come through it. Waiting report_s for one only delayed
-            # the exit (under torchrun's elastic agent, the restart: 25 s at a 15 s stall timeout).
+        connected, found = threading.Event(), {}
+
+        def wait() -> None:
+            try:
+                own = self._connect_store(self.report_s)
+                connected.set()
+                own.wait([self._REPORTED], datetime.timedelta(seconds=self.report_s))
+                found["reported"] = True
+            except Exception:  # noqa: BLE001 (a timeout or a closed store: no report)
+                pass
+
+        thread = threading.Thread(target=wait, name="stall-read", daemon=True)
+        thread.start()
+        # A new client's handshake is answered at once while the store's host runs. When that
+        # host (rank 0) is the rank stalled, no report can come through it: waiting report_s for
+        # one only delayed the exit (under torchrun's elastic agent, the restart: 25 s at a 15 s
+        # stall timeout). The heartbeats cannot tell: a TCPStore set is not answered, so it
+        # "succeeds" into the socket's buffer while the host is stopped.
+        if not connected.wait(self._store_timeout_s + 1) and not found:
             return (f"the rendezvous store (hosted by rank 0's process) does not answer: rank 0 is "
-                    f"stalled, or its machine is unreachable (it took no heartbeat of this rank for "
-                    f"{quiet_s:.0f} s; no report can come from it)")
-
-        def wait() -> bool:
-            own = self._connect_store(self.report_s)
-            own.wait([self._REPORTED], datetime.timedelta(seconds=self.report_s))
-            return True
-
-        reported = self._in_thread(wait, self.report_s + 1)
-        if reported:
+                    f"stalled, or its machine is unreachable (a new client had no answer within "
+                    f"{self._store_timeout_s + 1:.0f} s; no report can come from it)")
+        thread.join(self.report_s + 1)
+        if found.get("reported"):
             return f"rank {self.reporter}'s log names the ranks that stalled"
         return (f"rank {self.reporter} wrote no report within {self.report_s:.0f} s and the "
                 f"rendezvous store (hosted by rank 0's process) does not answer: rank 0 is "
