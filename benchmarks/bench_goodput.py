@@ -281,8 +281,9 @@ class Cluster:
                 self.kill_tree(node)
 
 
-def plan_faults(rng: random.Random, minutes: float, interval: tuple[float, float]) -> list[tuple[float, str]]:
-    """(time in seconds, kind) of each fault, drawn with ``rng``."""
+def plan_faults(rng: random.Random, minutes: float, interval: tuple[float, float],
+                kinds_allowed: tuple[str, ...] = KINDS) -> list[tuple[float, str]]:
+    """(time in seconds, kind) of each fault, drawn with ``rng`` from ``kinds_allowed``."""
     times, t = [], 0.0
     while True:
         t += rng.uniform(*interval)
@@ -290,12 +291,16 @@ def plan_faults(rng: random.Random, minutes: float, interval: tuple[float, float
             break
         times.append(t)
     n = len(times)
-    if n >= len(KINDS):
-        kinds = list(RECOVERABLE) + [rng.choice(RECOVERABLE) for _ in range(n - len(KINDS))]
+    recoverable = [k for k in RECOVERABLE if k in kinds_allowed]
+    if kinds_allowed == ("lose_node",):
+        kinds = ["lose_node"][:n]
+    elif n >= len(kinds_allowed):
+        kinds = recoverable + [rng.choice(recoverable) for _ in range(n - len(kinds_allowed))]
         rng.shuffle(kinds)
-        kinds.append("lose_node")
+        if "lose_node" in kinds_allowed:
+            kinds.append("lose_node")
     else:
-        kinds = rng.sample(KINDS, n)
+        kinds = rng.sample(kinds_allowed, n)
         if "lose_node" in kinds:
             kinds.remove("lose_node")
             kinds.append("lose_node")
@@ -326,6 +331,9 @@ def inject(kind: str, cluster: Cluster, tail: MetricsTail, rng: random.Random, a
     if kind == "sigstop_rank":
         ranks = cluster.ranks_of(node)
         victim = rng.choice(ranks)
+        if args.stop_rank is not None:  # the rank asked for, wherever it is
+            victim = next((p for n in live for p in cluster.ranks_of(n)
+                           if int(p.environ().get("RANK", -1)) == args.stop_rank), victim)
         fault.rank = int(victim.environ().get("RANK", -1))
         victim.suspend()  # SIGSTOP, never continued
         fault.seen_at = fault.at + 60 * args.stall_timeout_minutes
@@ -549,6 +557,11 @@ def main(argv=None) -> int:
     parser.add_argument("--stall-timeout-minutes", type=float, default=0.25,
                         help="train.stall_timeout_minutes: how soon a stopped rank is seen")
     parser.add_argument("--save-interval-steps", type=int, default=10, help="checkpoint.save_interval_steps")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"the fault kinds to draw from (default all: {','.join(KINDS)})")
+    parser.add_argument("--stop-rank", type=int, default=None,
+                        help="sigstop_rank stops this global rank (default: one drawn); 0 hosts the "
+                             "ranks' store, the slowest case")
     parser.add_argument("--no-control", action="store_true",
                         help="skip the fault-free one-node run (the weights' noise floor)")
     parser.add_argument("--steps", type=int, default=None, help="skip the calibration: this many steps")
@@ -558,6 +571,9 @@ def main(argv=None) -> int:
     if args.fault_interval_s is None:
         args.fault_interval_s = "120:180" if args.minutes >= 10 else "40:50"
     interval = tuple(float(x) for x in args.fault_interval_s.split(":"))
+    unknown = set(args.kinds.split(",")) - set(KINDS)
+    if unknown:
+        parser.error(f"--kinds: unknown {sorted(unknown)}; known: {','.join(KINDS)}")
     if len(interval) != 2 or not 0 < interval[0] <= interval[1]:
         parser.error(f"--fault-interval-s {args.fault_interval_s!r}: expected MIN:MAX seconds, 0 < MIN <= MAX")
 
@@ -594,7 +610,7 @@ def main(argv=None) -> int:
         log(f"fault-free: {t_step:.3f} s per step, {reference['wall_s']:.1f} s wall")
 
         rng = random.Random(args.seed)
-        faults = plan_faults(rng, args.minutes, interval)
+        faults = plan_faults(rng, args.minutes, interval, tuple(args.kinds.split(",")))
         log(f"faults planned: {[(round(t), k) for t, k in faults]}")
         recipe = write_recipe(work, corpus, "faults", steps, args)
         run = run_job("faults", recipe, steps, work, endpoint, env, args, faults, rng)
