@@ -17,14 +17,18 @@ process) and the README's settings (``--rdzv-conf``, ``TORCH_DISABLE_SHARE_RDZV_
 * ``lose_node``: one node killed and never back (drawn at most once, and always last: the job has
   no second node to lose after it).
 
-With four or more faults every kind occurs at least once. Three runs of the same recipe, one after
-the other: a short calibration (to size the run to ``--minutes`` of wall time), a fault-free run of
-the full length on both nodes (its mean time per step is the fault-free step time; its final
-weights the reference) and the run with faults. Then
+With four or more faults every kind occurs at least once (``--kinds`` narrows the draw). Four runs
+of the same recipe, one after the other: a short calibration (to size the run to ``--minutes`` of
+wall time; ``--steps`` skips it), a fault-free run of the full length on both nodes (its mean time
+per step is the fault-free step time; its final weights the reference), the run with faults, and a
+fault-free run on one node (``--no-control`` skips it): how far the summation order of another
+world alone moves the final weights. Then
 
     goodput = fault-free step time x steps kept / wall time of the run with faults
 
-(steps kept: the run's steps, each counted once however often it was trained), and per fault its
+(steps kept: the run's steps, each counted once however often it was trained) and, since the two
+runs may see different loads on a shared machine, ``productive_time_share``: the time the steps
+kept took in the run with faults (each at the world it ran on) over its wall time. Per fault its
 kind, when it was seen (at once for a kill or SIGTERM; for SIGSTOP the stall timeout after it, the
 earliest a rank can tell a stopped peer from a slow one), the restarts it caused (the survivors',
 and the returning node's), the time from the fault and from its being seen to the first step after
@@ -36,6 +40,7 @@ Not a test; it takes ``--minutes`` plus the fault-free run (about as long again)
 
     nice -n 5 python benchmarks/bench_goodput.py --minutes 15 --out benchmarks/results/goodput_cpu.json
     python benchmarks/bench_goodput.py --minutes 3          # a smoke run
+    python benchmarks/bench_goodput.py --minutes 3 --kinds sigstop_rank --stop-rank 0 --no-control
 """
 
 from __future__ import annotations
