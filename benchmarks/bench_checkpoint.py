@@ -7,7 +7,7 @@ state is created (zeros: the bytes and the time do not depend on the values), th
 
 * ``ds_save``: DeepSpeed's ``engine.save_checkpoint`` alone (what a plain DeepSpeed run writes),
 * ``ds_load``: DeepSpeed's ``engine.load_checkpoint`` of it on the same layout,
-* ``ours_save``: what the training loop waits for, checkpoint.training.CheckpointSaver.save in the
+* ``ours_save``: what the training loop waits for, checkpoint.saving.CheckpointSaver.save in the
   background (the copy of the rank's state to host memory), ``ours_save_complete``: until that
   save is durable (every rank's file written and synced, the manifest, ``latest``), and
   ``ours_staging_bytes``: the host memory each rank's background save holds (one value per rank),
@@ -111,7 +111,7 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
     import torch
     import torch.distributed as dist
 
-    from megatron_tinyllama.checkpoint import reshard, training
+    from megatron_tinyllama.checkpoint import reshard, saving, training
     from megatron_tinyllama.config import config_from_dict
     from megatron_tinyllama.engine.engine import build_engine
     from megatron_tinyllama.parallel.cpu_shim import cpu_shim
@@ -147,11 +147,11 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
                     if record.getMessage().startswith("saved checkpoint"):
                         results["ours_save_breakdown"] = record.getMessage().partition(": ")[2] or "-"
 
-            logging.getLogger(training.__name__).addHandler(_Breakdown())
-            logging.getLogger(training.__name__).setLevel(logging.INFO)
+            logging.getLogger(saving.__name__).addHandler(_Breakdown())
+            logging.getLogger(saving.__name__).setLevel(logging.INFO)
             import dataclasses
 
-            saver = training.CheckpointSaver(background=background)
+            saver = saving.CheckpointSaver(background=background)
             # The first save of a run maps its staging memory; the ones after copy into it. Two
             # saves: the first's numbers as ours_first_*, the second's (what a long run pays at
             # every save) as ours_*. Each waits for its write before the next is timed.
@@ -166,7 +166,7 @@ def _rank_main(rank: int, ranks: int, port: int, save_dir: str, layers: int, pre
             saver.close()
             if background:  # the same save written before training goes on, for comparison
                 sync = config_from_dict(_tree(Path(save_dir) / "sync", ranks, layers, save_stage, preset, precision))
-                _timed(lambda: training.save_training_checkpoint(te.engine, sync, state), results, "ours_sync_save")
+                _timed(lambda: saving.save_training_checkpoint(te.engine, sync, state), results, "ours_sync_save")
         else:
             plan = training.plan_start(cfg, ranks)
             name = "ours_load" if phase == "same-layout load" else "reshard_load"

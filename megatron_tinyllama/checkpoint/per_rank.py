@@ -1,7 +1,7 @@
 """Per-rank training checkpoints as a source of model weights, and the names inside them.
 
 This module owns the names of what a per-rank checkpoint (format 2, written by
-checkpoint.training.CheckpointSaver through checkpoint.sharded) stores, and the one-process
+checkpoint.saving.CheckpointSaver through checkpoint.sharded) stores, and the one-process
 reading of its fp32 weights for the tools that want a model, not a training state: the HF
 converter, sampling, evaluation and ``checkpoint.init_from``. Its ``read_model_index``,
 ``load_model_checkpoint`` and ``load_model_shard`` take a model directory (checkpoint.native)

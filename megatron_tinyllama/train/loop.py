@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_tinyllama.checkpoint.lock import lock_save_dir
+from megatron_tinyllama.checkpoint.saving import CheckpointSaver
 from megatron_tinyllama.checkpoint.training import (
     TrainerState,
     plan_start,
-    CheckpointSaver,
     start_state,
     step_tag,
 )

@@ -38,7 +38,7 @@ def _save_worker(rank, world_size, save_dir, out):
     import torch
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from megatron_tinyllama.checkpoint import reshard, training
+    from megatron_tinyllama.checkpoint import reshard, saving, training
     from megatron_tinyllama.config import config_from_dict
     from megatron_tinyllama.engine.engine import build_engine
     from megatron_tinyllama.parallel.init import initialize_distributed, initialize_model_parallel
@@ -65,7 +65,7 @@ def _save_worker(rank, world_size, save_dir, out):
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from here
     before = _kib("VmRSS")
-    tag_dir = training.save_training_checkpoint(engine, cfg, training.TrainerState(step=1))
+    tag_dir = saving.save_training_checkpoint(engine, cfg, training.TrainerState(step=1))
     growth = (_kib("VmHWM") - before) * 1024
 
     reader = reshard.open_source(tag_dir)  # the files as a resume reads them

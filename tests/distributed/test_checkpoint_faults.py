@@ -104,14 +104,14 @@ def _drift_worker(rank, world_size, tree, log_path, out):
     import torch
     from megatron.core import parallel_state
 
-    from megatron_tinyllama.checkpoint import training
+    from megatron_tinyllama.checkpoint import saving
     from megatron_tinyllama.checkpoint.weights import ReplicaDriftError
     from megatron_tinyllama.config import config_from_dict
     from megatron_tinyllama.train.loop import train
     from tests.distributed.synthetic import synthetic_batches
 
     _log_to(Path(f"{log_path}.rank{rank}"))
-    original = training._replicated_fp32
+    original = saving._replicated_fp32
 
     def drifted(engine):
         state = original(engine)
@@ -120,7 +120,7 @@ def _drift_worker(rank, world_size, tree, log_path, out):
                 state["decoder.final_layernorm.weight"], 1e-3)
         return state
 
-    training._replicated_fp32 = drifted
+    saving._replicated_fp32 = drifted
     try:
         train(config_from_dict(tree), batch_source=synthetic_batches)
         error = None
