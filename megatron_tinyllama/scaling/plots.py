@@ -146,10 +146,10 @@ def plot_error_vs_loss(law, targets: Sequence[Target], path: Union[str, Path]) -
     return _save(fig, plt, path)
 
 
-def _save(fig, plt, path: Union[str, Path]) -> Path:
+def _save(fig, plt, path: Union[str, Path], dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

@@ -9,14 +9,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from megatron_tinyllama.scaling.plots import _pyplot, _save
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: CI and cluster login nodes have no display
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_forecast(forecast_json: dict, path: Union[str, Path], *,
@@ -26,12 +20,7 @@ def plot_forecast(forecast_json: dict, path: Union[str, Path], *,
     plt = _pyplot()
     fig = forecast_figure(forecast_json, measured=measured,
                           fitted_until_tokens=fitted_until_tokens, title=title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path, dpi=110)
 
 
 def forecast_figure(forecast_json: dict, *,
