@@ -8,6 +8,7 @@ such steps in a row halt the run with :class:`NonFiniteLossError`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ from megatron_tinyllama.parallel.init import (
     initialize_model_parallel,
 )
 from megatron_tinyllama.train.forecast_live import LiveForecast
+from megatron_tinyllama.train.stop_relay import StopRelay, interrupt_main_thread
 from megatron_tinyllama.train.metrics import MetricsWriter, RunStart, output_problems
 from megatron_tinyllama.train.schedule import learning_rate
 from megatron_tinyllama.train.watchdog import LauncherWatch, StallWatchdog
@@ -69,7 +71,11 @@ class TrainResult:
     applied_updates: int = 0
     """Optimizer updates applied by this process's run (excludes skipped steps)."""
     stopped: Optional[str] = None
-    """Why the run stopped before train.train_tokens (a checkpoint of the last step was saved)."""
+    """Why the run stopped before train.train_tokens (a checkpoint of the last step was saved,
+    or of the step before: ``resume_step``)."""
+    resume_step: Optional[int] = None
+    """Set when a stop's checkpoint is the step before the last (saved at the signal, beside the
+    step that was in flight): the step a resume starts from."""
 
 
 def _all_reduce_mean(value: float, group=None) -> float:
@@ -100,6 +106,8 @@ def stop_kind(stop: Optional["StopRequest"]) -> int:
     """This rank's reason to stop as a :data:`STOP_KINDS` code (0: none)."""
     if stop is None or not stop.requested:
         return 0
+    if stop.reason.startswith("a stop request from rank"):  # a peer's, relayed: the peer says it
+        return 0
     if stop.reason.startswith("signal"):
         return 2
     return 1 if "stop_after_minutes" in stop.reason else 3
@@ -112,15 +120,25 @@ class StopRequest:
 
     The run then finishes the current step, saves a checkpoint and returns, to be resumed by the
     same command: how a job ends cleanly before preemption or the end of its allocation. One rank
-    receiving the signal is enough; the ranks agree in the step's existing all-reduce. A second
-    signal acts as it would without this (a hung rank can still be killed).
+    receiving the signal is enough; the ranks agree in the step's existing all-reduce. A signal
+    also starts the save of the last completed step at once (``on_signal``), and is passed to the
+    other ranks through the rendezvous store (train.stop_relay), which start theirs: a scheduler's
+    30 s are not spent waiting for the end of the step. A second signal acts as it would without
+    this (a hung rank can still be killed).
     """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self, stop_after_minutes: Optional[float] = None,
-                 launcher: Optional[LauncherWatch] = None) -> None:
+                 launcher: Optional[LauncherWatch] = None,
+                 relay: Optional[Callable[["StopRequest"], StopRelay]] = None) -> None:
         self.reason: Optional[str] = None
+        self._relay = relay(self) if relay is not None else None
+        self._relayed: Optional[str] = None  # a peer's stop, set by the relay's thread
+        self.on_signal: Optional[Callable[[], object]] = None
+        """Called in the handler at the first signal: starts the save of the last completed step
+        (checkpoint.saving.CheckpointSaver.save_at_signal) beside the step in flight."""
+        self._signalled = False
         self._launcher = launcher
         self._deadline = (time.monotonic() + 60 * stop_after_minutes) if stop_after_minutes else None
         self._previous: dict = {}
@@ -129,20 +147,47 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+            if self._relay is not None:
+                self._relay.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._relay is not None:
+            self._relay.close()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def relayed(self, reason: str) -> None:
+        """A peer's stop (train.stop_relay's thread): handled in the main thread as a signal
+        that does not count as this rank's own."""
+        self._relayed = reason
+        interrupt_main_thread(signal.SIGUSR1)
+
     def _on_signal(self, signum, frame) -> None:
-        if self.reason is not None:  # asked twice: stop now, as the signal would have without us
+        # Signalled twice: stop now, as the signal would have without us. (A stop already agreed
+        # with another rank is not a signal: a scheduler signals every rank, and this rank's
+        # handler may run only after the step's all-reduce told it.)
+        if self._relayed is not None and signum == signal.SIGUSR1:  # a peer's, through the relay
+            relayed, self._relayed = self._relayed, None
+            if self.reason is None:
+                self.reason = relayed
+            logger.warning("%s: stopping after this step with a checkpoint", relayed)
+            if self.on_signal is not None:
+                self.on_signal()
+            return
+        if self._signalled:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             os.kill(os.getpid(), signum)
             return
-        self.reason = f"signal {signal.Signals(signum).name}"
-        logger.warning("%s: stopping after this step with a checkpoint (send it again to stop now)",
-                       self.reason)
+        self._signalled = True
+        if self.reason is None or self.reason.startswith("a stop request from rank"):  # its own, first
+            self.reason = f"signal {signal.Signals(signum).name}"
+        logger.warning("signal %s: stopping after this step with a checkpoint (send it again to stop now)",
+                       signal.Signals(signum).name)
+        if self._relay is not None:
+            self._relay.announce(STOP_KINDS[2])
+        if self.on_signal is not None:
+            self.on_signal()
 
     @property
     def requested(self) -> bool:
@@ -167,8 +212,10 @@ def compute_loss(te: TrainingEngine, cfg: JobConfig, batch: dict[str, torch.Tens
 
 
 def train_step(te: TrainingEngine, cfg: JobConfig, batches: Iterator[dict], lr: float,
-               stop: Optional[StopRequest] = None) -> StepResult:
-    """Run one optimizer step of ``gradient_accumulation_steps`` micro-batches (collective)."""
+               stop: Optional[StopRequest] = None, saver: Optional[CheckpointSaver] = None) -> StepResult:
+    """Run one optimizer step of ``gradient_accumulation_steps`` micro-batches (collective).
+    ``saver``: its :meth:`~CheckpointSaver.update` guards the update (a save started at a signal
+    writes the weights and moments the update changes)."""
     from megatron.core import parallel_state
 
     for group in te.engine.optimizer.param_groups:
@@ -182,7 +229,9 @@ def train_step(te: TrainingEngine, cfg: JobConfig, batches: Iterator[dict], lr: 
         finite_now = torch.isfinite(loss.detach())
         finite_all = finite_now if finite_all is None else finite_all & finite_now
         te.engine.backward(loss)
-        te.engine.step()
+        update = saver is not None and te.engine.is_gradient_accumulation_boundary()
+        with saver.update() if update else contextlib.nullcontext():
+            te.engine.step()
         loss_sum = metrics["lm_loss"] if loss_sum is None else loss_sum + metrics["lm_loss"]
     finite, asked = _agree(bool(finite_all.item()), stop_kind(stop))
     stop_now = asked is not None
@@ -327,19 +376,27 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
             if cfg.logging.forecast and cfg.data.valid_blend and metrics.enabled else None)
     result = TrainResult(state=state)
     saver = CheckpointSaver(background=cfg.checkpoint.background_save)
+    if cfg.checkpoint.save_dir and state.step:
+        saver.note_step(te.engine, cfg, state, saved=plan.kind == "resume")
     consecutive_bad = 0
     stall = cfg.train.stall_timeout_minutes
     watchdog = StallWatchdog(stall and 60 * stall, dist.get_rank(), dist.get_world_size(),
                              connect_rendezvous_store)
     try:
-        with StopRequest(cfg.train.stop_after_minutes, launcher_watch) as stop, watchdog:
+        relay = lambda stop: StopRelay(dist.get_rank(), connect_rendezvous_store, stop.relayed)  # noqa: E731
+        with StopRequest(cfg.train.stop_after_minutes, launcher_watch,
+                         relay if dist.get_world_size() > 1 else None) as stop, watchdog:
+            if cfg.checkpoint.save_dir:
+                stop.on_signal = saver.save_at_signal
             while state.consumed_tokens < cfg.train.train_tokens:
                 lr = learning_rate(state.consumed_tokens + batch_tokens, cfg.optimizer, cfg.train.train_tokens)
                 watchdog.progress(state.step + 1, "step")
-                step = train_step(te, cfg, batches, lr, stop)
+                step = train_step(te, cfg, batches, lr, stop, saver if cfg.checkpoint.save_dir else None)
                 state.step += 1
                 state.consumed_samples += te.geometry.global_batch_size
                 state.consumed_tokens += batch_tokens
+                if cfg.checkpoint.save_dir:
+                    saver.note_step(te.engine, cfg, state)
                 metrics.count_tokens(batch_tokens)
                 if step.finite:
                     consecutive_bad = 0
@@ -377,13 +434,20 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
                 ):
                     watchdog.progress(state.step, "checkpoint save")
                     # The process ends after a stop or the last step: that save is written now,
-                    # durable on return, without a staging copy.
-                    saver.save(te.engine, cfg, state, last=step.stop or done)
+                    # durable on return, without a staging copy; a stop's is skipped when a
+                    # signal's save already holds the step before (this one is redone on resume).
+                    saved = saver.save(te.engine, cfg, state, last=step.stop or done,
+                                       may_skip=step.stop and not done)
+                    if saved is None:
+                        result.resume_step = saver.durable_step
                 if step.stop and not done:
                     result.stopped = stop.reason
+                    kept = ("" if not cfg.checkpoint.save_dir else
+                            ", checkpoint saved" if result.resume_step is None else
+                            f"; the checkpoint of step {result.resume_step}, saved at the signal, resumes "
+                            f"(step {state.step} is redone)")
                     logger.warning("stopped at step %d (%s tokens) on %s%s; the same command resumes",
-                                   state.step, f"{state.consumed_tokens:,}", result.stopped,
-                                   ", checkpoint saved" if cfg.checkpoint.save_dir else "")
+                                   state.step, f"{state.consumed_tokens:,}", result.stopped, kept)
                     break
         saver.wait()
         result.applied_updates = applied_updates(te)

@@ -184,7 +184,8 @@ def _stop_worker(rank, world_size, tree, out):
 
     loop.compute_loss = signalled
     result = loop.train(config_from_dict(tree), batch_source=synthetic_batches)
-    (Path(out) / f"stop{rank}.json").write_text(json.dumps({"stopped": result.stopped, "step": result.state.step}))
+    (Path(out) / f"stop{rank}.json").write_text(json.dumps({"stopped": result.stopped, "step": result.state.step,
+                                                           "resume_step": result.resume_step}))
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint(tmp_path):
@@ -193,17 +194,81 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint(
     tree["checkpoint"]["save_interval_steps"] = 100
     run_on_ranks(_stop_worker, 2, tree, str(tmp_path))
     outcomes = [json.loads((tmp_path / f"stop{r}.json").read_text()) for r in range(2)]
-    assert outcomes[1] == {"stopped": "signal SIGUSR1", "step": 2}
+    # Step 1 saved at the signal (beside step 2), or step 2 when the relay reached rank 0 only
+    # after its update: the same on both ranks either way.
+    kept = outcomes[1]["resume_step"] or 2
+    assert outcomes[1] == {"stopped": "signal SIGUSR1", "step": 2, "resume_step": outcomes[1]["resume_step"]}
     # The rank that was not signalled names who asked and why (before: "a stop request on
     # another rank", which told an operator nothing when a node's launcher had died).
-    assert outcomes[0] == {"stopped": "a stop request from rank 1 (node 0): a signal", "step": 2}
-    assert (save_dir / "latest").read_text() == "global_step000002"
-    assert (save_dir / "global_step000002" / "trainer_state.json").is_file()
+    assert outcomes[0] == {"stopped": "a stop request from rank 1 (node 0): a signal", "step": 2,
+                           "resume_step": outcomes[1]["resume_step"]}
+    assert (save_dir / "latest").read_text() == f"global_step{kept:06d}"
+    assert (save_dir / f"global_step{kept:06d}" / "trainer_state.json").is_file()
     # The same recipe resumes and finishes; a time limit stops it again after one step.
     tree["train"]["stop_after_minutes"] = 1e-9
     run_on_ranks(_train_worker, 2, tree, str(tmp_path / "b.log"))
-    assert [s for s, _ in losses(save_dir)] == [1, 2, 3]
+    assert [s for s, _ in losses(save_dir)] == list(range(1, kept + 2))
     assert "train.stop_after_minutes reached" in Path(f"{tmp_path / 'b.log'}.rank0").read_text()
+
+
+def _preempted_worker(rank, world_size, tree, out, signalled):
+    """Ranks ``signalled`` receive SIGTERM in the first micro-batch of step 3, as a pre-emption
+    reaches them (SLURM: every task; DeepSpeed's per-node launcher: one rank, the next only once
+    that one is dead); the step then goes on slowly (a long step: the CPU pre-emption case). At
+    the step's last micro-batch each rank notes whether step 2's checkpoint is complete."""
+    import os
+    import signal
+    import time
+
+    from megatron_tinyllama.config import config_from_dict
+    from megatron_tinyllama.train import loop
+    from tests.distributed.synthetic import synthetic_batches
+
+    original, calls, seen = loop.compute_loss, {"n": 0}, {}
+    done_file = Path(tree["checkpoint"]["save_dir"]) / "global_step000002" / "trainer_state.json"
+    accumulation = 4  # micro-batches per step (micro_batch_size 1, 8 samples, 2 ranks)
+
+    def signalled_loss(te, cfg, batch):
+        calls["n"] += 1
+        if calls["n"] == 2 * accumulation + 1 and rank in signalled:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if calls["n"] > 2 * accumulation:
+            time.sleep(1.0)  # step 3 is long: 4 s
+        if calls["n"] == 3 * accumulation:
+            seen["step 2 complete during step 3"] = done_file.is_file()
+        return original(te, cfg, batch)
+
+    loop.compute_loss = signalled_loss
+    result = loop.train(config_from_dict(tree), batch_source=synthetic_batches)
+    (Path(out) / f"pre{rank}.json").write_text(json.dumps({
+        "stopped": result.stopped, "step": result.state.step, "resume_step": result.resume_step, **seen}))
+
+
+@pytest.mark.parametrize("signalled", [(0, 1), (0,)], ids=["every-rank", "one-rank"])
+def test_a_preemption_saves_the_last_step_beside_the_step_in_flight_and_resumes_exactly(tmp_path, signalled):
+    """Issue 27 item 6: a pre-empted job must hold a complete checkpoint within the launcher's
+    30 s, however long its step: the last completed step is written at the signal, beside the
+    step in flight (which the resume redoes), on every rank: a rank not signalled hears of it
+    through the rendezvous store (train.stop_relay), not at the end of the step."""
+    save_dir = tmp_path / "run"
+    tree = recipe(save_dir, 6)
+    tree["train"]["micro_batch_size"] = 1
+    tree["checkpoint"]["save_interval_steps"] = 100  # no save but the signal's
+    run_on_ranks(_preempted_worker, 2, tree, str(tmp_path), signalled)
+    outcomes = [json.loads((tmp_path / f"pre{r}.json").read_text()) for r in range(2)]
+    for rank, outcome in enumerate(outcomes):
+        assert outcome["step 2 complete during step 3"] is True, outcome
+        assert outcome["step"] == 3 and outcome["resume_step"] == 2, outcome
+        assert outcome["stopped"] == ("signal SIGTERM" if rank in signalled
+                                      else "a stop request from rank 0 (node 0): a signal"), outcome
+    assert (save_dir / "latest").read_text() == "global_step000002"
+    assert not (save_dir / "global_step000003").exists()
+    before = losses(save_dir)
+    assert [s for s, _ in before] == [1, 2, 3]
+    run_on_ranks(_train_worker, 2, tree, str(tmp_path / "b.log"))
+    after = losses(save_dir)  # the resume rolls metrics.jsonl back to its checkpoint's step
+    assert [s for s, _ in after] == [1, 2, 3, 4, 5, 6]
+    assert after[:3] == before  # step 3 redone from step 2's checkpoint: the same loss, exactly
 
 
 def _ranked_entry_worker(rank, world_size, recipe_path, out):
