@@ -6,7 +6,9 @@ TinyLlama width with ``--layers`` layers (8: 483M parameters) on 2 CPU ranks thr
 launcher, waits for ``--after-steps`` steps, sends SIGTERM to the launch process, and prints (JSON
 to ``--out``): seconds from the signal to the ranks' exit, whether they exited by themselves
 (3) or were killed, whether the stop's checkpoint is complete (``latest`` names it, its
-``trainer_state.json`` is there), and the ranks' own line on the save. Not a test; run once:
+``trainer_state.json`` is there), seconds from the signal to that (``seconds_signal_to_checkpoint``:
+the ranks save the last completed step at the signal, beside the step in flight), and the ranks'
+own lines on the save. Not a test; run once:
 
     python benchmarks/bench_preemption.py --data runs/demo/data --layers 8 --out preempt.json
 
@@ -91,7 +93,16 @@ def main(argv=None) -> int:
             step_seconds = (time.monotonic() - began) / max(1, steps_before)  # build included: an upper bound
             signalled = time.monotonic()
             launch.send_signal(signal.SIGTERM)
-            _, alive = psutil.wait_procs(ranks, timeout=60)
+            latest_file, to_checkpoint = work / "run" / "latest", None
+            while time.monotonic() - signalled < 60:
+                if to_checkpoint is None and latest_file.is_file():
+                    tag = latest_file.read_text().strip()
+                    if (work / "run" / tag / "trainer_state.json").is_file():
+                        to_checkpoint = time.monotonic() - signalled
+                if not any(rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE for rank in ranks):
+                    break
+                time.sleep(0.1)
+            _, alive = psutil.wait_procs(ranks, timeout=1)
             ended = time.monotonic() - signalled
             codes = []
             for rank in ranks:
@@ -108,9 +119,10 @@ def main(argv=None) -> int:
             "layers": args.layers, "steps_before_signal": steps_before,
             "seconds_per_step_upper_bound": round(step_seconds, 1),
             "seconds_signal_to_exit": round(ended, 2), "rank_exit_codes": codes,
+            "seconds_signal_to_checkpoint": to_checkpoint and round(to_checkpoint, 2),
             "ranks_alive_after_60_s": len(alive), "latest": latest,
             "checkpoint_complete": bool(latest and (save_dir / latest / "trainer_state.json").is_file()),
-            "save_lines": re.findall(r"(?:checkpoint \S+: staged.*|saved checkpoint.*)", text)[-4:],
+            "save_lines": re.findall(r"(?:checkpoint \S+: (?:staged|saving).*|saved checkpoint.*)", text)[-4:],
             "stop_lines": re.findall(r".*stopping after this step.*|.*stopped at step.*", text)[-4:],
             "seq_length": args.seq_length,
         }
