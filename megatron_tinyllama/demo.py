@@ -181,6 +181,8 @@ class DemoResult:
     """:func:`~megatron_tinyllama.scaling.forecast.predict.hindsight_check` of the run (None: not
     made)."""
     forecast_problem: Optional[str] = None
+    live: Optional["LiveSummary"] = None
+    """The live check's forecasts during the run against the end it reached (None: none made)."""
 
 
 def _last_metrics(save_dir: Path) -> tuple[Optional[float], Optional[float], int, int]:
@@ -276,6 +278,7 @@ def run_demo(work_dir: Path, *, ranks: Optional[int] = None, overrides: Sequence
     train_seconds = time.time() - train_start
     valid_loss, train_loss, last_step, tokens = _last_metrics(save_dir)
     forecast, forecast_problem = _forecast_check(save_dir)
+    live = _live_summary(save_dir)
     log.info("3/3 converting to Hugging Face format -> %s; sampling with transformers",
              _show(hf_dir))
     convert_to_hf(save_dir, hf_dir, tokenizer_model=corpus.tokenizer_model, overwrite=True)
@@ -291,7 +294,28 @@ def run_demo(work_dir: Path, *, ranks: Optional[int] = None, overrides: Sequence
                       final_train_loss=train_loss, steps=last_step, tokens=tokens,
                       samples=samples, overrides=tuple(overrides), train_seconds=train_seconds,
                       total_seconds=time.time() - start, forecast=forecast,
-                      forecast_problem=forecast_problem)
+                      forecast_problem=forecast_problem, live=live)
+
+
+def _live_summary(save_dir: Path):
+    """The live check's record of the run (None when it made no forecast or cannot be read)."""
+    from megatron_tinyllama.train.forecast_live import summarize_live_checks
+
+    try:
+        return summarize_live_checks(save_dir / "metrics.jsonl")
+    except Exception:  # noqa: BLE001 - a summary line must never fail the demo
+        return None
+
+
+def live_line(live) -> str:
+    """The summary's line on the live check: how its forecasts during the run fared."""
+    if live is None:
+        return "live forecast check: none made (too few validation points past the burn-in)"
+    caveated = f", {live.caveated} with caveats" if live.caveated else ""
+    return (f"live forecast check: {live.checks} forecasts of the final loss from step {live.first_step} "
+            f"on; the measured end {live.measured_end:.3f} inside their 95% band in {live.inside} of "
+            f"{live.checks}; first {100 * live.first_error:+.1f}%, last {100 * live.last_error:+.1f}%"
+            f"{caveated}; {live.warnings} warning{'s' if live.warnings != 1 else ''}")
 
 
 def _show(path: Path) -> str:
@@ -328,6 +352,7 @@ def report(result: DemoResult) -> str:
         f"validation loss {valid} on held-out documents (training loss {train}) after "
         f"{result.steps} steps, {result.tokens:,} tokens",
         forecast_line(result.forecast, result.forecast_problem),
+        live_line(result.live),
         "",
     ]
     for sample in result.samples:

@@ -204,3 +204,49 @@ class LiveForecast:
                                    max_points=MAX_FIT_POINTS, areas=self.areas,
                                    burn_in_warmups=burn_in_warmups)
         return refit_final_loss(areas.s1[idx], areas.s2[idx], y, areas.s1[-1], areas.s2[-1])
+
+
+@dataclass(frozen=True)
+class LiveSummary:
+    """How a run's live forecasts of its final loss fared against the end it reached."""
+
+    checks: int
+    first_step: int
+    measured_end: float
+    measured_end_step: int
+    inside: int
+    """Checks whose 95% final band held the measured end."""
+    caveated: int
+    warnings: int
+    """Excursions of a validation loss out of the band at its step (one WARNING line each)."""
+    first_error: float
+    last_error: float
+    """Relative error (forecast / measured - 1) of the first and the last check."""
+
+
+def summarize_live_checks(metrics_path) -> Optional[LiveSummary]:
+    """The live checks a run's ``metrics.jsonl`` holds (its ``forecast_*`` fields) against the
+    last validation loss; None when there are none."""
+    from megatron_tinyllama.scaling.run_metrics import is_number, iter_records
+
+    checks, end = [], None
+    for _, record in iter_records(metrics_path):
+        if not isinstance(record, dict) or not is_number(record.get("valid_loss")):
+            continue
+        end = (int(record["step"]), float(record["valid_loss"]))
+        if is_number(record.get("forecast_final_loss")):
+            checks.append(record)
+    if not checks or end is None:
+        return None
+    step, loss = end
+    inside = sum(1 for r in checks if r["forecast_final_low"] <= loss <= r["forecast_final_high"])
+    warnings, was_out = 0, False
+    for record in checks:  # one warning per excursion, as the check logs them
+        out = record.get("forecast_band_distance", 0.0) != 0.0
+        warnings += out and not was_out
+        was_out = out
+    return LiveSummary(checks=len(checks), first_step=int(checks[0]["step"]), measured_end=loss,
+                       measured_end_step=step, inside=inside,
+                       caveated=sum(1 for r in checks if r.get("forecast_caveats")), warnings=warnings,
+                       first_error=checks[0]["forecast_final_loss"] / loss - 1,
+                       last_error=checks[-1]["forecast_final_loss"] / loss - 1)
