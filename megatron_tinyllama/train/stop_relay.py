@@ -7,8 +7,9 @@ first is dead; the ranks' own agreement (the step's all-reduce, train.loop) come
 of the step in flight. A save needs every rank, so the first rank's 30 s would go by alone.
 
 So the rank that receives the signal sets one key in the job's rendezvous store, and every rank
-has a thread waiting on that key (TCPStore ``wait``: one request pending per rank, renewed every
-:data:`WAIT_S`, no polling); when it is set, the thread raises the same stop in its rank's main
+has a thread waiting on that key (TCPStore ``wait``: one request pending per rank for the whole
+run, no polling; a rank that ends sets the key to release them); when it is set, the thread
+raises the same stop in its rank's main
 thread (SIGUSR1 to the main thread, marked as relayed: it does not count as the rank's own
 signal), which starts the save of the last completed step there too
 (checkpoint.saving.CheckpointSaver.save_at_signal). Hand-written: neither DeepSpeed's launcher nor
@@ -27,9 +28,10 @@ from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
 
-WAIT_S = 30.0
-"""How long one ``wait`` on the store lasts before it is renewed (the store sees N / WAIT_S
-requests a second, whatever happens)."""
+WAIT_S = 7 * 24 * 3600.0
+"""How long one ``wait`` on the store lasts: the run (a timeout makes torch's TCPStore print a
+warning; the key set at the end releases the waits instead)."""
+_END = "end"
 
 
 def relay_key() -> str:
@@ -83,7 +85,15 @@ class StopRelay:
             logger.warning("could not pass the stop on to the other ranks through the store: %s", err)
 
     def close(self) -> None:
-        self._closed.set()  # the thread ends at its next renewal (a daemon: never waited for)
+        """Release every rank's waiting thread: this rank is done (the others are ending too,
+        or have failed). A daemon thread: never joined."""
+        self._closed.set()
+        if self._setter is not None:
+            try:
+                if not self._setter.check([self.key]):
+                    self._setter.set(self.key, _END)
+            except Exception:  # noqa: BLE001 - the store's host may be gone first
+                pass
 
     def _listen(self) -> None:
         try:
@@ -95,14 +105,14 @@ class StopRelay:
             try:
                 store.wait([self.key], datetime.timedelta(seconds=WAIT_S))
                 value = store.get(self.key).decode()
-            except Exception:  # noqa: BLE001 - a renewal's timeout, or the store's host gone
-                if time.monotonic() - began < 1.0 and self._closed.wait(WAIT_S):
-                    return  # failing at once (the host gone): retried slowly, not in a loop
+            except Exception:  # noqa: BLE001 - a week's timeout, or the store's host gone
+                if time.monotonic() - began < WAIT_S / 2:
+                    return  # the host gone: the step's all-reduce still tells this rank
                 continue
             if self._closed.is_set():
                 return
             sender, _, reason = value.partition("\n")
-            if sender != str(self.rank):
+            if sender not in (_END, str(self.rank)):
                 self._deliver(reason_from(int(sender), reason))
             return
 
