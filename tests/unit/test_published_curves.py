@@ -93,17 +93,27 @@ def test_forecast_published_cli_prints_the_table_and_writes_json(tmp_path, capsy
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_the_live_band_holds_the_end_of_a_long_published_run():
-    """The 25M cosine run of 72,000 steps replayed through the trainer's live check (one check in
-    ten): with the bootstrap band alone the true end was inside the final "95%" band in 13 of 47
-    checks; with the law's own uncertainty added (scaling/forecast/trust.py) in 36. The checks
-    more than 2% off all carry a caveat, and a released run raises no alarm."""
+@pytest.mark.parametrize("size", ["25", "400"])
+def test_the_live_band_holds_the_end_of_a_long_published_run(size, monkeypatch):
+    """The cosine runs of 72,000 steps replayed through the trainer's live check (one check in
+    ten). Their forecasts a third to three quarters of the way in sit 0.2-1% above the end (the
+    law under-reads the annealing still to come); the band's term for it
+    (``trust.annealing_unseen``) holds the end in 44 of 47 checks at both sizes, with a median
+    width of 1.1% / 1.8% of the forecast. Without that term: 36 and 32 of 47 (the bootstrap band
+    alone: 13 of 47 at 25M). A released run raises no alarm."""
+    from megatron_tinyllama.scaling.forecast import trust
     from megatron_tinyllama.scaling.forecast.published import replay_live
 
-    r = replay_live("25", "cosine_72000", every=10)
+    r = replay_live(size, "cosine_72000", every=10)
     assert r["checks"] == 47 and r["warned"] == 0
-    assert r["inside"] >= 0.75 * r["checks"]
-    assert r["off_2pct"] >= 3 and r["off_2pct_no_caveat"] == 0
+    assert r["inside"] >= 0.9 * r["checks"]
+    assert np.median(r["band_widths"]) < 0.025  # wide enough to hold the end, not useless
+    if size == "25":
+        assert r["off_2pct"] >= 3 and r["off_2pct_no_caveat"] == 0
+
+    monkeypatch.setattr(trust, "annealing_unseen", lambda *args: 0.0)
+    without = replay_live(size, "cosine_72000", every=10)
+    assert without["inside"] < 0.8 * without["checks"]
 
 
 def test_forecast_published_replays_the_live_check(tmp_path, capsys):
@@ -117,6 +127,11 @@ def test_forecast_published_replays_the_live_check(tmp_path, capsys):
     assert [r["name"] for r in live] == list(SCHEDULES)
     checks, inside = sum(r["checks"] for r in live), sum(r["inside"] for r in live)
     assert f"all: end inside the 95% band in {inside} of {checks} checks" in text
+    assert all(len(r["band_widths"]) == r["checks"] for r in live)
+    # The totals by schedule length (the runs of each length are their own split).
+    long = [r for r in live if r["steps"] == 72000]
+    assert (f"72000-step runs: end inside the 95% band in {sum(r['inside'] for r in long)} of "
+            f"{sum(r['checks'] for r in long)} checks") in text
     assert checks > 30 and sum(r["warned"] for r in live) == 0
     assert main(["forecast-published", "--sizes", "25", "--live-every", "-1"]) == 2
     assert "--live-every must be >= 1" in capsys.readouterr().err

@@ -60,15 +60,21 @@ def cmd_forecast_published(args) -> int:
 
 
 def _print_live_replay(args, burn: float, results: list) -> None:
-    """Every published run replayed through the trainer's live check (``--live-every``)."""
-    from megatron_tinyllama.scaling.forecast.published import CURVES_DIR, SCHEDULES, replay_live
+    """Every published run replayed through the trainer's live check (``--live-every``), with
+    the totals by model size and by schedule length (the band's terms are not tuned per split,
+    so each split's number is its own)."""
+    from megatron_tinyllama.scaling.forecast.published import (
+        CURVES_DIR,
+        SCHEDULES,
+        live_totals,
+        replay_live,
+    )
 
     if args.live_every < 1:
         raise RunFileError(f"--live-every must be >= 1, got {args.live_every}")
     print(f"live check replayed (one check in {args.live_every}; burn-in {burn:g} warm-ups): "
           "final band holds the end / checks; >2% off without a caveat; false alarms")
-    total = {"checks": 0, "inside": 0, "off_2pct": 0, "off_2pct_no_caveat": 0,
-             "within_2pct_caveat": 0, "warned": 0}
+    reps = []
     for r in results:
         size = r["size"].rstrip("M")
         r["live"] = []
@@ -76,18 +82,29 @@ def _print_live_replay(args, burn: float, results: list) -> None:
             rep = replay_live(size, name, every=args.live_every, burn_in_warmups=burn,
                               curves_dir=args.curves_dir or CURVES_DIR)
             r["live"].append(rep)
-            for key in total:
-                total[key] += rep[key]
+            reps.append(rep)
             print(f"  {r['size']:>5s} {name:20s} {rep['inside']:4d} / {rep['checks']:4d}; "
                   f"{rep['off_2pct_no_caveat']:3d} of {rep['off_2pct']:3d} off; "
                   f"{rep['warned']} alarms")
-    checks = max(total["checks"], 1)
-    print(f"  all: end inside the {100 * 0.95:g}% band in {total['inside']} of {total['checks']} "
-          f"checks ({100 * total['inside'] / checks:.1f}%); more than 2% off without a caveat in "
-          f"{total['off_2pct_no_caveat']} of {total['checks']} "
-          f"({100 * total['off_2pct_no_caveat'] / checks:.1f}%; {total['off_2pct']} off in all); "
-          f"within 2% but with a caveat {total['within_2pct_caveat']}; false alarms "
-          f"{total['warned']}")
+
+    def line(label: str, total: dict) -> str:
+        checks = max(total["checks"], 1)
+        widths = ("" if total["width_median"] is None else
+                  f"; band width median {100 * total['width_median']:.2f}%, 90th percentile "
+                  f"{100 * total['width_p90']:.2f}% of the forecast")
+        return (f"  {label}: end inside the {100 * 0.95:g}% band in {total['inside']} of "
+                f"{total['checks']} checks ({100 * total['inside_share']:.1f}%); more than 2% off "
+                f"without a caveat in {total['off_2pct_no_caveat']} of {total['checks']} "
+                f"({100 * total['off_2pct_no_caveat'] / checks:.1f}%; {total['off_2pct']} off in "
+                f"all); within 2% but with a caveat {total['within_2pct_caveat']}; false alarms "
+                f"{total['warned']}{widths}")
+
+    print(line("all", live_totals(reps)))
+    for size in sorted({rep["size"] for rep in reps}, key=lambda s: float(s.rstrip("M"))):
+        print(line(size, live_totals([rep for rep in reps if rep["size"] == size])))
+    for steps in sorted({rep["steps"] for rep in reps}):
+        print(line(f"{steps}-step runs", live_totals([rep for rep in reps
+                                                      if rep["steps"] == steps])))
 
 
 def _forecast_table(data: dict, measured: dict[int, float]) -> str:

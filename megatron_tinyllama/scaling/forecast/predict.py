@@ -38,6 +38,7 @@ from megatron_tinyllama.scaling.forecast.trust import (
     ANNEALING_SEEN_MIN,
     Holdout,
     annealing_share,
+    annealing_unseen,
     burn_in_finals,
     final_band,
     fit_caveats,
@@ -331,11 +332,13 @@ def forecast_history(
     finals = burn_in_finals(refit_final, burn_in_warmups)
     end = schedule.tokens.size - 1
     n_own = idx.size  # this run's points come first in s1, s2, loss
-    held = holdout(s1[:n_own], s2[:n_own], loss[:n_own], idx, end, areas.s1[-1], areas.s2[-1])
+    held = holdout(s1[:n_own], s2[:n_own], loss[:n_own], idx, end, areas.s1[-1], areas.s2[-1],
+                   fit=fit)
     no_annealing = fit.law.C <= 0 and annealing_share(areas, int(idx[-1])) < ANNEALING_SEEN_MIN
+    unseen = annealing_unseen(fit.law.C, float(areas.s2[-1]), float(areas.s2[int(idx[-1])]))
     band = widen_band(band, cidx, int(idx[-1]),
                       final_band(final, float(band.low[-1]), float(band.high[-1]), finals, held,
-                                 no_annealing))
+                                 no_annealing, unseen))
     return Forecast(fit=fit, schedule=schedule, decay=decay, loss_kind=kind,
                     fitted_tokens=schedule.tokens[idx], fitted_loss=y,
                     measured_tokens=np.asarray(points.tokens, dtype=float),

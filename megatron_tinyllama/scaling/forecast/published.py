@@ -178,7 +178,7 @@ def check_size(size: str, *, burn_in_warmups: float = BURN_IN_WARMUPS,
         spread = burn_in_spread(final, refit_final, burn_in_warmups)
         seen = annealing_share(c_areas, int(c_idx[-1]))
         held = holdout(c_areas.s1[c_idx], c_areas.s2[c_idx], c_y, c_idx, int(curve.steps[-1]),
-                       end_s1, end_s2)
+                       end_s1, end_s2, fit=early)
         measured = float(curve.loss[-1])
         out["first30"][name] = {
             "fitted_points": int(c_idx.size), "forecast_end": final, "measured_end": measured,
@@ -201,11 +201,12 @@ def replay_live(size: str, name: str, *, every: int = 1, curves_dir: Union[str, 
         live_options: passed to ``LiveForecast`` (``burn_in_warmups``, ``min_points``, ...).
 
     Returns:
-        ``{"size", "name", "checks", "inside", "off_2pct", "off_2pct_no_caveat",
-        "within_2pct_caveat", "warned", "end"}``: checks made, those whose final band held the
-        measured end, those more than 2% off the end (and of them without a caveat), those within
-        2% that carry a caveat anyway, and false alarms (a released run has no fault, so every
-        warning is one).
+        ``{"size", "name", "steps", "checks", "inside", "off_2pct", "off_2pct_no_caveat",
+        "within_2pct_caveat", "warned", "end", "band_widths"}``: the schedule's length, checks
+        made, those whose final band held the measured end, those more than 2% off the end (and
+        of them without a caveat), those within 2% that carry a caveat anyway, false alarms (a
+        released run has no fault, so every warning is one) and each check's final band width
+        over its forecast (so a band that holds the end by being useless shows).
     """
     from megatron_tinyllama.scaling.forecast.history import Schedule, Segment
     from megatron_tinyllama.train.forecast_live import LiveForecast
@@ -219,8 +220,9 @@ def replay_live(size: str, name: str, *, every: int = 1, curves_dir: Union[str, 
                                           optimizer=None, schedule_tokens=n),))
     live = LiveForecast(schedule, **live_options)
     end = float(curve.loss[-1])
-    out = {"size": f"{size}M", "name": name, "checks": 0, "inside": 0, "off_2pct": 0,
-           "off_2pct_no_caveat": 0, "within_2pct_caveat": 0, "warned": 0, "end": end}
+    out = {"size": f"{size}M", "name": name, "steps": int(n), "checks": 0, "inside": 0,
+           "off_2pct": 0, "off_2pct_no_caveat": 0, "within_2pct_caveat": 0, "warned": 0,
+           "end": end, "band_widths": []}
     for i, (step, loss) in enumerate(zip(curve.steps, curve.loss)):
         if i % every:
             live.points.add(int(step) + 1, int(step), float(loss))
@@ -235,4 +237,18 @@ def replay_live(size: str, name: str, *, every: int = 1, curves_dir: Union[str, 
         out["off_2pct_no_caveat"] += int(off and not check.caveats)
         out["within_2pct_caveat"] += int(not off and bool(check.caveats))
         out["warned"] += int(check.warned)
+        out["band_widths"].append(round((check.final_high - check.final_low)
+                                        / abs(check.final_loss), 6))
+    return out
+
+
+def live_totals(reps: list[dict]) -> dict:
+    """:func:`replay_live` results summed over runs: the counts, the share of checks whose band
+    held the end, and the median and 90th percentile of the band's width (over the forecast)."""
+    keys = ("checks", "inside", "off_2pct", "off_2pct_no_caveat", "within_2pct_caveat", "warned")
+    out = {key: sum(r[key] for r in reps) for key in keys}
+    widths = [w for r in reps for w in r["band_widths"]]
+    out["inside_share"] = out["inside"] / max(out["checks"], 1)
+    out["width_median"] = float(np.median(widths)) if widths else None
+    out["width_p90"] = float(np.percentile(widths, 90)) if widths else None
     return out
