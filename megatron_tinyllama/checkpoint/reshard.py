@@ -206,9 +206,10 @@ class _PerRankSource(_Reader):
 
     def for_rank(self, kind: str, name: str, model_cfg: ModelConfig, tp_rank: int, tp_size: int) -> torch.Tensor:
         """As :meth:`_Reader.for_rank`, reading only what TP rank ``tp_rank`` of ``tp_size``
-        holds where the TP rules allow: a replicated tensor from one saved rank; a tensor split by
-        rows (QKV, fc1's gate and up, the vocabulary) just its rows, from the saved ranks that hold
-        them. A tensor split by columns is still merged whole (its rows interleave the ranks)."""
+        holds: a replicated tensor from one saved rank; a tensor split by rows (QKV, fc1's gate
+        and up, the vocabulary) just its rows, from the saved ranks that hold them; a tensor split
+        by columns (o_proj, fc2) just its columns, a segment per row of each saved rank whose
+        columns overlap them."""
         from megatron_tinyllama.checkpoint.hf import tp_layout
         from megatron_tinyllama.model.build import padded_vocab_size
 
@@ -218,7 +219,7 @@ class _PerRankSource(_Reader):
         if layout == "replicated":
             return self.get(0, kind, name)
         if layout == "columns":
-            return super().for_rank(kind, name, model_cfg, tp_rank, tp_size)
+            return self._columns(kind, name, tp_rank, tp_size)
         shapes = [self.shape(r, name) for r in range(self.tp_size)]
         row = int(torch.Size(shapes[0][1:]).numel())
         # The merged tensor as runs of saved rows: (saved rank, first local row, rows), in order;
@@ -238,6 +239,31 @@ class _PerRankSource(_Reader):
             first, count = tp_rank * total // tp_size, total // tp_size
             pieces.append(self._rows(kind, name, runs, first, min(first + count, valid), count, row, shapes[0][1:]))
         return torch.cat(pieces, dim=0)
+
+    def _columns(self, kind: str, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
+        """Columns ``[r C / T, (r + 1) C / T)`` of the merged matrix (the saved ranks' column
+        blocks side by side), read row by row from the saved ranks that hold them."""
+        shapes = [self.shape(r, name) for r in range(self.tp_size)]
+        rows, columns = shapes[0][0], sum(shape[1] for shape in shapes)
+        if len(shapes[0]) != 2 or columns % tp_size:
+            raise ReshardError(f"{self.tag_dir}: tensor {name!r} of shapes {shapes} does not split "
+                               f"{tp_size} ways by columns")
+        width = columns // tp_size
+        start, stop = tp_rank * width, (tp_rank + 1) * width
+        out = torch.empty((rows, width), dtype=torch.float32)
+        offset = 0
+        for rank, shape in enumerate(shapes):
+            lo, hi = max(start, offset), min(stop, offset + shape[1])
+            if lo < hi:
+                key = tensor_key(kind, rank, self.tp_size, name)
+                segments = [(row * shape[1] + lo - offset, hi - lo) for row in range(rows)]
+                try:
+                    values = self.source.read({key: segments})[key]
+                except KeyError:
+                    raise ReshardError(f"{self.tag_dir}: no tensor {key!r}") from None
+                out[:, lo - start:hi - start] = values.reshape(rows, hi - lo)
+            offset += shape[1]
+        return out
 
     def _rows(self, kind, name, runs, start, stop, count, row, tail) -> torch.Tensor:
         """Rows ``[start, start + count)`` of the merged tensor that ``runs`` describe; those at or

@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -356,14 +356,20 @@ def _read_exactly(handle, length: int, path: Path) -> bytes:
     return data
 
 
-class RangeLoadPlanner(LoadPlanner):
-    """Reads the ranges ``wants`` names (key -> (first, count)) into 1-D buffers, and byte blobs."""
+Segments = Union[tuple[int, int], list[tuple[int, int]]]
+"""What to read of a tensor: one flat range ``(first, count)`` or several, read into one buffer
+one after the other (a column block of a row-major matrix: a segment per row)."""
 
-    def __init__(self, wants: dict[str, tuple[int, int]], blobs: tuple[str, ...] = ()) -> None:
+
+class RangeLoadPlanner(LoadPlanner):
+    """Reads the ranges ``wants`` names (key -> :data:`Segments`) into 1-D buffers, and byte blobs."""
+
+    def __init__(self, wants: dict[str, Segments], blobs: tuple[str, ...] = ()) -> None:
         self.wants = wants
         self.blob_keys = blobs
         self.buffers: dict[str, torch.Tensor] = {}
         self.blobs: dict[str, bytes] = {}
+        self._starts: dict[str, list[int]] = {}  # key -> where each asked segment begins in its buffer
 
     def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
         self.metadata = metadata
@@ -371,16 +377,23 @@ class RangeLoadPlanner(LoadPlanner):
     def create_local_plan(self) -> LoadPlan:
         items: list[ReadItem] = []
         known = self.metadata.state_dict_metadata
-        for key, (first, count) in self.wants.items():
+        for key, segments in self.wants.items():
             entry = known.get(key)
             if entry is None or isinstance(entry, BytesStorageMetadata):
                 raise KeyError(key)
-            if first < 0 or first + count > entry.size.numel():
-                raise ValueError(f"{key}: elements {first}..{first + count} asked of {entry.size.numel()}")
-            self.buffers[key] = torch.empty(count, dtype=entry.properties.dtype)
-            if count:
-                items += create_read_items_for_chunk_list(key, entry, [ChunkStorageMetadata(
-                    offsets=torch.Size([first]), sizes=torch.Size([count]))])
+            segments = [segments] if isinstance(segments, tuple) else segments
+            chunks, starts, total = [], [], 0
+            for first, count in segments:
+                if first < 0 or first + count > entry.size.numel():
+                    raise ValueError(f"{key}: elements {first}..{first + count} asked of {entry.size.numel()}")
+                if count:
+                    chunks.append(ChunkStorageMetadata(offsets=torch.Size([first]), sizes=torch.Size([count])))
+                    starts.append(total)
+                total += count
+            self.buffers[key] = torch.empty(total, dtype=entry.properties.dtype)
+            self._starts[key] = starts
+            if chunks:
+                items += create_read_items_for_chunk_list(key, entry, chunks)
         for key in self.blob_keys:
             if not isinstance(known.get(key), BytesStorageMetadata):
                 raise KeyError(key)
@@ -399,7 +412,9 @@ class RangeLoadPlanner(LoadPlanner):
         self.blobs[read_item.dest_index.fqn] = value.read()
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        return self.buffers[read_item.dest_index.fqn].narrow(0, read_item.dest_offsets[0], read_item.lengths[0])
+        key = read_item.dest_index.fqn
+        start = self._starts[key][read_item.dest_index.index or 0]  # the segment's place in the buffer
+        return self.buffers[key].narrow(0, start + read_item.dest_offsets[0], read_item.lengths[0])
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         pass
@@ -422,8 +437,9 @@ class RangeReader:
     def has(self, key: str) -> bool:
         return key in self.metadata.state_dict_metadata
 
-    def read(self, wants: dict[str, tuple[int, int]], blobs: tuple[str, ...] = ()):
-        """{key: 1-D tensor of the asked range}, and {blob key: bytes} when ``blobs`` are named."""
+    def read(self, wants: dict[str, Segments], blobs: tuple[str, ...] = ()):
+        """{key: 1-D tensor of the asked range(s), one after the other}, and {blob key: bytes}
+        when ``blobs`` are named."""
         planner = RangeLoadPlanner(wants, blobs)
         try:
             with warnings.catch_warnings():  # one process by design: DCP's notice says so to users

@@ -49,6 +49,20 @@ def test_ranges_come_back_exactly_reading_just_the_bytes_asked(tmp_path):
         "written (truncated)"]
 
 
+def test_a_column_block_is_read_as_one_segment_per_row_and_nothing_else(tmp_path):
+    """What a TP change reads of a tensor split by columns (o_proj, fc2): each row's columns of
+    the new rank, across the stored chunks of two writers' partitions."""
+    matrix = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    flat = matrix.reshape(-1)
+    ranges = [Range("fp32/tp00-of-01/o", 48, 0, flat[:20]), Range("fp32/tp00-of-01/o", 48, 20, flat[20:])]
+    _save(tmp_path, ranges, {})
+    reader = RangeReader(tmp_path)
+    segments = [(row * 8 + 4, 4) for row in range(6)]  # columns 4..8: the second of two TP ranks
+    got = reader.read({"fp32/tp00-of-01/o": segments})["fp32/tp00-of-01/o"]
+    assert torch.equal(got.reshape(6, 4), matrix[:, 4:])
+    assert reader.bytes_read == 4 * 6 * 4  # half the matrix: the asked columns only
+
+
 def test_a_checkpoint_not_stored_raw_is_refused_not_misread(tmp_path):
     """DCP's own writer frames each tensor with torch.save: reading element offsets into such a
     file would load bytes of the zip framing as weights (NaN losses); it is refused, named."""
