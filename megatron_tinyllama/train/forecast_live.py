@@ -40,6 +40,7 @@ from megatron_tinyllama.scaling.forecast.predict import BURN_IN_WARMUPS, fit_poi
 from megatron_tinyllama.scaling.forecast.trust import (
     ANNEALING_SEEN_MIN,
     annealing_share,
+    annealing_unseen,
     burn_in_finals,
     final_band,
     fit_caveats,
@@ -187,11 +188,13 @@ class LiveForecast:
         # the band at this step, which raises the alarm, stays the bootstrap's.
         final = float(band.estimate[1])
         finals = burn_in_finals(self._refit_final, self.burn_in_warmups)
-        held = holdout(s1, s2, y, idx, last, areas.s1[-1], areas.s2[-1])
+        held = holdout(s1, s2, y, idx, last, areas.s1[-1], areas.s2[-1], fit=fit)
         seen = annealing_share(areas, int(idx[-1]))
+        # The annealing still to come, from this fit (also when the holdout cannot be made).
+        unseen = annealing_unseen(fit.law.C, float(areas.s2[-1]), float(areas.s2[int(idx[-1])]))
         final_low, final_high = final_band(final, float(band.low[1]), float(band.high[1]),
                                            finals, held,
-                                           fit.law.C <= 0 and seen < ANNEALING_SEEN_MIN)
+                                           fit.law.C <= 0 and seen < ANNEALING_SEEN_MIN, unseen)
         caveats = tuple(fit_caveats(fit, seen, final, final_low, spread_of(final, finals), held,
                                     float(areas.s2[-1] - areas.s2[int(idx[-1])])))
         return LiveCheck(step=step, loss=loss, expected=expected, low=low, high=high,
