@@ -538,7 +538,8 @@ def main(argv=None) -> int:
     }
     results["analysis_seconds"] = round(time.time() - t0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    # numpy scalars (replay counts, fitted values) as plain numbers: json refuses int64
+    args.out.write_text(json.dumps(results, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "per_seed"}, indent=1,
                      default=str)[:6000])
     for name, r in results["over_seeds"].items():
