@@ -92,8 +92,17 @@ def run_on_ranks(fn, world_size: int, *args, ranks_per_node: int = 0) -> None:
     """
     per_node = ranks_per_node or world_size
     process_context()
-    mp.start_processes(_entry, args=(world_size, free_port(), per_node, fn, args, dict(os.environ), _streams()),
-                       nprocs=world_size, join=True, start_method=START_METHOD)
+    for attempt in range(3):
+        try:
+            mp.start_processes(_entry, args=(world_size, free_port(), per_node, fn, args, dict(os.environ),
+                                             _streams()),
+                               nprocs=world_size, join=True, start_method=START_METHOD)
+            return
+        except mp.ProcessRaisedException as err:
+            # The port free_port() found was taken before rank 0's store bound it (a client
+            # connection of another test's ranks took it as its ephemeral port): nothing ran yet.
+            if "EADDRINUSE" not in str(err) or attempt == 2:
+                raise
 
 
 def start_ranks(fn, world_size: int, *args) -> list:
