@@ -162,7 +162,7 @@ class _PerRankSource(_Reader):
     """The same reads from a per-rank checkpoint (checkpoint.sharded, format 2): each range is
     read from the stored chunks that overlap it, whichever rank wrote them."""
 
-    def __init__(self, tag_dir: Path, payload: dict) -> None:  # noqa: D107 - no super(): no files
+    def __init__(self, tag_dir: Path, payload: dict, reuse_buffers: bool = False) -> None:  # noqa: D107
         from megatron_tinyllama.checkpoint.sharded import RangeReader
 
         self.tag_dir = Path(tag_dir)
@@ -172,7 +172,9 @@ class _PerRankSource(_Reader):
         except (KeyError, TypeError, ValueError) as err:
             raise ReshardError(f"{self.tag_dir / 'trainer_state.json'}: no layout or adam_step "
                                f"({type(err).__name__}: {err})") from None
-        self.source = RangeReader(self.tag_dir)
+        # reuse_buffers: a tensor read is valid until the next read (load_resharded copies each
+        # into the engine at once; _rows and _columns copy theirs out).
+        self.source = RangeReader(self.tag_dir, reuse_buffers=reuse_buffers)
         self.shapes: dict[int, dict[str, tuple[int, ...]]] = {}
 
     @property
@@ -279,14 +281,15 @@ class _PerRankSource(_Reader):
         return out
 
 
-def open_source(tag_dir: Path) -> _Reader:
+def open_source(tag_dir: Path, reuse_buffers: bool = False) -> _Reader:
     """The reader of a checkpoint's layout-free state: per-rank files (format 2) or, for
-    checkpoints written before them, ``model/`` + ``optim/``."""
+    checkpoints written before them, ``model/`` + ``optim/``. ``reuse_buffers``: each tensor read
+    is valid only until the next (:class:`~megatron_tinyllama.checkpoint.sharded.RangeReader`)."""
     from megatron_tinyllama.checkpoint.manifest import read_trainer_state
 
     payload = read_trainer_state(tag_dir) or {}
     if payload.get("checkpoint_format") == PER_RANK_FORMAT:
-        return _PerRankSource(tag_dir, payload)
+        return _PerRankSource(tag_dir, payload, reuse_buffers)
     return _Reader(tag_dir)
 
 
@@ -334,7 +337,7 @@ def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
     """
     from megatron.core import parallel_state
 
-    reader = open_source(tag_dir)
+    reader = open_source(tag_dir, reuse_buffers=True)  # each tensor goes into the engine at once
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     optimizer = inner_optimizer(engine)

@@ -364,9 +364,12 @@ one after the other (a column block of a row-major matrix: a segment per row).""
 class RangeLoadPlanner(LoadPlanner):
     """Reads the ranges ``wants`` names (key -> :data:`Segments`) into 1-D buffers, and byte blobs."""
 
-    def __init__(self, wants: dict[str, Segments], blobs: tuple[str, ...] = ()) -> None:
+    def __init__(self, wants: dict[str, Segments], blobs: tuple[str, ...] = (),
+                 scratch: Optional[torch.Tensor] = None) -> None:
         self.wants = wants
         self.blob_keys = blobs
+        self.scratch = scratch  # fp32 buffers are cut from it, one after the other, when given
+        self._scratch_used = 0
         self.buffers: dict[str, torch.Tensor] = {}
         self.blobs: dict[str, bytes] = {}
         self._starts: dict[str, list[int]] = {}  # key -> where each asked segment begins in its buffer
@@ -390,7 +393,7 @@ class RangeLoadPlanner(LoadPlanner):
                     chunks.append(ChunkStorageMetadata(offsets=torch.Size([first]), sizes=torch.Size([count])))
                     starts.append(total)
                 total += count
-            self.buffers[key] = torch.empty(total, dtype=entry.properties.dtype)
+            self.buffers[key] = self._buffer(total, entry.properties.dtype)
             self._starts[key] = starts
             if chunks:
                 items += create_read_items_for_chunk_list(key, entry, chunks)
@@ -411,6 +414,13 @@ class RangeLoadPlanner(LoadPlanner):
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         self.blobs[read_item.dest_index.fqn] = value.read()
 
+    def _buffer(self, count: int, dtype: torch.dtype) -> torch.Tensor:
+        scratch = self.scratch
+        if scratch is not None and dtype == scratch.dtype and self._scratch_used + count <= scratch.numel():
+            self._scratch_used += count
+            return scratch[self._scratch_used - count:self._scratch_used]
+        return torch.empty(count, dtype=dtype)
+
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         key = read_item.dest_index.fqn
         start = self._starts[key][read_item.dest_index.index or 0]  # the segment's place in the buffer
@@ -422,10 +432,17 @@ class RangeLoadPlanner(LoadPlanner):
 
 class RangeReader:
     """This rank's reads of a checkpoint's tensors, by flat range, without collectives (each call
-    plans locally from ``.metadata``, read once)."""
+    plans locally from ``.metadata``, read once).
 
-    def __init__(self, tag_dir: Path) -> None:
+    ``reuse_buffers``: each call's fp32 tensors are views of one buffer kept by the reader, valid
+    until the next call (a resume copies each tensor into the engine at once). Reading into memory
+    already mapped runs at 5.5 GB/s here against 2 GB/s into fresh pages, and a resume reads the
+    rank's whole share."""
+
+    def __init__(self, tag_dir: Path, reuse_buffers: bool = False) -> None:
         self.storage = CountingReader(Path(tag_dir) / STATE_DIR)
+        self.reuse_buffers = reuse_buffers
+        self._scratch: Optional[torch.Tensor] = None
 
     @property
     def metadata(self) -> Metadata:
@@ -440,7 +457,14 @@ class RangeReader:
     def read(self, wants: dict[str, Segments], blobs: tuple[str, ...] = ()):
         """{key: 1-D tensor of the asked range(s), one after the other}, and {blob key: bytes}
         when ``blobs`` are named."""
-        planner = RangeLoadPlanner(wants, blobs)
+        scratch = None
+        if self.reuse_buffers:
+            needed = sum(sum(c for _, c in ([w] if isinstance(w, tuple) else w)) for w in wants.values())
+            if self._scratch is None or self._scratch.numel() < needed:
+                self._scratch = None  # the old one freed before the larger one is made
+                self._scratch = torch.empty(needed, dtype=torch.float32)
+            scratch = self._scratch
+        planner = RangeLoadPlanner(wants, blobs, scratch)
         try:
             with warnings.catch_warnings():  # one process by design: DCP's notice says so to users
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
