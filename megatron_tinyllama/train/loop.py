@@ -41,7 +41,7 @@ from megatron_tinyllama.parallel.init import (
     initialize_model_parallel,
 )
 from megatron_tinyllama.train.forecast_live import LiveForecast
-from megatron_tinyllama.train.stop_relay import StopRelay, interrupt_main_thread
+from megatron_tinyllama.train.stop_relay import StopRelay, agreed_relay_key, interrupt_main_thread
 from megatron_tinyllama.train.metrics import MetricsWriter, RunStart, output_problems
 from megatron_tinyllama.train.schedule import learning_rate
 from megatron_tinyllama.train.watchdog import LauncherWatch, StallWatchdog
@@ -383,7 +383,8 @@ def _train_holding_save_dir(cfg: JobConfig, env, batch_source,
     watchdog = StallWatchdog(stall and 60 * stall, dist.get_rank(), dist.get_world_size(),
                              connect_rendezvous_store)
     try:
-        relay = lambda stop: StopRelay(dist.get_rank(), connect_rendezvous_store, stop.relayed)  # noqa: E731
+        key = agreed_relay_key() if dist.get_world_size() > 1 else ""
+        relay = lambda stop: StopRelay(dist.get_rank(), connect_rendezvous_store, stop.relayed, key)  # noqa: E731
         with StopRequest(cfg.train.stop_after_minutes, launcher_watch,
                          relay if dist.get_world_size() > 1 else None) as stop, watchdog:
             if cfg.checkpoint.save_dir:

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import signal
 import threading
 import time
+import uuid
 from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
@@ -34,10 +34,16 @@ warning; the key set at the end releases the waits instead)."""
 _END = "end"
 
 
-def relay_key() -> str:
-    """The store key of this attempt's stop: one per restart under torch's elastic agent, whose
-    store outlives a restart (a stop of the attempt before must not stop this one)."""
-    return f"tinyllama/stop/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+def agreed_relay_key() -> str:
+    """The store key of this world's stop, drawn by rank 0 and broadcast (collective: every rank,
+    at the same point). Under torch's elastic agent the store outlives a restart and each node's
+    agent counts its own restarts (a node that joins later starts at 0), so neither a fixed key
+    nor ``TORCHELASTIC_RESTART_COUNT`` would keep an earlier world's stop from stopping this one."""
+    import torch.distributed as dist
+
+    drawn = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(drawn, src=0)
+    return f"tinyllama/stop/{drawn[0]}"
 
 
 class StopRelay:
@@ -52,14 +58,14 @@ class StopRelay:
     """
 
     def __init__(self, rank: int, connect: Optional[Callable[[float], object]],
-                 deliver: Callable[[str], None]) -> None:
+                 deliver: Callable[[str], None], key: str) -> None:
         self.rank = rank
         self._connect = connect
         self._deliver = deliver
         self._setter = None
         self._closed = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self.key = relay_key()
+        self.key = key
 
     def start(self) -> "StopRelay":
         if self._connect is None:
