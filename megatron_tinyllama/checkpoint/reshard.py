@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -34,6 +35,7 @@ from megatron_tinyllama.checkpoint.native import read_model_index, shard_filenam
 from megatron_tinyllama.checkpoint.per_rank import FORMAT as PER_RANK_FORMAT
 from megatron_tinyllama.checkpoint.per_rank import read_shapes, tensor_key
 from megatron_tinyllama.checkpoint.weights import (
+    _set_master_weight,
     inner_optimizer,
     param_shape,
     set_optimizer_state,
@@ -202,6 +204,18 @@ class _PerRankSource(_Reader):
         except KeyError:
             raise ReshardError(f"{self.tag_dir}: no tensor {key!r}") from None
 
+    def read_into(self, tp_rank: int, kind: str, name: str, first: int, dest: torch.Tensor) -> tuple[int, ...]:
+        """Read elements ``[first, first + dest.numel())`` of a tensor straight into ``dest`` (1-D,
+        contiguous, in host memory: a resume's destination in the engine). Returns its shape."""
+        shape = self.shape(tp_rank, name)
+        key = tensor_key(kind, tp_rank, self.tp_size, name)
+        if dest.numel():
+            try:
+                self.source.read({key: (first, dest.numel())}, into={key: dest})
+            except KeyError:
+                raise ReshardError(f"{self.tag_dir}: no tensor {key!r}") from None
+        return shape
+
     def get(self, tp_rank: int, kind: str, name: str) -> torch.Tensor:
         shape = self.shape(tp_rank, name)
         return self.get_flat_range(tp_rank, kind, name, 0, int(torch.Size(shape).numel()))[1].reshape(shape)
@@ -338,6 +352,9 @@ def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
     from megatron.core import parallel_state
 
     reader = open_source(tag_dir, reuse_buffers=True)  # each tensor goes into the engine at once
+    # Per-rank checkpoints are read straight into the engine's tensors where those are in host
+    # memory (one copy from the page cache, as the format before read through mmap).
+    direct = isinstance(reader, _PerRankSource)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     optimizer = inner_optimizer(engine)
@@ -351,6 +368,8 @@ def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
             # This rank's range of each tensor, read and written in place: 1/N of the bytes.
             first, count = zero3_partition_range(param)
             for kind in kinds:
+                if direct and _read_zero3_partition(reader, tag_dir, tp_rank, kind, name, param, first, count):
+                    continue
                 shape, values = reader.get_flat_range(tp_rank, kind, name, first, count)
                 _check_shape(tag_dir, kind, name, shape, param)
                 set_zero3_partition(param, None if kind == "fp32" else kind, values)
@@ -360,6 +379,17 @@ def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
         # master weights and moments: the moments are read as that fragment.
         fragment = zero12_fragment_range(param) if same_tp else None
         for kind in kinds:
+            dest = _host_view(param._hp_mapping.get_hp_fragment(kind)) if (
+                direct and kind in MOMENTS and fragment is not None and getattr(param, "_hp_mapping", None)) else None
+            if dest is not None and dest.numel() == fragment[1]:
+                _check_shape(tag_dir, kind, name, reader.read_into(tp_rank, kind, name, fragment[0], dest), param)
+                continue
+            if (direct and same_tp and kind == "fp32" and not hasattr(param, "ds_id")
+                    and _host_view(param.data) is not None):
+                # The weights whole, straight into the parameter; the fp32 master copy from it.
+                _check_shape(tag_dir, kind, name, reader.read_into(tp_rank, kind, name, 0, param.data.view(-1)), param)
+                _set_master_weight(param, param.data)
+                continue
             if kind in MOMENTS and fragment is not None:
                 shape, values = reader.get_flat_range(tp_rank, kind, name, *fragment)
                 _check_shape(tag_dir, kind, name, shape, param)
@@ -376,6 +406,32 @@ def load_resharded(engine, model_cfg: ModelConfig, tag_dir: Path) -> int:
         engine.optimizer.invalidate_secondary_tensor()
     logger.info("resharding load: this rank read %s bytes of tensors from %s", f"{reader.bytes_read:,}", tag_dir)
     return reader.step
+
+
+def _host_view(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``tensor`` as a flat view when a read can go straight into it (fp32, host memory,
+    contiguous), else None."""
+    if tensor is None or tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous():
+        return None
+    return tensor.detach().view(-1)  # the same memory; autograd has no part in a load
+
+
+def _read_zero3_partition(reader, tag_dir: Path, tp_rank: int, kind: str, name: str, param,
+                          first: int, count: int) -> bool:
+    """Read this rank's ZeRO-3 partition of ``kind`` straight into the optimizer's flat fp32
+    tensor (DeepSpeed's local accessors return views of it), ZeRO's padding zeroed, and the
+    parameter's own partition from it; False when the accessor gives no such view (offload, GPU)."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+    local = safe_get_local_fp32_param(param) if kind == "fp32" else safe_get_local_optimizer_state(param, kind)
+    dest = _host_view(local) if local is not None and local._base is not None else None
+    if dest is None or dest.numel() != param.ds_tensor.ds_numel or count > dest.numel():
+        return False
+    _check_shape(tag_dir, kind, name, reader.read_into(tp_rank, kind, name, first, dest[:count]), param)
+    dest[count:].zero_()
+    if kind == "fp32":
+        param.ds_tensor.data.copy_(dest.to(param.ds_tensor.dtype))  # the partition forward gathers
+    return True
 
 
 def _check_shape(tag_dir: Path, kind: str, name: str, shape: tuple, param) -> None:

@@ -365,8 +365,9 @@ class RangeLoadPlanner(LoadPlanner):
     """Reads the ranges ``wants`` names (key -> :data:`Segments`) into 1-D buffers, and byte blobs."""
 
     def __init__(self, wants: dict[str, Segments], blobs: tuple[str, ...] = (),
-                 scratch: Optional[torch.Tensor] = None) -> None:
+                 scratch: Optional[torch.Tensor] = None, into: Optional[dict[str, torch.Tensor]] = None) -> None:
         self.wants = wants
+        self.into = into or {}  # key -> the 1-D tensor its elements are read straight into
         self.blob_keys = blobs
         self.scratch = scratch  # fp32 buffers are cut from it, one after the other, when given
         self._scratch_used = 0
@@ -393,7 +394,12 @@ class RangeLoadPlanner(LoadPlanner):
                     chunks.append(ChunkStorageMetadata(offsets=torch.Size([first]), sizes=torch.Size([count])))
                     starts.append(total)
                 total += count
-            self.buffers[key] = self._buffer(total, entry.properties.dtype)
+            dest = self.into.get(key)
+            if dest is not None and (dest.numel() != total or dest.dtype != entry.properties.dtype
+                                     or dest.dim() != 1 or not dest.is_contiguous()):
+                raise ValueError(f"{key}: {total} elements of {entry.properties.dtype} cannot go into a "
+                                 f"tensor of {tuple(dest.shape)} {dest.dtype}")
+            self.buffers[key] = dest if dest is not None else self._buffer(total, entry.properties.dtype)
             self._starts[key] = starts
             if chunks:
                 items += create_read_items_for_chunk_list(key, entry, chunks)
@@ -454,17 +460,20 @@ class RangeReader:
     def has(self, key: str) -> bool:
         return key in self.metadata.state_dict_metadata
 
-    def read(self, wants: dict[str, Segments], blobs: tuple[str, ...] = ()):
+    def read(self, wants: dict[str, Segments], blobs: tuple[str, ...] = (),
+             into: Optional[dict[str, torch.Tensor]] = None):
         """{key: 1-D tensor of the asked range(s), one after the other}, and {blob key: bytes}
-        when ``blobs`` are named."""
+        when ``blobs`` are named. ``into``: for some keys, the (1-D, contiguous, CPU) tensor to read
+        them straight into: a resume's destination in the engine, with no copy in between."""
         scratch = None
         if self.reuse_buffers:
-            needed = sum(sum(c for _, c in ([w] if isinstance(w, tuple) else w)) for w in wants.values())
+            needed = sum(sum(c for _, c in ([w] if isinstance(w, tuple) else w))
+                         for key, w in wants.items() if key not in (into or {}))
             if self._scratch is None or self._scratch.numel() < needed:
                 self._scratch = None  # the old one freed before the larger one is made
                 self._scratch = torch.empty(needed, dtype=torch.float32)
             scratch = self._scratch
-        planner = RangeLoadPlanner(wants, blobs, scratch)
+        planner = RangeLoadPlanner(wants, blobs, scratch, into)
         try:
             with warnings.catch_warnings():  # one process by design: DCP's notice says so to users
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -84,6 +84,15 @@ def _worker(rank, world_size, tree, zero_moments):
         reshard.set_zero3_partition = lambda param, key, values: partition(
             param, key, values if key is None else values * 0)
         reshard.set_zero12_fragment = lambda param, key, values: fragment(param, key, values * 0)
+        read_into = reshard._PerRankSource.read_into  # the reads straight into the engine's tensors
+
+        def zeroed(self, tp_rank, kind, name, first, dest):
+            shape = read_into(self, tp_rank, kind, name, first, dest)
+            if kind != "fp32":
+                dest.zero_()
+            return shape
+
+        reshard._PerRankSource.read_into = zeroed
     train(config_from_dict(tree), batch_source=synthetic_batches)
 
 
