@@ -199,8 +199,12 @@ class _PerRankSource(_Reader):
         key = tensor_key(kind, tp_rank, self.tp_size, name)
         if count <= 0:
             return shape, torch.empty(0, dtype=torch.float32)
+        return shape, self._read(key, (first, count))
+
+    def _read(self, key: str, segments, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One tensor's segments (RangeReader.read), a missing tensor named."""
         try:
-            return shape, self.source.read({key: (first, count)})[key]
+            return self.source.read({key: segments}, into={key: into} if into is not None else None)[key]
         except KeyError:
             raise ReshardError(f"{self.tag_dir}: no tensor {key!r}") from None
 
@@ -210,10 +214,7 @@ class _PerRankSource(_Reader):
         shape = self.shape(tp_rank, name)
         key = tensor_key(kind, tp_rank, self.tp_size, name)
         if dest.numel():
-            try:
-                self.source.read({key: (first, dest.numel())}, into={key: dest})
-            except KeyError:
-                raise ReshardError(f"{self.tag_dir}: no tensor {key!r}") from None
+            self._read(key, (first, dest.numel()), into=dest)
         return shape
 
     def get(self, tp_rank: int, kind: str, name: str) -> torch.Tensor:
@@ -272,11 +273,7 @@ class _PerRankSource(_Reader):
             lo, hi = max(start, offset), min(stop, offset + shape[1])
             if lo < hi:
                 key = tensor_key(kind, rank, self.tp_size, name)
-                segments = [(row * shape[1] + lo - offset, hi - lo) for row in range(rows)]
-                try:
-                    values = self.source.read({key: segments})[key]
-                except KeyError:
-                    raise ReshardError(f"{self.tag_dir}: no tensor {key!r}") from None
+                values = self._read(key, [(row * shape[1] + lo - offset, hi - lo) for row in range(rows)])
                 out[:, lo - start:hi - start] = values.reshape(rows, hi - lo)
             offset += shape[1]
         return out
